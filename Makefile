@@ -1,0 +1,31 @@
+# Two commands for a fresh clone:  `make demo`  and  `make test`.
+# Each creates .venv on first use and installs what it needs.
+#
+# The tested PyTorch lives here and only here. On this project's CPU machines
+# `pip install torch==2.13.0` takes the local CPU build; a GPU user may run e.g.
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(BIN)/policygrad bandit --means 1.0 0.2 0.6 0.0 --noise 0.5 --baseline loo --steps 300 --plot bandit.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP)
+
+# torch first, pinned, so the package's own `torch>=...` is already satisfied and pip pulls nothing else.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) bandit.png

@@ -1,0 +1,16 @@
+"""The one exception type for mistakes a user can make, reported by the CLI as a single line."""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A bad argument, value or file. ``str(err)`` is the whole message: one line naming what is wrong.
+
+    Args:
+        field: the argument, config field or file the mistake is in, as the user wrote it (``--lr``).
+        message: what is wrong and what is allowed.
+    """
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")

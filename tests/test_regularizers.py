@@ -1,0 +1,88 @@
+"""Exact values and enumeration checks of policygrad.regularizers."""
+
+import math
+
+import pytest
+import torch
+
+from policygrad.regularizers import dynamic_entropy_weight, entropy, kl
+
+t = torch.tensor
+
+
+def test_entropy_by_hand():
+    assert entropy(torch.zeros(4)).item() == pytest.approx(math.log(4), abs=1e-15)
+    p = [0.5, 0.25, 0.25]
+    logits = t(p).log() + 3.0  # a shift does not change the softmax
+    assert entropy(logits).item() == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-15)
+
+
+def test_entropy_with_impossible_actions_is_finite():
+    logits = t([[0.0, float("-inf"), 0.0], [5.0, float("-inf"), float("-inf")]])
+    out = entropy(logits)
+    torch.testing.assert_close(out, t([math.log(2), 0.0]))
+
+
+def test_entropy_float32_shape():
+    out = entropy(torch.randn(2, 5, 7, dtype=torch.float32))
+    assert out.shape == (2, 5) and out.dtype == torch.float32
+
+
+def test_kl_values_by_hand():
+    logprobs, ref = t([math.log(0.5)]), t([math.log(0.25)])  # d = log 2
+    d = math.log(2)
+    assert kl(logprobs, ref, "k1").item() == pytest.approx(d, abs=1e-15)
+    assert kl(logprobs, ref, "k2").item() == pytest.approx(d * d / 2, abs=1e-15)
+    assert kl(logprobs, ref, "k3").item() == pytest.approx(0.5 - 1 + d, abs=1e-15)
+    assert (kl(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k1"):
+        kl(logprobs, ref, "k4")
+
+
+def _enumerate(estimator: str):
+    """Exact E_{x~pi}[k(x)] and E_{x~pi}[grad_theta k(x)] (samples held fixed) on a 5-way softmax."""
+    torch.manual_seed(0)
+    theta = torch.randn(5, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.randn(5), -1)
+    logp = torch.log_softmax(theta, -1)
+    pi = logp.exp().detach()
+    values = kl(logp, ref_logp, estimator)  # one value per outcome x
+    expected_value = (pi * values.detach()).sum()
+    (expected_grad,) = torch.autograd.grad((pi * values).sum(), theta)  # sum_x pi(x) grad k(x)
+    return theta, logp, ref_logp, expected_value, expected_grad
+
+
+def _true(theta, ref_logp, which):
+    logp = torch.log_softmax(theta, -1)
+    p, q = logp.exp(), ref_logp.exp()
+    divergence = (p * (logp - ref_logp)).sum() if which == "reverse" else (q * (ref_logp - logp)).sum()
+    (grad,) = torch.autograd.grad(divergence, theta)
+    return divergence.detach(), grad
+
+
+def test_kl_estimator_values_and_gradients_by_enumeration():
+    # values: k1 and k3 are unbiased for KL(pi || ref)
+    for name in ("k1", "k3"):
+        theta, _, ref_logp, value, _ = _enumerate(name)
+        reverse, _ = _true(theta, ref_logp, "reverse")
+        assert value.item() == pytest.approx(reverse.item(), abs=1e-12)
+    # gradients, as the docstring says: k1 -> 0, k2 -> grad KL(pi||ref), k3 -> grad KL(ref||pi)
+    theta, _, ref_logp, _, grad_k1 = _enumerate("k1")
+    torch.testing.assert_close(grad_k1, torch.zeros(5), atol=1e-12, rtol=0)
+    theta, _, ref_logp, _, grad_k2 = _enumerate("k2")
+    torch.testing.assert_close(grad_k2, _true(theta, ref_logp, "reverse")[1], atol=1e-12, rtol=0)
+    theta, _, ref_logp, _, grad_k3 = _enumerate("k3")
+    torch.testing.assert_close(grad_k3, _true(theta, ref_logp, "forward")[1], atol=1e-12, rtol=0)
+
+
+def test_dynamic_entropy_weight_by_hand():
+    rewards = t([0.0, 1.0, 1.0, 0.0])  # sample variance 1/3
+    w = dynamic_entropy_weight(rewards, coef=0.01, min_weight=0.0, max_weight=1.0, eps=1e-2)
+    assert w.item() == pytest.approx(0.01 / (1 / 3 + 1e-2), abs=1e-15)
+    # zero variance -> coef / eps, then the upper bound
+    assert dynamic_entropy_weight(t([1.0, 1.0]), coef=0.001, eps=0.01).item() == pytest.approx(0.1)
+    assert dynamic_entropy_weight(t([1.0, 1.0]), coef=1.0, max_weight=0.5).item() == 0.5
+    # large variance -> lower bound
+    assert dynamic_entropy_weight(t([-100.0, 100.0]), coef=1e-3, min_weight=1e-4).item() == 1e-4
+    # NaN rewards are ignored
+    assert dynamic_entropy_weight(t([0.0, float("nan"), 1.0, 1.0, 0.0]), 0.01).item() == pytest.approx(w.item())

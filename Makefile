@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test install clean
 
 demo: $(STAMP)
-	$(BIN)/policygrad bandit --means 1.0 0.2 0.6 0.0 --noise 0.5 --baseline loo --steps 300 --plot bandit.png
+	$(BIN)/policygrad bandit --plot bandit.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

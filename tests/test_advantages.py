@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from policygrad.advantages import (
@@ -169,3 +169,31 @@ def test_group_advantages_bad_arguments():
         group_advantages(t([1.0, 2.0, 3.0]), 2)
     with pytest.raises(ValueError, match="scale"):
         group_advantages(t([1.0, 2.0]), 2, scale="std")
+
+
+@settings(max_examples=100, deadline=None)
+@given(episodes, st.floats(0, 1))
+def test_gae_gamma_zero_is_reward_minus_value(case, lam):
+    rewards, values, dones, last_value, _ = (t(x) if isinstance(x, list) else x for x in case)
+    advantages, returns = gae(rewards, values, dones.double(), last_value, 0.0, lam)
+    torch.testing.assert_close(advantages, rewards - values)
+    torch.testing.assert_close(returns, rewards)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.floats(-10, 10), min_size=8, max_size=8),
+    st.floats(0.1, 100),
+    st.floats(-100, 100),
+)
+def test_group_normalisation_ignores_reward_shift_and_scale(rewards, scale, shift):
+    r = t(rewards)
+    assume(all(max(g) - min(g) > 1e-3 for g in (rewards[:4], rewards[4:])))  # rounding can make a tiny spread vanish
+    for mode in ("group", "batch"):
+        torch.testing.assert_close(
+            group_advantages(scale * r + shift, 4, mode, eps=0.0), group_advantages(r, 4, mode, eps=0.0),
+            rtol=1e-6, atol=1e-6,
+        )
+    # Dr. GRPO keeps the reward's scale
+    torch.testing.assert_close(group_advantages(scale * r + shift, 4, "none"), scale * group_advantages(r, 4, "none"),
+                               rtol=1e-6, atol=1e-6)

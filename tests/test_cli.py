@@ -76,6 +76,9 @@ def test_plot_writes_a_png(tmp_path):
         (["--plot", "/no/such/folder/x.png"], "--plot"),
         (["--plot", "out.txt"], "--plot"),
         (["--bogus", "1"], "--bogus"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", "99999999999999999999"], "--seed"),
+        (["--means", "1e308", "-1e308"], "--lr"),  # the policy diverges: named, with what to change
     ],
 )
 def test_bad_arguments_give_one_line(args, names):

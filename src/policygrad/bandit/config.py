@@ -59,6 +59,7 @@ class BanditConfig:
         _require(self.samples >= 1, "--samples", f"must be at least 1, got {self.samples}")
         if self.baseline in ("loo", "group") and self.samples < 2:
             raise UsageError("--samples", f"baseline {self.baseline!r} compares samples, so it needs at least 2")
+        _require(0 <= self.seed < 2**63, "--seed", f"must be in [0, 2**63), got {self.seed}")
         _require(self.plot_seeds >= 1, "--plot-seeds", f"must be at least 1, got {self.plot_seeds}")
         _require(math.isfinite(self.delay) and self.delay >= 0, "--delay", f"must be a finite number >= 0, got {self.delay}")
         if self.plot is not None:

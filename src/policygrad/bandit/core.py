@@ -140,6 +140,8 @@ def run_bandit(
     Args:
         means: (K,) float64 or float32 mean reward of each arm.
         on_step: called after every update with (step, probs (S, K)), for live views.
+    Raises:
+        FloatingPointError: when a step makes the logits non-finite (learning rate or rewards far too large).
     """
     generator = torch.Generator().manual_seed(seed)
     advantage_fn = BASELINES[baseline]
@@ -157,6 +159,8 @@ def run_bandit(
         estimates.append(g)
         exact.append(exact_gradient(pi, means))
         logits = logits + lr * g
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"the policy diverged at step {step + 1}: its logits are no longer finite numbers")
         probs.append(logits.softmax(-1))
         if on_step is not None:
             on_step(step + 1, probs[-1])

@@ -9,6 +9,7 @@ import torch
 
 from policygrad.bandit.config import BanditConfig
 from policygrad.bandit.core import BanditRun, run_bandit
+from policygrad.errors import UsageError
 
 
 def _run(config: BanditConfig, baseline: str, seeds: int, on_step=None) -> BanditRun:
@@ -50,6 +51,13 @@ def to_json(config: BanditConfig, run: BanditRun) -> dict:
 
 
 def main(config: BanditConfig) -> int:
+    try:
+        return _main(config)
+    except FloatingPointError as err:
+        raise UsageError("--lr", f"{err}; lower --lr or the size of the rewards (--means, --noise)") from None
+
+
+def _main(config: BanditConfig) -> int:
     title = f"REINFORCE, baseline {config.baseline}, N={config.samples}, lr={config.lr}"
     if config.json:
         json.dump(to_json(config, _run(config, config.baseline, seeds=1)), sys.stdout)

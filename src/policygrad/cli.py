@@ -16,10 +16,13 @@ from collections.abc import Sequence
 
 from policygrad.errors import UsageError
 
-# subcommand -> (config dataclass, function running it); both "module:attribute", imported on use so that
-# `policygrad --help` never imports torch.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "bandit": ("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main"),
+# subcommand -> (config dataclass, function running it, recipe loader or None); all "module:attribute", imported on
+# use so that `policygrad --help` never imports torch. A command with a recipe loader takes `--recipe FILE.yaml`,
+# whose values become the defaults that the other flags override.
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "bandit": ("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main", None),
+    "train": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.trainer:run_train", "policygrad.lm.config:load_config"),
+    "eval": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.evaluate:run_eval", "policygrad.lm.config:load_config"),
 }
 
 _BOX = re.compile(r"^[\s│╭╮╰╯─]*(.*?)[\s│╭╮╰╯─]*$")
@@ -48,14 +51,32 @@ def one_line(tyro_error: str) -> str:
     return re.sub(r"^Error parsing \w+Config: (?=--)", "", body or title)
 
 
+def _recipe(command: str, args: list[str]) -> tuple[list[str], object]:
+    """Take ``--recipe FILE`` out of ``args``; return the rest and the recipe's config (None without one)."""
+    if "--recipe" not in args:
+        return args, None
+    loader = COMMANDS[command][2]
+    if loader is None:
+        raise UsageError("--recipe", f"`policygrad {command}` takes no recipe")
+    at = args.index("--recipe")
+    if at + 1 >= len(args):
+        raise UsageError("--recipe", "give the path of a recipe file, e.g. --recipe recipes/default-cpu.yaml")
+    return args[:at] + args[at + 2 :], _load(loader)(args[at + 1])
+
+
 def _parse(argv: Sequence[str]):
     import tyro
 
-    configs = {name: _load(config) for name, (config, _) in COMMANDS.items()}
+    argv = list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.extras.subcommand_cli_from_dict(configs, prog="policygrad", args=list(argv))
+            if command is None:  # `policygrad --help`, or no/unknown command: tyro lists the commands
+                configs = {name: _load(config) for name, (config, _, _) in COMMANDS.items()}
+                return tyro.extras.subcommand_cli_from_dict(configs, prog="policygrad", args=argv)
+            args, default = _recipe(command, argv[1:])
+            return tyro.cli(_load(COMMANDS[command][0]), args=args, default=default, prog=f"policygrad {command}")
     except SystemExit as exit_:
         if exit_.code in (0, None):  # --help
             sys.stderr.write(captured.getvalue())
@@ -67,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    command = next((a for a in argv if a in COMMANDS), None)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
     prefix = f"policygrad {command}" if command else "policygrad"
     try:
         config = _parse(argv)

@@ -505,6 +505,9 @@ def load_model(
     if not isinstance(torch_dtype, torch.dtype):
         raise UsageError("dtype", f"{dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
     source = _resolve_source(name_or_path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers 5 draws "Loading weights" bars on stderr: noise in a CLI's errors
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype)
     _ensure_pad_token(model, tokenizer)

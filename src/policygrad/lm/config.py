@@ -1,0 +1,353 @@
+"""Configuration of ``policygrad train`` / ``policygrad eval`` (GRPO and friends for language models).
+
+Imports nothing heavy (no torch, no transformers), so ``--help`` and argument errors are instant. A recipe is a YAML
+file of field values (``recipes/*.yaml``); :func:`load_config` reads one and applies command-line overrides. Checks
+that need torch or the model (is CUDA there, does the model load) happen in the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from policygrad.errors import UsageError
+
+ADVANTAGES = ("grpo", "rloo", "reinforce")
+REWARD_SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+ENTROPY_WEIGHTS = ("constant", "dynamic")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+PRECISIONS = ("auto", "float32", "bfloat16")
+DECODINGS = ("greedy", "sampled")
+"""Allowed values of the choice fields. The trainer's dicts of variants use the same names (a test checks)."""
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config in every run directory; its presence is what marks a folder as a policygrad LM run."""
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Train a language model with group-relative policy gradients (GRPO, RLOO or REINFORCE) on rule-based rewards."""
+
+    # --- model and data ---
+    model: str = "default"
+    """model folder or Hugging Face id; "default" is the embedded SmolLM2-135M-Instruct (converted offline once)"""
+    prompts: str = "pydoc"
+    """prompt source: "pydoc" (embedded corpus as length_digits prompts), a .jsonl file, or hf:<dataset>[:split]"""
+    target_length: int = 64
+    """length_digits: characters the reply must have (after stripping surrounding white space)"""
+    length_tolerance: int = 0
+    """length_digits: a reply within this many characters of target_length passes the length rule"""
+    digit_sum_min: int = 5
+    """length_digits: smallest per-prompt digit-sum target"""
+    digit_sum_max: int = 20
+    """length_digits: largest per-prompt digit-sum target"""
+    max_passage_tokens: int = 128
+    """pydoc prompts: passages are cut to at most this many tokens of the model's tokenizer"""
+    heldout_prompts: int = 100
+    """prompts held out from training for evaluation (a fixed split of the source)"""
+    rewards: tuple[str, ...] = ("shaped",)
+    """reward functions, summed: binary, shaped, module:function or file.py:function, each with optional =weight"""
+
+    # --- sampling ---
+    prompts_per_step: int = 4
+    """B: prompts sampled per training step"""
+    group_size: int = 4
+    """G: completions sampled per prompt"""
+    max_new_tokens: int = 48
+    """longest completion in tokens; longer ones are cut off (and usually fail the length rule)"""
+    temperature: float = 1.0
+    """sampling temperature (> 0); the log-probs of the update use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]"""
+
+    # --- advantages and loss ---
+    advantage: Literal["grpo", "rloo", "reinforce"] = "grpo"
+    """grpo: reward minus group mean, divided by a std (see scale_rewards); rloo: leave-one-out group mean;
+    reinforce: reward minus a moving average of past batch means"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """grpo: divide by the group's reward std, the whole batch's, or not at all (Dr. GRPO)"""
+    advantage_eps: float = 1e-4
+    """grpo: added to the std divisor"""
+    baseline_decay: float = 0.9
+    """reinforce: memory of the moving-average baseline, in [0, 1)"""
+    aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """how per-token losses average: every token equal, every sequence equal, or sum / (N * max_new_tokens)"""
+    updates_per_batch: int = 1
+    """gradient steps on each sampled batch; above 1 the loss is the clipped importance-ratio surrogate"""
+    clip_eps_low: float = 0.2
+    """clipped surrogate: ratio clipped below at 1 - clip_eps_low"""
+    clip_eps_high: float | None = None
+    """clipped surrogate: ratio clipped above at 1 + clip_eps_high (default: clip_eps_low; DAPO uses 0.28)"""
+    entropy_weight: Literal["constant", "dynamic"] = "constant"
+    """constant: the bonus weight is entropy_coef; dynamic: entropy_coef / (Var(rewards) + entropy_eps), bounded"""
+    entropy_coef: float = 0.0
+    """entropy bonus weight (constant) or its numerator (dynamic); 0 for no bonus"""
+    entropy_min_weight: float = 0.0
+    """dynamic entropy weight: lower bound"""
+    entropy_max_weight: float = 0.01
+    """dynamic entropy weight: upper bound"""
+    entropy_eps: float = 0.01
+    """dynamic entropy weight: added to the reward variance"""
+    kl_coef: float = 0.0
+    """beta: weight of the KL penalty to a frozen copy of the initial model; 0 loads no reference model"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token KL estimator in the loss (Schulman 2020): k3 as in GRPO, k2 for the exact reverse-KL gradient"""
+
+    # --- optimisation ---
+    lr: float = 1e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this; 0 to not clip (the norm is logged either way)"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward pass; gradients accumulate over a step's N = B * G sequences"""
+    epochs: int = 1
+    """passes over the training prompts"""
+    max_steps: int | None = None
+    """stop after this many steps even if the epochs are not done"""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """bfloat16: float32 weights with bfloat16 autocast; auto: bfloat16 on CUDA GPUs that support it, else float32"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:<index>"""
+    seed: int = 0
+    """seeds torch, prompt order and sampling"""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)"""
+
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 0
+    """evaluate on the held-out prompts every this many steps (0: only at the end)"""
+    eval_size: int = 100
+    """held-out prompts used per evaluation (at most heldout_prompts)"""
+    eval_decoding: tuple[Literal["greedy", "sampled"], ...] = ("greedy",)
+    """decodings evaluated: greedy (argmax) and/or sampled (the training temperature and top_p)"""
+    save_every: int = 0
+    """save a checkpoint every this many steps (0: only at the end)"""
+    save_optimizer: bool = True
+    """also save AdamW's state (twice the model's size) so --resume continues exactly; false saves only the model"""
+    log_completions: int = 4
+    """completions written to completions.jsonl per step"""
+    output_dir: Path = Path("runs/grpo")
+    """run directory: config, metrics.jsonl, TensorBoard events, completions, checkpoints"""
+    overwrite: bool = False
+    """delete a previous run in output_dir and start again"""
+    resume: bool = False
+    """continue the run in output_dir from its last checkpoint"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        self.rewards = tuple(self.rewards)
+        self.eval_decoding = tuple(self.eval_decoding)
+        self.output_dir = Path(self.output_dir)
+        _choice("--advantage", self.advantage, ADVANTAGES)
+        _choice("--scale-rewards", self.scale_rewards, REWARD_SCALES)
+        _choice("--aggregation", self.aggregation, AGGREGATIONS)
+        _choice("--entropy-weight", self.entropy_weight, ENTROPY_WEIGHTS)
+        _choice("--kl-estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("--precision", self.precision, PRECISIONS)
+        for decoding in self.eval_decoding:
+            _choice("--eval-decoding", decoding, DECODINGS)
+        _require(bool(self.model), "--model", "give a model folder, a Hugging Face id or 'default'")
+        _require(bool(self.rewards), "--rewards", "give at least one reward function")
+        _require(self.target_length >= 1, "--target-length", f"must be at least 1, got {self.target_length}")
+        _require(self.length_tolerance >= 0, "--length-tolerance", f"must be >= 0, got {self.length_tolerance}")
+        _require(self.digit_sum_min >= 0, "--digit-sum-min", f"must be >= 0, got {self.digit_sum_min}")
+        _require(
+            self.digit_sum_max >= self.digit_sum_min,
+            "--digit-sum-max",
+            f"must be >= --digit-sum-min ({self.digit_sum_min}), got {self.digit_sum_max}",
+        )
+        _require(
+            self.max_passage_tokens >= 1, "--max-passage-tokens", f"must be at least 1, got {self.max_passage_tokens}"
+        )
+        _require(self.heldout_prompts >= 0, "--heldout-prompts", f"must be >= 0, got {self.heldout_prompts}")
+        _require(self.prompts_per_step >= 1, "--prompts-per-step", f"must be at least 1, got {self.prompts_per_step}")
+        _require(self.group_size >= 1, "--group-size", f"must be at least 1, got {self.group_size}")
+        if self.advantage in ("grpo", "rloo") and self.group_size < 2:
+            raise UsageError(
+                "--group-size", f"advantage {self.advantage!r} compares completions, so it needs at least 2"
+            )
+        _require(self.max_new_tokens >= 1, "--max-new-tokens", f"must be at least 1, got {self.max_new_tokens}")
+        _positive("--temperature", self.temperature)
+        _require(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
+        _positive("--advantage-eps", self.advantage_eps, allow_zero=True)
+        _require(0 <= self.baseline_decay < 1, "--baseline-decay", f"must be in [0, 1), got {self.baseline_decay}")
+        _require(
+            self.updates_per_batch >= 1, "--updates-per-batch", f"must be at least 1, got {self.updates_per_batch}"
+        )
+        _require(0 < self.clip_eps_low < 1, "--clip-eps-low", f"must be in (0, 1), got {self.clip_eps_low}")
+        if self.clip_eps_high is not None:
+            _positive("--clip-eps-high", self.clip_eps_high)
+        for name in ("entropy_coef", "entropy_min_weight", "entropy_max_weight", "kl_coef", "weight_decay"):
+            _positive(_flag(name), getattr(self, name), allow_zero=True)
+        _positive("--max-grad-norm", self.max_grad_norm, allow_zero=True)
+        _positive("--entropy-eps", self.entropy_eps)
+        _require(
+            self.entropy_max_weight >= self.entropy_min_weight,
+            "--entropy-max-weight",
+            f"must be >= --entropy-min-weight ({self.entropy_min_weight}), got {self.entropy_max_weight}",
+        )
+        _positive("--lr", self.lr)
+        _require(self.micro_batch_size >= 1, "--micro-batch-size", f"must be at least 1, got {self.micro_batch_size}")
+        _require(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "--max-steps", f"must be at least 1, got {self.max_steps}")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
+            "--device",
+            f"must be auto, cpu, cuda or cuda:<index>, got {self.device!r}",
+        )
+        _require(0 <= self.seed < 2**63, "--seed", f"must be in [0, 2**63), got {self.seed}")
+        if self.threads is not None:
+            _require(self.threads >= 1, "--threads", f"must be at least 1, got {self.threads}")
+        for name in ("eval_every", "save_every", "log_completions"):
+            _require(getattr(self, name) >= 0, _flag(name), f"must be >= 0, got {getattr(self, name)}")
+        _require(self.eval_size >= 0, "--eval-size", f"must be >= 0, got {self.eval_size}")
+        _require(not (self.overwrite and self.resume), "--overwrite", "cannot be combined with --resume")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise UsageError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
+    if not ok:
+        raise UsageError(field, message)
+
+
+def _positive(field: str, value: float, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    _require(ok, field, f"must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recipes: YAML files of field values, with overrides
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()) -> GRPOConfig:
+    """A :class:`GRPOConfig` from a YAML recipe, then ``overrides`` on top, then validated.
+
+    ``overrides`` is a mapping of field -> value or a list of ``"field=value"`` strings (the value parsed as YAML,
+    so ``lr=3e-6`` or ``rewards=[binary, shaped=0.5]``). Dashes and underscores in names are interchangeable. An
+    unknown field, in the file or the overrides, is a one-line :class:`UsageError` naming it.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_recipe(Path(path)))
+    if isinstance(overrides, Mapping):
+        pairs = list(overrides.items())
+    else:
+        pairs = [_parse_override(item) for item in overrides]
+    for name, value in pairs:
+        values[_field_name(name, "override")] = value
+    hints = typing.get_type_hints(GRPOConfig)
+    coerced = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+    return GRPOConfig(**coerced)
+
+
+def config_to_dict(config: GRPOConfig) -> dict[str, Any]:
+    """Plain YAML/JSON-safe values (paths as strings, tuples as lists), in field order."""
+    out = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[item.name] = value
+    return out
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError("--recipe", f"no such file {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UsageError(where, problem) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(str(path), f"a recipe is a mapping of field: value, got {type(data).__name__}")
+    return {_field_name(str(key), str(path)): value for key, value in data.items()}
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    import yaml
+
+    name, sep, text = item.partition("=")
+    if not sep:
+        raise UsageError("override", f"expected field=value, got {item!r}")
+    try:
+        return name.strip(), yaml.safe_load(text)
+    except yaml.YAMLError:
+        return name.strip(), text
+
+
+def _field_name(name: str, where: str) -> str:
+    known = [item.name for item in dataclasses.fields(GRPOConfig)]
+    normal = name.strip().lstrip("-").replace("-", "_")
+    if normal not in known:
+        raise UsageError(where, f"unknown field {name!r}")
+    return normal
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """YAML's types -> the field's: "1e-5" and 1 to float, lists to tuples, strings to paths; anything else is a
+    one-line UsageError naming the field. (YAML 1.1 reads ``1e-5`` as a string, a classic recipe bug.)"""
+    flag = _flag(name)
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UsageError(flag, "must not be empty (null)")
+    if type(None) in args:  # Optional[X]: coerce to X
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+    if origin is Literal:
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(str(item) for item in items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UsageError(flag, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(flag, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise UsageError(flag, f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(flag, f"must be a number, got {value!r}") from None
+    if hint is Path:
+        return Path(str(value))
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UsageError(flag, f"must be a string, got {value!r}")
+        return str(value)
+    return value

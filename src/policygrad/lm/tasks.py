@@ -1,0 +1,262 @@
+"""The ``length_digits`` task: reply with exactly L characters whose decimal digits add up to S.
+
+A prompt is a passage of text followed by an instruction naming both targets. The task is cheap to check, needs no
+reference answer, and is hard for a small model out of the box (counting characters and adding digits are exactly
+what tokenised language models are bad at), so a learning curve is visible within a few hundred steps.
+
+Everything here is a pure function of strings and integers (no torch, no tokenizer), so it can be read, tested and
+reused by anyone's reward code. The reward functions at the bottom follow the public reward interface of
+:mod:`policygrad.lm.rewards`: ``(prompts, completions, **fields) -> list[float]``, one float per completion, with the
+targets arriving as the per-completion fields ``target_length``, ``target_digit_sum`` and (optional) ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_TARGET_LENGTH",
+    "DIGIT_SUM_RANGE",
+    "Check",
+    "REWARD_MODES",
+    "binary",
+    "binary_reward",
+    "check",
+    "digit_sum",
+    "draw_digit_sum",
+    "echoes_instruction",
+    "instruction",
+    "make_prompt",
+    "shaped",
+    "shaped_reward",
+]
+
+DEFAULT_TARGET_LENGTH = 64
+"""Characters the reply must have unless a recipe says otherwise."""
+
+DIGIT_SUM_RANGE = (5, 20)
+"""Inclusive range the per-prompt digit-sum target is drawn from."""
+
+_DIGITS = "0123456789"  # only ASCII digits count: "²" or "٣" pass str.isdigit() but are not decimal digits to a reader
+
+LENGTH_SENTENCE = "Reply with exactly {length} characters."
+DIGITS_SENTENCE = "The digits in your reply must add up to {digit_sum}."
+"""The two instruction sentences. The second is the one a model learns to echo (see :func:`echoes_instruction`)."""
+
+
+def instruction(length: int, digit_sum: int) -> str:
+    """The instruction appended to every passage.
+
+    >>> instruction(64, 12)
+    'Reply with exactly 64 characters. The digits in your reply must add up to 12.'
+    """
+    return f"{LENGTH_SENTENCE.format(length=length)} {DIGITS_SENTENCE.format(digit_sum=digit_sum)}"
+
+
+def make_prompt(passage: str, length: int, digit_sum: int) -> str:
+    """A passage, a blank line, then the instruction.
+
+    >>> make_prompt("Cats sleep a lot.", 10, 7)
+    'Cats sleep a lot.\\n\\nReply with exactly 10 characters. The digits in your reply must add up to 7.'
+    """
+    return f"{passage.strip()}\n\n{instruction(length, digit_sum)}"
+
+
+def draw_digit_sum(passage: str, low: int = DIGIT_SUM_RANGE[0], high: int = DIGIT_SUM_RANGE[1]) -> int:
+    """A digit-sum target in ``[low, high]`` that depends only on the passage text.
+
+    Hashing the text (not a position or a global RNG) gives the same prompt the same target on every machine and in
+    every split, and Python's ``hash`` is salted per process, so sha256 it is.
+
+    >>> draw_digit_sum("Cats sleep a lot.") == draw_digit_sum("Cats sleep a lot.")
+    True
+    >>> 5 <= draw_digit_sum("anything") <= 20
+    True
+    """
+    if low > high:
+        raise ValueError(f"digit-sum range is empty: low {low} > high {high}")
+    value = int.from_bytes(hashlib.sha256(passage.encode("utf-8")).digest()[:8], "big")
+    return low + value % (high - low + 1)
+
+
+def digit_sum(text: str) -> int:
+    """Sum of the ASCII decimal digits in ``text``; other characters count 0.
+
+    >>> digit_sum("a1b2c3")
+    6
+    >>> digit_sum("no digits")
+    0
+    """
+    return sum(_DIGITS.index(ch) for ch in text if ch in _DIGITS)
+
+
+@dataclass(frozen=True)
+class Check:
+    """What :func:`check` found about one completion."""
+
+    length: int  # characters after stripping surrounding white space
+    digit_sum: int
+    length_ok: bool
+    digits_ok: bool
+
+    @property
+    def passed(self) -> bool:
+        """Both rules hold: the task's pass criterion."""
+        return self.length_ok and self.digits_ok
+
+
+def check(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> Check:
+    """Check one completion against both rules.
+
+        length rule:  | len(strip(completion)) - target_length | <= tolerance
+        digits rule:  sum of its decimal digits == target_digit_sum
+
+    White space around the reply is not counted, because chat models habitually add a leading space or trailing
+    newline and that is not what the instruction is about; white space inside it is counted.
+
+    >>> check("  12345  ", 5, 15).passed
+    True
+    >>> c = check("abc9", 5, 9, tolerance=1)
+    >>> c.length, c.length_ok, c.digits_ok
+    (4, True, True)
+    >>> check("abc9", 5, 9).length_ok
+    False
+    """
+    text = completion.strip()
+    total = digit_sum(text)
+    return Check(
+        length=len(text),
+        digit_sum=total,
+        length_ok=abs(len(text) - target_length) <= tolerance,
+        digits_ok=total == target_digit_sum,
+    )
+
+
+def echoes_instruction(completion: str) -> bool:
+    """Whether the completion repeats the digit-sum instruction ("The digits in your reply must add up to ...").
+
+    The known reward hack of this task: a model copies the instruction sentence from the prompt, which is fluent,
+    about the right length and full of the right digits, and with partial credit it earns a good reward without
+    doing the task. Matching ignores case and runs of white space, and stops before the number, so echoing it with
+    any number (or none) counts.
+
+    >>> echoes_instruction("Sure! The digits in your reply must add up to 12.")
+    True
+    >>> echoes_instruction("the  DIGITS in your reply\\nmust add up to")
+    True
+    >>> echoes_instruction("1234567")
+    False
+    """
+    marker = DIGITS_SENTENCE.split("{", 1)[0]  # "The digits in your reply must add up to "
+    return _normalise(marker) in _normalise(completion)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward modes: one completion -> one float
+# --------------------------------------------------------------------------------------------------------------
+
+
+def binary(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
+    """1.0 if both rules hold (:func:`check`), else 0.0: the task's own success criterion, nothing partial.
+
+    >>> binary("99-----", 7, 18)
+    1.0
+    >>> binary("99----", 7, 18)
+    0.0
+    """
+    return 1.0 if check(completion, target_length, target_digit_sum, tolerance).passed else 0.0
+
+
+def shaped(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
+    """Partial credit in [0, 1]: half for the length, half for the digit sum, each falling linearly with the miss.
+
+        length_credit = max(0, 1 - max(0, |n - L| - tol) / L)            n = characters after stripping
+        digits_credit = max(0, 1 - |s - S| / max(S, 1))                   s = digit sum
+        reward        = 0.5 * length_credit + 0.5 * digits_credit
+                      = 0                   if the completion echoes the instruction (:func:`echoes_instruction`)
+
+    A pass scores exactly 1 and nothing else does. A plain, on-task reply of the right length with no digits still
+    earns 0.5, which is the gradient that teaches length first; the digit half then pulls the sum toward S. Without
+    the echo guard, copying "The digits in your reply must add up to S." scores well on both halves (the sentence
+    is ~50 characters and holds S's digits), and small models find that within a few dozen steps.
+
+    >>> shaped("99-----", 7, 18)
+    1.0
+    >>> shaped("", 10, 5)
+    0.0
+    >>> shaped("abcdefghij", 10, 5)   # right length, no digits
+    0.5
+    >>> shaped("The digits in your reply must add up to 5.", 42, 5)
+    0.0
+    """
+    if echoes_instruction(completion):
+        return 0.0
+    result = check(completion, target_length, target_digit_sum, tolerance)
+    length_miss = max(0, abs(result.length - target_length) - tolerance)
+    length_credit = max(0.0, 1.0 - length_miss / max(target_length, 1))
+    digits_credit = max(0.0, 1.0 - abs(result.digit_sum - target_digit_sum) / max(target_digit_sum, 1))
+    return 0.5 * length_credit + 0.5 * digits_credit
+
+
+REWARD_MODES: dict[str, Callable[[str, int, int, int], float]] = {"binary": binary, "shaped": shaped}
+"""The task's reward modes by name: ``(completion, target_length, target_digit_sum, tolerance) -> float``."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The same modes as batch reward functions (the public interface of policygrad.lm.rewards)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _batch(
+    mode: str,
+    completions: Sequence[str],
+    target_length: Sequence[int] | None,
+    target_digit_sum: Sequence[int] | None,
+    tolerance: Sequence[int] | None,
+) -> list[float]:
+    if target_length is None or target_digit_sum is None:
+        missing = "target_length" if target_length is None else "target_digit_sum"
+        raise ValueError(f"the length_digits task needs the per-prompt field {missing!r}")
+    tolerances = tolerance if tolerance is not None else [0] * len(completions)
+    score = REWARD_MODES[mode]
+    return [
+        score(c, int(n), int(s), int(t)) for c, n, s, t in zip(completions, target_length, target_digit_sum, tolerances)
+    ]
+
+
+def binary_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    target_length: Sequence[int] | None = None,
+    target_digit_sum: Sequence[int] | None = None,
+    tolerance: Sequence[int] | None = None,
+    **fields: object,
+) -> list[float]:
+    """:func:`binary` for a batch, in the reward-function interface.
+
+    >>> binary_reward(["p", "p"], ["55", "5"], target_length=[2, 2], target_digit_sum=[10, 10])
+    [1.0, 0.0]
+    """
+    return _batch("binary", completions, target_length, target_digit_sum, tolerance)
+
+
+def shaped_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    target_length: Sequence[int] | None = None,
+    target_digit_sum: Sequence[int] | None = None,
+    tolerance: Sequence[int] | None = None,
+    **fields: object,
+) -> list[float]:
+    """:func:`shaped` for a batch, in the reward-function interface.
+
+    >>> shaped_reward(["p", "p"], ["55", "ab"], target_length=[2, 2], target_digit_sum=[10, 10])
+    [1.0, 0.5]
+    """
+    return _batch("shaped", completions, target_length, target_digit_sum, tolerance)

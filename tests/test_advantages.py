@@ -197,3 +197,10 @@ def test_group_normalisation_ignores_reward_shift_and_scale(rewards, scale, shif
     # Dr. GRPO keeps the reward's scale
     torch.testing.assert_close(group_advantages(scale * r + shift, 4, "none"), scale * group_advantages(r, 4, "none"),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_gae_batched_last_value_has_the_leading_shape():
+    rewards, values, dones = torch.ones(3, 4), torch.zeros(3, 4), torch.zeros(3, 4)
+    last_value = t([0.0, 1.0, 2.0])  # (N,), one per row
+    advantages, _ = gae(rewards, values, dones, last_value, gamma=1.0, lam=1.0)
+    assert advantages[:, -1].tolist() == [1.0, 2.0, 3.0] and advantages[:, 0].tolist() == [4.0, 5.0, 6.0]

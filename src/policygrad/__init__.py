@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"advantages", "losses", "regularizers", "bandit", "errors"}
+_SUBMODULES = {"advantages", "losses", "regularizers", "natural_gradient", "bandit", "control", "lm", "errors"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from policygrad import advantages, bandit, errors, losses, regularizers  # noqa: F401
+    from policygrad import advantages, bandit, control, errors, lm, losses, natural_gradient, regularizers  # noqa: F401
 
 
 def __getattr__(name: str):

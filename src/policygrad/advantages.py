@@ -96,9 +96,9 @@ def gae(
         (advantages, returns), each (..., T).
     """
     not_done = 1.0 - dones.to(values.dtype)  # (..., T)
-    next_values = torch.cat(
-        [values[..., 1:], torch.as_tensor(last_value, dtype=values.dtype).expand_as(values[..., :1])], dim=-1
-    )  # (..., T): V_{t+1}
+    last = torch.as_tensor(last_value, dtype=values.dtype, device=values.device)
+    last = last.unsqueeze(-1) if last.dim() > 0 else last  # (...) -> (..., 1); a scalar broadcasts
+    next_values = torch.cat([values[..., 1:], last.expand_as(values[..., :1])], dim=-1)  # (..., T): V_{t+1}
     deltas = rewards + gamma * not_done * next_values - values  # (..., T)
     advantages = torch.empty_like(deltas)
     running = torch.zeros_like(deltas[..., 0])  # (...)

@@ -21,6 +21,7 @@ from policygrad.errors import UsageError
 # whose values become the defaults that the other flags override.
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "bandit": ("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main", None),
+    "control": ("policygrad.control.config:ControlConfig", "policygrad.control.train:run", None),
     "train": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.trainer:run_train", "policygrad.lm.config:load_config"),
     "eval": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.evaluate:run_eval", "policygrad.lm.config:load_config"),
 }

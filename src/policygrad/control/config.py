@@ -1,0 +1,146 @@
+"""Configuration of ``policygrad control``. Imports nothing heavy (no torch, no gymnasium), so ``--help`` and argument
+errors are instant; checks that need the environment (its id, its action space) happen in :func:`train.run`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Literal
+
+from policygrad.errors import UsageError
+
+ALGORITHMS = ("reinforce", "a2c", "ppo", "npg")
+
+# Tuned on CartPole-v1 (see docs/control.md for how they were chosen and what they reach). A field left at None takes
+# its algorithm's value from here, so `--algo npg` alone is a sensible run and every number can still be overridden.
+ALGO_DEFAULTS: dict[str, dict[str, object]] = {
+    "reinforce": dict(num_envs=4, num_steps=64, lr=1e-2, value_lr=1e-2, anneal_lr=True, gamma=0.99, gae_lambda=1.0,
+                      epochs=10, minibatches=4, ent_coef=0.0),
+    "a2c": dict(num_envs=4, num_steps=64, lr=1e-2, value_lr=1e-2, anneal_lr=True, gamma=0.99, gae_lambda=0.95,
+                epochs=10, minibatches=4, ent_coef=0.0),
+    "ppo": dict(num_envs=8, num_steps=32, lr=1e-3, value_lr=1e-3, anneal_lr=False, gamma=0.98, gae_lambda=0.8,
+                epochs=10, minibatches=4, ent_coef=0.0),
+    "npg": dict(num_envs=8, num_steps=32, lr=1e-3, value_lr=1e-3, anneal_lr=False, gamma=0.98, gae_lambda=0.8,
+                epochs=10, minibatches=4, ent_coef=0.0),
+}
+"""Per-algorithm defaults of the fields that are None in :class:`ControlConfig`. For NPG ``lr`` is unused (the step
+size comes from ``max_kl``); for REINFORCE, A2C and NPG ``epochs``/``minibatches`` apply to the value network only
+(a well-fitted baseline was the biggest single gain for the one-step methods)."""
+
+PRESET_FIELDS = ("num_envs", "num_steps", "lr", "value_lr", "anneal_lr", "gamma", "gae_lambda", "epochs", "minibatches",
+                 "ent_coef")
+
+
+@dataclasses.dataclass
+class ControlConfig:
+    """Train a policy on a Gymnasium environment with REINFORCE, A2C, PPO or the natural policy gradient (NPG)."""
+
+    env: str | None = None
+    """Gymnasium environment id with Discrete or Box actions and flat Box observations (default: CartPole-v1, or with
+    --eval the environment the policy was trained on)"""
+    algo: Literal["reinforce", "a2c", "ppo", "npg"] = "ppo"
+    """reinforce: Monte Carlo returns minus a value baseline, one step per batch; a2c: GAE advantages, one step per
+    batch; ppo: clipped surrogate, several epochs of minibatches; npg: natural gradient in a KL trust region"""
+    policy: Literal["auto", "categorical", "gaussian"] = "auto"
+    """action distribution: auto picks categorical for Discrete and gaussian (learned log-std) for Box actions"""
+    total_steps: int = 50_000
+    """environment steps to train for, summed over the vectorised environments"""
+    num_envs: int | None = None
+    """environments stepped side by side (default: per algorithm)"""
+    num_steps: int | None = None
+    """steps per environment in each batch (default: per algorithm); a batch has num_envs * num_steps steps"""
+    lr: float | None = None
+    """Adam learning rate of the policy (default: per algorithm; unused by npg)"""
+    value_lr: float | None = None
+    """Adam learning rate of the value network (default: per algorithm)"""
+    anneal_lr: bool | None = None
+    """decay both learning rates linearly to 0 over the run (default: per algorithm)"""
+    gamma: float | None = None
+    """discount factor in [0, 1] (default: per algorithm)"""
+    gae_lambda: float | None = None
+    """GAE lambda in [0, 1]; 1 gives Monte Carlo returns minus the baseline (default: per algorithm)"""
+    epochs: int | None = None
+    """passes over each batch (ppo: policy and value network; reinforce, a2c, npg: the value network only, the policy
+    takes one step per batch; default: per algorithm)"""
+    minibatches: int | None = None
+    """minibatches per epoch (default: per algorithm)"""
+    clip_eps: float = 0.2
+    """PPO clip range of the probability ratio"""
+    ent_coef: float | None = None
+    """weight of the entropy bonus (default: per algorithm)"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm of each network to this (0 for no clipping)"""
+    normalize_advantages: bool = True
+    """standardise the advantages of each (mini)batch to mean 0, std 1"""
+    max_kl: float = 0.05
+    """npg: trust-region radius, the largest mean KL(old || new) per update, in nats"""
+    cg_iters: int = 10
+    """npg: conjugate-gradient iterations"""
+    damping: float = 0.1
+    """npg: added to the Fisher matrix's diagonal for a stable solve"""
+    hidden: tuple[int, ...] = (64, 64)
+    """widths of the hidden tanh layers of the policy and value networks"""
+    seed: int = 0
+    """random seed (environments, network initialisation, action sampling)"""
+    eval_episodes: int = 10
+    """episodes of the deterministic policy (argmax / mean action) after training, or with --eval"""
+    run_dir: Path = Path("runs")
+    """each run writes metrics.jsonl and policy.pt into a new folder here"""
+    plot: bool = False
+    """also write curves.png: episode return against environment steps and wall time"""
+    eval: Path | None = None
+    """evaluate a saved policy (a policy.pt written by a run) instead of training; --env defaults to the one it was trained on"""
+    progress: bool = True
+    """show a progress bar"""
+    threads: int = 1
+    """torch CPU threads; 1 is fastest for these small networks"""
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise UsageError("--algo", f"must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
+        for name in PRESET_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, ALGO_DEFAULTS[self.algo][name])
+        self.hidden = tuple(self.hidden)
+        if self.env is None and self.eval is None:
+            self.env = "CartPole-v1"
+        _require(self.env is None or bool(self.env.strip()), "--env", "give a Gymnasium id such as CartPole-v1")
+        _require(self.policy in ("auto", "categorical", "gaussian"), "--policy", f"must be auto, categorical or gaussian, got {self.policy!r}")
+        _require(self.total_steps >= 1, "--total-steps", f"must be at least 1, got {self.total_steps}")
+        _require(self.num_envs >= 1, "--num-envs", f"must be at least 1, got {self.num_envs}")
+        _require(self.num_steps >= 1, "--num-steps", f"must be at least 1, got {self.num_steps}")
+        _positive(self.lr, "--lr")
+        _positive(self.value_lr, "--value-lr")
+        _require(0 <= self.gamma <= 1, "--gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.gae_lambda <= 1, "--gae-lambda", f"must be in [0, 1], got {self.gae_lambda}")
+        _require(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
+        batch = self.num_envs * self.num_steps
+        _require(1 <= self.minibatches <= batch, "--minibatches", f"must be in [1, num_envs * num_steps = {batch}], got {self.minibatches}")
+        _require(0 < self.clip_eps < 1, "--clip-eps", f"must be in (0, 1), got {self.clip_eps}")
+        _require(math.isfinite(self.ent_coef) and self.ent_coef >= 0, "--ent-coef", f"must be a finite number >= 0, got {self.ent_coef}")
+        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "--max-grad-norm", f"must be a finite number >= 0, got {self.max_grad_norm}")
+        _positive(self.max_kl, "--max-kl")
+        _require(self.cg_iters >= 1, "--cg-iters", f"must be at least 1, got {self.cg_iters}")
+        _require(math.isfinite(self.damping) and self.damping >= 0, "--damping", f"must be a finite number >= 0, got {self.damping}")
+        _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "--hidden", f"give one or more positive widths, got {self.hidden}")
+        _require(self.eval_episodes >= 0, "--eval-episodes", f"must be at least 0, got {self.eval_episodes}")
+        _require(self.threads >= 1, "--threads", f"must be at least 1, got {self.threads}")
+        if self.eval is not None:
+            _require(self.eval.is_file(), "--eval", f"no such file: {self.eval}")
+            _require(self.eval_episodes >= 1, "--eval-episodes", "must be at least 1 with --eval")
+
+    @property
+    def batch_size(self) -> int:
+        """Environment steps per update."""
+        return self.num_envs * self.num_steps
+
+
+def _positive(value: float, field: str) -> None:
+    _require(math.isfinite(value) and value > 0, field, f"must be a finite number > 0, got {value}")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
+    if not ok:
+        raise UsageError(field, message)

@@ -1,0 +1,115 @@
+"""natural_gradient.py against explicit linear algebra: Fisher-vector products against a Fisher matrix built from its
+definition, conjugate gradient against a direct solve, the trust-region scale, the line search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policygrad.control.policies import Policy
+from policygrad.natural_gradient import (
+    backtracking_line_search,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_grad,
+    trust_region_step,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons need float64; restore the default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _fvp_matrix(policy: Policy, obs: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """(P, P) matrix whose columns are F e_i, from fisher_vector_product."""
+    params = list(policy.parameters())
+    with torch.no_grad():
+        old = policy(obs)
+    fvp = fisher_vector_product(policy.family.kl(old, policy(obs)).mean(), params, damping)
+    size = sum(p.numel() for p in params)
+    return torch.stack([fvp(e) for e in torch.eye(size)], dim=1)
+
+
+def test_fisher_vector_product_matches_explicit_categorical_fisher():
+    torch.manual_seed(0)
+    policy = Policy(obs_size=3, action_size=3, hidden=(4,), family="categorical")
+    obs = torch.randn(5, 3)
+    params = list(policy.parameters())
+    # F = mean_s sum_a pi(a|s) grad log pi(a|s) grad log pi(a|s)^T, the expectation over actions by enumeration
+    explicit = 0
+    for s in range(obs.shape[0]):
+        logp = torch.log_softmax(policy(obs[s : s + 1]), -1)[0]
+        for a in range(3):
+            score = flat_grad(logp[a], params, retain_graph=True)
+            explicit = explicit + logp[a].exp().detach() * torch.outer(score, score)
+    explicit = explicit / obs.shape[0]
+    assert torch.allclose(_fvp_matrix(policy, obs), explicit, atol=1e-10)
+    damped = _fvp_matrix(policy, obs, damping=0.1)
+    assert torch.allclose(damped, explicit + 0.1 * torch.eye(len(explicit)), atol=1e-10)
+
+
+def test_fisher_vector_product_matches_explicit_gaussian_fisher():
+    torch.manual_seed(1)
+    policy = Policy(obs_size=2, action_size=2, hidden=(3,), family="gaussian", log_std_init=-0.3)
+    with torch.no_grad():
+        policy.log_std.copy_(torch.tensor([-0.3, 0.4]))
+    obs = torch.randn(4, 2)
+    params = list(policy.parameters())
+    # Fisher of N(mu, diag sigma^2) in (mu, log sigma) is diag(1/sigma^2, 2); chain rule through the network's Jacobian
+    explicit = 0
+    for s in range(obs.shape[0]):
+        out = policy(obs[s : s + 1])[0]  # (2D,) = [mean | log_std]
+        jac = torch.stack([flat_grad(out[i], params, retain_graph=True) for i in range(4)])  # (2D, P)
+        metric = torch.diag(torch.cat([(-2 * out[2:]).exp(), torch.full((2,), 2.0)])).detach()
+        explicit = explicit + jac.T @ metric @ jac
+    explicit = explicit / obs.shape[0]
+    assert torch.allclose(_fvp_matrix(policy, obs), explicit, atol=1e-10)
+
+
+def test_conjugate_gradient_matches_direct_solve():
+    torch.manual_seed(2)
+    m = torch.randn(8, 8)
+    a = m @ m.T + 0.5 * torch.eye(8)  # symmetric positive definite
+    b = torch.randn(8)
+    x = conjugate_gradient(lambda v: a @ v, b, iters=50, residual_tol=1e-20)
+    assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-8)
+
+
+def test_conjugate_gradient_is_exact_in_as_many_steps_as_distinct_eigenvalues():
+    a = torch.diag(torch.tensor([1.0, 1.0, 4.0, 4.0, 4.0]))  # two distinct eigenvalues -> two iterations suffice
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    x = conjugate_gradient(lambda v: a @ v, b, iters=2)
+    assert torch.allclose(x, b / a.diagonal(), atol=1e-10)
+
+
+def test_conjugate_gradient_of_zero_is_zero():
+    assert torch.equal(conjugate_gradient(lambda v: 2 * v, torch.zeros(3)), torch.zeros(3))
+
+
+def test_trust_region_step_puts_the_quadratic_kl_on_the_radius():
+    torch.manual_seed(3)
+    m = torch.randn(5, 5)
+    fisher = m @ m.T + torch.eye(5)
+    direction = torch.randn(5)
+    step = trust_region_step(direction, fisher @ direction, max_kl=0.01)
+    assert torch.allclose(0.5 * step @ fisher @ step, torch.tensor(0.01))
+    assert torch.allclose(step / step.norm(), direction / direction.norm())  # same direction, only scaled
+    assert torch.equal(trust_region_step(torch.zeros(5), torch.zeros(5), 0.01), torch.zeros(5))
+
+
+def test_backtracking_line_search_shrinks_until_the_kl_fits():
+    full = torch.ones(3)
+    # KL grows like the squared step fraction: 1.0, 0.25, 0.0625, ... ; the radius 0.05 (x1.5) first admits 1/4
+    evaluate = lambda step: (float(step.sum()), float((step[0]) ** 2))  # noqa: E731
+    step, fraction = backtracking_line_search(evaluate, full, expected_improvement=3.0, max_kl=0.05)
+    assert fraction == 0.25 and torch.allclose(step, 0.25 * full)
+
+
+def test_backtracking_line_search_rejects_steps_that_do_not_improve():
+    step, fraction = backtracking_line_search(lambda s: (-1.0, 0.0), torch.ones(2), 1.0, 0.01, max_backtracks=4)
+    assert fraction == 0.0 and torch.equal(step, torch.zeros(2))

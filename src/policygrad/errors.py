@@ -14,3 +14,9 @@ class UsageError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+def require(ok: bool, field: str, message: str) -> None:
+    """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
+    if not ok:
+        raise UsageError(field, message)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from policygrad.errors import UsageError
+from policygrad.errors import require as _require
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -67,9 +68,3 @@ class BanditConfig:
                 raise UsageError("--plot", f"file name must end in one of {', '.join(PLOT_SUFFIXES)}, got {self.plot}")
             if not self.plot.parent.is_dir():
                 raise UsageError("--plot", f"folder {self.plot.parent} does not exist")
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
-    if not ok:
-        raise UsageError(field, message)

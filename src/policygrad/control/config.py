@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from policygrad.errors import UsageError
+from policygrad.errors import require as _require
 
 ALGORITHMS = ("reinforce", "a2c", "ppo", "npg")
 
@@ -138,9 +139,3 @@ class ControlConfig:
 
 def _positive(value: float, field: str) -> None:
     _require(math.isfinite(value) and value > 0, field, f"must be a finite number > 0, got {value}")
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
-    if not ok:
-        raise UsageError(field, message)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from policygrad.errors import UsageError
+from policygrad.errors import require as _require
 
 ADVANTAGES = ("grpo", "rloo", "reinforce")
 REWARD_SCALES = ("group", "batch", "none")
@@ -222,10 +223,6 @@ def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
         raise UsageError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _require(ok: bool, field: str, message: str) -> None:
-    """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
-    if not ok:
-        raise UsageError(field, message)
 
 
 def _positive(field: str, value: float, allow_zero: bool = False) -> None:

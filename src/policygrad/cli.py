@@ -23,10 +23,14 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "bandit": ("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main", None),
     "control": ("policygrad.control.config:ControlConfig", "policygrad.control.train:run", None),
     "train": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.trainer:run_train", "policygrad.lm.config:load_config"),
-    "eval": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.evaluate:run_eval", "policygrad.lm.config:load_config"),
+    "eval": ("policygrad.lm.config:EvalConfig", "policygrad.lm.evaluate:run_eval", "policygrad.lm.config:load_config"),
+    "sample": ("policygrad.lm.sample:SampleConfig", "policygrad.lm.sample:run_sample", None),
+    "plot": ("policygrad.lm.plot:PlotConfig", "policygrad.lm.plot:run_plot", None),
 }
 
-_BOX = re.compile(r"^[\s│╭╮╰╯─]*(.*?)[\s│╭╮╰╯─]*$")
+_BOX = re.compile(r"^[\s│╭╮╰╯─|]*(.*?)[\s│╭╮╰╯─|]*$")
+_RULE = re.compile(r"^[\s│╭╮╰╯─|+=-]*$")  # a box's border or divider; rich draws them in ASCII (-, +, |) where the
+# terminal's encoding is not UTF-8 or the output is not a terminal
 
 
 def _load(target: str):
@@ -36,7 +40,7 @@ def _load(target: str):
 
 def one_line(tyro_error: str) -> str:
     """The message of tyro's boxed error as one line: the box's first paragraph, after its title."""
-    lines = [_BOX.match(line).group(1) for line in tyro_error.splitlines()]
+    lines = ["" if _RULE.match(line) else _BOX.match(line).group(1) for line in tyro_error.splitlines()]
     title_and_body: list[str] = []
     for line in lines:
         if not line and title_and_body and len(title_and_body) > 1:
@@ -101,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err)
         if message.startswith("arguments: "):
             message = message[len("arguments: ") :]
+        message = " ".join(message.splitlines())  # a value or path the user typed may hold a line break
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `policygrad bandit --json | head`: the reader left, which is not an error

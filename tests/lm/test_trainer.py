@@ -43,10 +43,10 @@ def test_completion_mask_ends_at_and_includes_the_first_eos():
 
 @pytest.fixture
 def eager_eos_model(tiny_llama_chat):
-    """The tiny Llama with +4 on the EOS logit, so sampled completions end early and at different lengths."""
+    """The tiny Llama with +2 on the EOS logit, so sampled completions end early and at different lengths."""
     model, tokenizer = load_model(str(tiny_llama_chat))
     boost = torch.zeros(len(tokenizer))
-    boost[tokenizer.eos_token_id] = 4.0
+    boost[tokenizer.eos_token_id] = 2.0
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
     return model.eval(), tokenizer
 

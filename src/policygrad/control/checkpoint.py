@@ -1,16 +1,21 @@
 """Saved policies: a state_dict plus the facts needed to rebuild the network, in one torch file read back with
-``weights_only=True`` (no arbitrary unpickling, so a downloaded file cannot run code)."""
+``weights_only=True`` (no arbitrary unpickling, so a downloaded file cannot run code). And training checkpoints for
+``--resume``: networks, optimisers, random generators and the environments' state, written crash-safe."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from policygrad import checkpointing
 from policygrad.control.policies import Policy
 from policygrad.errors import UsageError
 
-__all__ = ["save_policy", "load_policy"]
+__all__ = ["save_policy", "load_policy", "env_state", "set_env_state", "save_training", "load_training"]
 
 FORMAT = "policygrad.control.policy/1"
 
@@ -35,3 +40,123 @@ def load_policy(path: Path) -> tuple[Policy, dict]:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError("--eval", f"{path} is not a policy saved by policygrad control ({message})") from None
     return policy.eval(), metadata
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training checkpoints, for --resume (see docs/reliability.md)
+# --------------------------------------------------------------------------------------------------------------
+
+NETWORKS = "networks.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+ENV_STATE = "env_state.json"
+
+# attributes that describe an environment rather than hold its state (spaces, spec, wrappers' settings), or that
+# are handled on their own (the random generator)
+_NOT_STATE = {
+    "env", "spec", "metadata", "render_mode", "action_space", "observation_space", "_action_space",
+    "_observation_space", "_metadata", "_cached_spec", "_saved_kwargs", "_np_random", "_previous_data",
+}  # fmt: skip
+
+
+def _plain(value: Any) -> tuple[bool, Any]:
+    """(True, a JSON form) for numbers, strings, None, NumPy arrays and lists/tuples/dicts of them; (False, None) for
+    anything else (an object whose state we cannot see, such as a physics engine's)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True, value
+    if isinstance(value, np.generic):
+        return True, value.item()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return True, {"__ndarray__": value.tolist(), "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return all(ok for ok, _ in items), {"__seq__": [v for _, v in items], "tuple": isinstance(value, tuple)}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return all(ok for ok, _ in items.values()), {"__dict__": {k: v for k, (_, v) in items.items()}}
+    return False, None
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return np.array(value["__ndarray__"], dtype=value["dtype"]).reshape(value["shape"])
+        if "__seq__" in value:
+            items = [_unplain(v) for v in value["__seq__"]]
+            return tuple(items) if value["tuple"] else items
+        return {k: _unplain(v) for k, v in value["__dict__"].items()}
+    return value
+
+
+def _layers(env: Any) -> list[Any]:
+    layers = [env]
+    while hasattr(layers[-1], "env"):
+        layers.append(layers[-1].env)
+    return layers
+
+
+def env_state(envs: Any) -> dict[str, Any] | None:
+    """The state of every copy of a ``SyncVectorEnv``: each wrapper's and the environment's own attributes and its
+    random generator, as JSON values; None when some copy keeps state we cannot see (MuJoCo, Box2D: native objects),
+    in which case a resume cannot continue its episodes exactly.
+
+    Classic-control environments (CartPole, Pendulum, Acrobot, MountainCar) keep everything in plain attributes.
+    """
+    copies = []
+    for env in envs.envs:
+        layers = []
+        for layer in _layers(env):
+            attributes = {}
+            for name, value in vars(layer).items():
+                if name in _NOT_STATE:
+                    continue
+                ok, plain = _plain(value)
+                if not ok:
+                    return None
+                attributes[name] = plain
+            rng = getattr(layer, "_np_random", None)
+            layers.append({"attributes": attributes, "rng": rng.bit_generator.state if rng is not None else None})
+        copies.append(layers)
+    return {"copies": copies}
+
+
+def set_env_state(envs: Any, state: dict[str, Any]) -> None:
+    """Put back what :func:`env_state` saved into freshly made copies of the same environment."""
+    for env, layers in zip(envs.envs, state["copies"]):
+        for layer, saved in zip(_layers(env), layers):
+            for name, value in saved["attributes"].items():
+                setattr(layer, name, _unplain(value))
+            if saved["rng"] is not None:
+                generator = getattr(layer, "_np_random", None)
+                if generator is None:
+                    generator = np.random.Generator(getattr(np.random, saved["rng"]["bit_generator"])())
+                    layer._np_random = generator
+                generator.bit_generator.state = saved["rng"]
+
+
+def save_training(folder: Path, update: int, networks: dict[str, torch.Tensor], state: dict[str, Any],
+                  environments: dict[str, Any] | None) -> Path:  # fmt: skip
+    """One crash-safe checkpoint (see :mod:`policygrad.checkpointing`): the networks' weights in safetensors, the
+    optimisers, generators and counters in a torch file of tensors and plain values, the environments in JSON."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().clone() for k, v in networks.items()}, str(tmp / NETWORKS))
+        torch.save({**state, "update": update}, tmp / TRAINER_STATE)
+        (tmp / ENV_STATE).write_text(json.dumps({"exact": environments is not None, "state": environments}))
+
+    return checkpointing.save_atomic(folder, write, update)
+
+
+def load_training(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """What :func:`save_training` wrote: (networks, state, environments or None). Nothing is unpickled: safetensors,
+    ``torch.load(weights_only=True)`` and JSON."""
+    from safetensors.torch import load_file
+
+    try:
+        networks = load_file(str(folder / NETWORKS))
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+        environments = json.loads((folder / ENV_STATE).read_text())
+    except Exception as err:  # checked by the manifest already; this is a foreign or tampered file
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError("--resume", f"{folder} cannot be read safely ({message})") from None
+    return networks, state, environments["state"] if environments.get("exact") else None

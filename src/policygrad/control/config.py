@@ -96,6 +96,14 @@ class ControlConfig:
     """show a progress bar"""
     threads: int = 1
     """torch CPU threads; 1 is fastest for these small networks"""
+    save_every: int = 10
+    """write a checkpoint (networks, optimisers, random generators, environment state) every this many updates; 0 never"""
+    keep_checkpoints: int = 3
+    """checkpoints kept in the run's checkpoints/ folder, the newest (0 keeps all)"""
+    resume: Path | None = None
+    """continue the run in this folder (one that runs/ holds) from its last checkpoint, with the run's own settings"""
+    allow_config_change: bool = False
+    """with --resume: accept flags that change the run's settings (the resumed run is then not the same run)"""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -126,10 +134,18 @@ class ControlConfig:
         _require(math.isfinite(self.damping) and self.damping >= 0, "--damping", f"must be a finite number >= 0, got {self.damping}")
         _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "--hidden", f"give one or more positive widths, got {self.hidden}")
         _require(self.eval_episodes >= 0, "--eval-episodes", f"must be at least 0, got {self.eval_episodes}")
-        _require(self.threads >= 1, "--threads", f"must be at least 1, got {self.threads}")
+        _require(1 <= self.threads <= 1024, "--threads", f"must be in [1, 1024], got {self.threads}")
+        # Gymnasium refuses negative seeds, and environment copies and evaluation episodes take seed + i
+        _require(0 <= self.seed < 2**32, "--seed", f"must be in [0, 2**32), got {self.seed}")
         if self.eval is not None:
             _require(self.eval.is_file(), "--eval", f"no such file: {self.eval}")
             _require(self.eval_episodes >= 1, "--eval-episodes", "must be at least 1 with --eval")
+        _require(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
+        _require(self.keep_checkpoints >= 0, "--keep-checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
+        if self.resume is not None:
+            self.resume = Path(self.resume)
+            _require(self.eval is None, "--resume", "cannot be combined with --eval")
+            _require((self.resume / "config.json").is_file(), "--resume", f"{self.resume} holds no policygrad control run (no config.json)")
 
     @property
     def batch_size(self) -> int:

@@ -6,26 +6,33 @@ benchmarks and tests can call it without the command line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import shlex
 import statistics
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from policygrad import checkpointing
 from policygrad.advantages import gae
 from policygrad.control.algorithms import UPDATES, Batch, Learner
-from policygrad.control.checkpoint import load_policy, save_policy
+from policygrad.control.checkpoint import env_state, load_policy, load_training, save_policy, save_training, set_env_state
 from policygrad.control.config import ControlConfig
 from policygrad.control.envs import EnvSpec, inspect_env, make_vector_env
 from policygrad.control.policies import Policy, ValueNet
 from policygrad.control.rollout import Collector, Rollout, evaluate_policy
 from policygrad.errors import UsageError
+from policygrad.stopping import Stopped, StopSignals
 
 __all__ = ["TrainResult", "train", "run", "RECENT_EPISODES"]
 
@@ -54,6 +61,11 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
 
     Writes ``config.json`` (every setting, defaults resolved), ``metrics.jsonl`` (one JSON object per update),
     ``policy.pt`` and, with ``cfg.plot``, ``curves.png`` into ``run_dir`` when one is given. ``on_update`` sees every record as it is made (progress bars, benchmarks).
+
+    With a ``run_dir``, a checkpoint goes to ``checkpoints/update-N`` every ``cfg.save_every`` updates, SIGINT and
+    SIGTERM finish the update, save and raise :class:`policygrad.stopping.Stopped`, and ``cfg.resume`` (the same
+    folder) continues from the newest complete checkpoint, bit for bit as if never stopped when the environment's
+    state can be saved (see :func:`policygrad.control.checkpoint.env_state`).
     """
     torch.set_num_threads(cfg.threads)
     generator = torch.Generator().manual_seed(cfg.seed)  # action sampling and minibatch order
@@ -69,37 +81,65 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
     collector = Collector(envs, spec, cfg.gamma, cfg.seed)
     update = UPDATES[cfg.algo]
     log = None
-    if run_dir is not None:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str, indent=1) + "\n")
-        log = (run_dir / "metrics.jsonl").open("w")
-
     records: list[dict] = []
     recent: deque[float] = deque(maxlen=RECENT_EPISODES)
     num_updates = math.ceil(cfg.total_steps / cfg.batch_size)
-    start = time.perf_counter()
-    for k in range(num_updates):
-        if cfg.anneal_lr:
-            for opt, lr in ((learner.policy_opt, cfg.lr), (learner.value_opt, cfg.value_lr)):
-                opt.param_groups[0]["lr"] = lr * (1.0 - k / num_updates)
-        # 1. sample a batch with the current policy
-        rollout = collector.collect(policy, value_net, cfg.num_steps, generator)
-        # 2. estimate advantages; gae wants time last: (T, N) -> (N, T), last_value (N,)
-        advantages, returns = gae(rollout.rewards.T, rollout.values.T, rollout.dones.T, rollout.last_value,
-                                  cfg.gamma, cfg.gae_lambda)
-        # 3. update the policy and the baseline
-        metrics = update(learner, _flatten(rollout, advantages, returns), cfg, generator)
-        # 4. log
-        recent.extend(rollout.episode_returns)
-        record = {"update": k + 1, "steps": (k + 1) * cfg.batch_size, "time": time.perf_counter() - start,
-                  "return_recent": statistics.fmean(recent) if recent else None,
-                  "episode_returns": rollout.episode_returns,
-                  # NaN (e.g. explained variance of constant returns) is not JSON; null is
-                  **{name: None if value != value else value for name, value in metrics.items()}}
-        records.append(record)
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-        if on_update is not None:
-            on_update(record)
+    first, elapsed = 0, 0.0
+    if run_dir is not None:
+        if cfg.resume is not None:
+            first, elapsed = _restore(cfg, run_dir, learner, generator, envs, collector, recent)
+            records = _truncate_metrics(run_dir / "metrics.jsonl", first)
+        else:
+            _write_config(run_dir, cfg)
+        log = (run_dir / "metrics.jsonl").open("a" if first else "w")
+    stop = StopSignals("policygrad control") if run_dir is not None else contextlib.nullcontext(None)
+
+    def save(k: int) -> Path:
+        state = {"policy_opt": learner.policy_opt.state_dict(), "value_opt": learner.value_opt.state_dict(),
+                 "generator": generator.get_state(), "recent": list(recent), "elapsed": time.perf_counter() - start,
+                 "obs": torch.as_tensor(np.asarray(collector.obs)), "running_return": torch.as_tensor(collector.running_return),
+                 "running_length": torch.as_tensor(collector.running_length)}  # fmt: skip
+        networks = {**{f"policy.{n}": t for n, t in policy.state_dict().items()},
+                    **{f"value.{n}": t for n, t in value_net.state_dict().items()}}  # fmt: skip
+        folder = save_training(run_dir / "checkpoints" / f"update-{k:06d}", k, networks, state, env_state(envs))
+        checkpointing.prune(run_dir / "checkpoints", cfg.keep_checkpoints, prefix="update-")
+        return folder
+
+    start = time.perf_counter() - elapsed
+    with stop as signals:
+        for k in range(first, num_updates):
+            if cfg.anneal_lr:
+                for opt, lr in ((learner.policy_opt, cfg.lr), (learner.value_opt, cfg.value_lr)):
+                    opt.param_groups[0]["lr"] = lr * (1.0 - k / num_updates)
+            # 1. sample a batch with the current policy
+            rollout = collector.collect(policy, value_net, cfg.num_steps, generator)
+            # 2. estimate advantages; gae wants time last: (T, N) -> (N, T), last_value (N,)
+            advantages, returns = gae(rollout.rewards.T, rollout.values.T, rollout.dones.T, rollout.last_value,
+                                      cfg.gamma, cfg.gae_lambda)
+            # 3. update the policy and the baseline
+            metrics = update(learner, _flatten(rollout, advantages, returns), cfg, generator)
+            # 4. log
+            recent.extend(rollout.episode_returns)
+            record = {"update": k + 1, "steps": (k + 1) * cfg.batch_size, "time": time.perf_counter() - start,
+                      "return_recent": statistics.fmean(recent) if recent else None,
+                      "episode_returns": rollout.episode_returns,
+                      # NaN (e.g. explained variance of constant returns) is not JSON; null is
+                      **{name: None if value != value else value for name, value in metrics.items()}}
+            records.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if on_update is not None:
+                on_update(record)
+            done = k + 1
+            if run_dir is not None and done < num_updates:
+                if (cfg.save_every and done % cfg.save_every == 0) or signals.requested:
+                    folder = save(done)
+                if signals.requested:
+                    log.close()
+                    envs.close()
+                    raise Stopped(f"stopped by {signals.name} after update {done} of {num_updates}; saved {folder}; "
+                                  f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}", signals.exit_code)
     envs.close()
     if log is not None:
         log.close()
@@ -112,6 +152,91 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
 
             plot_curves(records, run_dir / "curves.png", f"{cfg.env}, {cfg.algo}, seed {cfg.seed}")
     return TrainResult(records, policy, spec, eval_returns, run_dir)
+
+
+def _write_config(run_dir: Path, cfg: ControlConfig) -> None:
+    """config.json, written through a temporary file so a kill never leaves half of it. ``resume`` and
+    ``allow_config_change`` are what one invocation did, not settings of the run, so they are not kept."""
+    values = {**dataclasses.asdict(cfg), "resume": None, "allow_config_change": False}
+    tmp = run_dir / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(values, default=str, indent=1) + "\n")
+    os.replace(tmp, run_dir / "config.json")
+
+
+def _truncate_metrics(path: Path, last_update: int) -> list[dict]:
+    """Keep the records of updates <= ``last_update`` (what the checkpoint has seen) and return them; later ones, and
+    a line cut short by a kill, are what the resumed run writes again."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("update", math.inf) <= last_update:
+                kept.append(record)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept
+
+
+def _restore(cfg, run_dir, learner, generator, envs, collector, recent) -> tuple[int, float]:
+    """Load the newest complete checkpoint of ``run_dir`` into the freshly built objects; return (updates done,
+    seconds trained). Without one the run starts over."""
+    checkpointing.recover(run_dir / "checkpoints")
+    folder = checkpointing.latest_good(checkpointing.folders_in(run_dir / "checkpoints"))
+    if folder is None:
+        print(f"policygrad control: {run_dir} has no complete checkpoint yet; starting from update 0", file=sys.stderr)
+        return 0, 0.0
+    networks, state, environments = load_training(folder)
+    learner.policy.load_state_dict({k[len("policy."):]: v for k, v in networks.items() if k.startswith("policy.")})
+    learner.value_net.load_state_dict({k[len("value."):]: v for k, v in networks.items() if k.startswith("value.")})
+    learner.policy_opt.load_state_dict(state["policy_opt"])
+    learner.value_opt.load_state_dict(state["value_opt"])
+    generator.set_state(state["generator"])
+    recent.extend(state["recent"])
+    update = int(state["update"])
+    if environments is not None:
+        set_env_state(envs, environments)
+        collector.obs = state["obs"].numpy()
+        collector.running_return = state["running_return"].numpy().copy()
+        collector.running_length = state["running_length"].numpy().copy()
+    else:  # native environment state (MuJoCo, Box2D) cannot be saved: new episodes, seeded by the update
+        print(f"policygrad control: {cfg.env} keeps state that cannot be saved; the resumed run starts new episodes, "
+              "so it is not bit for bit the run it would have been", file=sys.stderr)  # fmt: skip
+        collector.obs, _ = envs.reset(seed=cfg.seed + 7919 * update)
+    return update, float(state["elapsed"])
+
+
+RESUME_MAY_CHANGE = ("threads", "progress", "plot", "eval_episodes", "save_every", "keep_checkpoints", "run_dir",
+                     "resume", "allow_config_change", "eval")  # fmt: skip
+"""Settings a resumed run may change freely: none changes what an update does."""
+
+
+def resumed_config(cfg: ControlConfig) -> ControlConfig:
+    """The config of ``--resume DIR``: the run's own (DIR/config.json), with the flags given now on top.
+
+    A flag left at its default is taken as not given. One that sets a value the run did not have is refused, with
+    the fields named, unless it is in :data:`RESUME_MAY_CHANGE` or ``--allow-config-change`` is passed.
+    """
+    saved = json.loads((cfg.resume / "config.json").read_text())
+    given = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    defaults = json.loads(json.dumps(dataclasses.asdict(ControlConfig(algo=cfg.algo)), default=str))
+    changes, merged = [], dict(saved)
+    for name, value in given.items():
+        if name not in saved or (value == defaults.get(name) and name not in ("resume", "allow_config_change")):
+            continue
+        if value != saved[name] and name not in RESUME_MAY_CHANGE:
+            changes.append(f"{name} {json.dumps(saved[name])} -> {json.dumps(value)}")
+        merged[name] = value
+    if changes and not cfg.allow_config_change:
+        raise UsageError("--resume", f"these flags change the run's settings: {'; '.join(changes)} (leave them out to "
+                                     "continue the run as it was, or pass --allow-config-change)")
+    merged["run_dir"] = Path(merged["run_dir"])
+    merged["resume"] = cfg.resume
+    merged["eval"] = None
+    return ControlConfig(**merged)
 
 
 def _new_run_dir(cfg: ControlConfig) -> Path:
@@ -151,8 +276,24 @@ def run(config: ControlConfig) -> int:
     """``policygrad control``: train (or, with ``--eval``, evaluate a saved policy) and print a summary line."""
     if config.eval is not None:
         return _evaluate_saved(config)
+    if config.resume is not None:
+        config = resumed_config(config)
     inspect_env(config.env, config.policy)  # fail on a bad id or space before creating a run folder
-    run_dir = _new_run_dir(config)
+    if config.resume is not None:
+        if (config.resume / "policy.pt").is_file():
+            raise UsageError("--resume", f"{config.resume} has finished (policy.pt is saved); start a new run instead")
+        run_dir = config.resume
+    else:
+        run_dir = _new_run_dir(config)
+    try:
+        return _run_training(config, run_dir)
+    except Stopped as stopped:
+        print(f"policygrad control: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+
+
+def _run_training(config: ControlConfig, run_dir: Path) -> int:
+    """Train into ``run_dir`` with an optional progress bar, then print the one-line summary."""
     if not config.progress:
         result = train(config, run_dir)
     else:

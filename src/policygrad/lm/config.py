@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ ENTROPY_WEIGHTS = ("constant", "dynamic")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 PRECISIONS = ("auto", "float32", "bfloat16")
 DECODINGS = ("greedy", "sampled")
+REWARD_FAULTS = ("error", "skip")
 """Allowed values of the choice fields. The trainer's dicts of variants use the same names (a test checks)."""
 
 CONFIG_FILE = "config.yaml"
@@ -113,7 +115,8 @@ class GRPOConfig:
     max_steps: int | None = None
     """stop after this many steps even if the epochs are not done"""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """bfloat16: float32 weights with bfloat16 autocast; auto: bfloat16 on CUDA GPUs that support it, else float32"""
+    """bfloat16: float32 weights with bfloat16 autocast; auto: bfloat16 where the GPU or CPU (AVX512-BF16, AMX) has
+    fast bfloat16 matrix products, else float32"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda or cuda:<index>"""
     seed: int = 0
@@ -143,6 +146,20 @@ class GRPOConfig:
     progress: bool = True
     """show a progress bar"""
 
+    # --- reliability (docs/reliability.md) ---
+    keep_checkpoints: int = 3
+    """periodic checkpoints kept in checkpoints/, the newest (0 keeps all); final/ is always kept"""
+    allow_config_change: bool = False
+    """with --resume: continue even though the config differs from the one the checkpoint was trained with"""
+    reward_fault: Literal["error", "skip"] = "error"
+    """a reward function that raises, hangs, returns None, the wrong count, NaN or inf: error saves a checkpoint and
+    stops, naming the function, prompt and completion; skip gives those samples advantage 0 and logs them"""
+    reward_timeout: float = 600.0
+    """seconds a reward function may take on one batch before it counts as hung (0: no limit)"""
+    max_bad_steps: int = 3
+    """a non-finite loss or gradient norm skips the update; this many such steps in a row stop the run, saving the
+    state from before the first of them"""
+
     def __post_init__(self) -> None:
         self.rewards = tuple(self.rewards)
         self.eval_decoding = tuple(self.eval_decoding)
@@ -156,6 +173,8 @@ class GRPOConfig:
         for decoding in self.eval_decoding:
             _choice("--eval-decoding", decoding, DECODINGS)
         _require(bool(self.model), "--model", "give a model folder, a Hugging Face id or 'default'")
+        for name in ("model", "prompts", "device", "output_dir", "rewards"):  # a recipe can spell "\0"; the OS cannot
+            _require("\x00" not in str(getattr(self, name)), _flag(name), "must not contain a NUL character")
         _require(bool(self.rewards), "--rewards", "give at least one reward function")
         _require(self.target_length >= 1, "--target-length", f"must be at least 1, got {self.target_length}")
         _require(self.length_tolerance >= 0, "--length-tolerance", f"must be >= 0, got {self.length_tolerance}")
@@ -201,17 +220,32 @@ class GRPOConfig:
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "--max-steps", f"must be at least 1, got {self.max_steps}")
         _require(
-            self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,  # torch.device() raises on the rest
             "--device",
-            f"must be auto, cpu, cuda or cuda:<index>, got {self.device!r}",
+            f"must be auto, cpu, cuda or cuda:<index>, got {_short(self.device)}",
         )
-        _require(0 <= self.seed < 2**63, "--seed", f"must be in [0, 2**63), got {self.seed}")
+        # the trainer seeds torch with seed * 1_000_003 + step, which torch takes only below 2**64
+        _require(0 <= self.seed < 2**32, "--seed", f"must be in [0, 2**32), got {self.seed}")
         if self.threads is not None:
-            _require(self.threads >= 1, "--threads", f"must be at least 1, got {self.threads}")
+            # torch overflows at 2**31 and would try to start every thread asked for
+            _require(1 <= self.threads <= 1024, "--threads", f"must be in [1, 1024], got {self.threads}")
         for name in ("eval_every", "save_every", "log_completions"):
             _require(getattr(self, name) >= 0, _flag(name), f"must be >= 0, got {getattr(self, name)}")
         _require(self.eval_size >= 0, "--eval-size", f"must be >= 0, got {self.eval_size}")
         _require(not (self.overwrite and self.resume), "--overwrite", "cannot be combined with --resume")
+        _require(self.keep_checkpoints >= 0, "--keep-checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
+        _choice("--reward-fault", self.reward_fault, REWARD_FAULTS)
+        _positive("--reward-timeout", self.reward_timeout, allow_zero=True)
+        _require(self.max_bad_steps >= 1, "--max-bad-steps", f"must be at least 1, got {self.max_bad_steps}")
+
+
+@dataclasses.dataclass
+class EvalConfig(GRPOConfig):
+    """Evaluate a model or a run's checkpoint on the held-out prompts: pass rates, mean reward, examples, as JSON."""
+
+    # The same fields as GRPOConfig, so a run's recipe evaluates exactly the prompts the run held out; what matters
+    # here is the model, the prompt and task settings, sampling, and the eval_* fields. A subclass only for its
+    # docstring, which tyro shows as `policygrad eval --help`'s description.
 
 
 def _flag(name: str) -> str:
@@ -220,7 +254,7 @@ def _flag(name: str) -> str:
 
 def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise UsageError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
+        raise UsageError(field, f"must be one of {', '.join(allowed)}, got {_short(value)}")
 
 
 
@@ -273,14 +307,28 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError("--recipe", f"no such file {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(str(path), f"not a text file (byte {exc.start} is not UTF-8)") from None
+    except OSError as exc:  # a folder, no permission
+        raise UsageError("--recipe", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character: no problem_mark, but a position in the text
+        line = text.count("\n", 0, exc.position) + 1
+        code = ord(str(exc.character)[:1] or " ")
+        raise UsageError(f"{path}:{line}", f"{exc.reason} (character #x{code:04x})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise UsageError(where, problem) from None
+    except RecursionError:
+        raise UsageError(str(path), "nested too deeply to be a recipe") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML parsed but could not build: 2020-13-45, a 5000-digit int
+        raise UsageError(str(path), f"invalid value: {' '.join(str(exc).split())[:120]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -308,6 +356,12 @@ def _field_name(name: str, where: str) -> str:
     return normal
 
 
+def _short(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters: an error message quotes a value, it does not dump it."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """YAML's types -> the field's: "1e-5" and 1 to float, lists to tuples, strings to paths; anything else is a
     one-line UsageError naming the field. (YAML 1.1 reads ``1e-5`` as a string, a classic recipe bug.)"""
@@ -325,26 +379,31 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                raise UsageError(flag, f"must be a list of names, got {_short(item)}")
         return tuple(str(item) for item in items)
     if hint is bool:
         if not isinstance(value, bool):
-            raise UsageError(flag, f"must be true or false, got {value!r}")
+            raise UsageError(flag, f"must be true or false, got {_short(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(flag, f"must be an integer, got {value!r}")
+            raise UsageError(flag, f"must be an integer, got {_short(value)}")
         return value
     if hint is float:
         if isinstance(value, bool):
-            raise UsageError(flag, f"must be a number, got {value!r}")
+            raise UsageError(flag, f"must be a number, got {_short(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise UsageError(flag, f"must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float's range
+            raise UsageError(flag, f"must be a number, got {_short(value)}") from None
     if hint is Path:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UsageError(flag, f"must be a path, got {_short(value)}")
         return Path(str(value))
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UsageError(flag, f"must be a string, got {value!r}")
+            raise UsageError(flag, f"must be a string, got {_short(value)}")
         return str(value)
     return value

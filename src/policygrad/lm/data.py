@@ -140,27 +140,57 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError("--prompts", f"no such file {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError("--prompts", f"cannot read {path}: {exc}") from None
+    except OSError as exc:  # a folder, no permission
+        raise UsageError("--prompts", f"cannot read {path}: {exc.strerror or exc}") from None
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" alone: str.splitlines() also breaks at U+2028 and friends, which JSON strings may hold as is
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark opens some files
+        except UnicodeDecodeError as exc:
+            raise UsageError(where, f"not UTF-8 text (byte {exc.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{number}", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise UsageError(where, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except ValueError as exc:  # JSON, but Python cannot hold it: an integer of more than 4300 digits
+            raise UsageError(where, f"not usable JSON ({' '.join(str(exc).split())[:80]})") from None
+        except RecursionError:
+            raise UsageError(where, "JSON nested too deeply") from None
         if not isinstance(record, dict):
-            raise UsageError(f"{path}:{number}", f"expected a JSON object, got {type(record).__name__}")
+            raise UsageError(where, f"expected a JSON object, got {type(record).__name__}")
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise UsageError(f"{path}:{number}", 'every line needs a non-empty string "prompt"')
-        records.append(record)
+            raise UsageError(where, 'every line needs a non-empty string "prompt"')
+        _check_task_fields(record, where)
+        records.append((where, record))
     if not records:
         raise UsageError("--prompts", f"{path} holds no prompts")
-    return records
+    for name in TASK_FIELDS:  # on some lines and not others, the built-in rewards would fail mid-run
+        having = [where for where, record in records if name in record]
+        if having and len(having) < len(records):
+            missing = next(where for where, record in records if name not in record)
+            raise UsageError(missing, f'no "{name}", which {having[0]} has: give it on every line or on none')
+    return [record for _, record in records]
+
+
+TASK_FIELDS = {"target_length": 1, "target_digit_sum": 0, "tolerance": 0}
+"""The ``length_digits`` fields of a prompt record, each with its smallest allowed value."""
+
+
+def _check_task_fields(record: dict[str, Any], where: str) -> None:
+    """The ``length_digits`` fields, where a record has them, are whole numbers in range (the rewards need them so)."""
+    for name, low in TASK_FIELDS.items():
+        if name not in record:
+            continue
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(where, f'"{name}" must be a whole number >= {low}, got {json.dumps(value)[:40]}')
 
 
 def load_hf_dataset(name: str, split: str = "train", prompt_field: str = "prompt") -> list[dict[str, Any]]:
@@ -192,7 +222,10 @@ def check_prompt_source(source: str) -> None:
     (:func:`read_jsonl` names the line at fault); an unknown kind of source is refused."""
     if source.endswith(".jsonl"):
         read_jsonl(source)
-    elif source != "pydoc" and not source.startswith("hf:"):
+    elif source.startswith("hf:"):
+        if not source[3:].partition(":")[0].strip():
+            raise UsageError("--prompts", f"give a dataset name after hf:, e.g. hf:org/name[:split], got {source!r}")
+    elif source != "pydoc":
         raise UsageError("--prompts", f"expected 'pydoc', a .jsonl file or hf:<dataset>, got {source!r}")
 
 

@@ -508,8 +508,13 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers 5 draws "Loading weights" bars on stderr: noise in a CLI's errors
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source)
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype)
+    if Path(source).is_dir():
+        check_model_folder(Path(source))
+    # never run code shipped with a model, and never unpickle anything but tensors (safetensors is preferred anyway)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, trust_remote_code=False)
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype, trust_remote_code=False, weights_only=True
+    )
     _ensure_pad_token(model, tokenizer)
     return model.to(device), tokenizer
 
@@ -544,13 +549,15 @@ def _from_pretrained(loader: Any, source: str, **kwargs: Any) -> Any:
     """
     if Path(source).is_dir():
         try:
-            return loader(source, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise UsageError("model", f"could not load {source}: {_first_line(exc)}") from None
+            with _logs_held_unless_failed():
+                return loader(source, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a folder's files can make transformers raise anything
+            raise UsageError("model", f"could not load {source}: {_load_failure(exc)}") from exc
     try:
-        return loader(source, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass  # not in the local cache: ask the hub
+        with _logs_held_unless_failed():
+            return loader(source, local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - not in the local cache, or a broken copy there: ask the hub
+        pass
     if _hub_offline() or not _hub_reachable():
         raise UsageError(
             "model",
@@ -558,9 +565,10 @@ def _from_pretrained(loader: Any, source: str, **kwargs: Any) -> Any:
             "cannot be reached",
         )
     try:
-        return loader(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UsageError("model", f"could not load {source} from the Hugging Face hub: {_first_line(exc)}") from None
+        with _logs_held_unless_failed():
+            return loader(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - network, hub and file errors alike end as one line
+        raise UsageError("model", f"could not load {source} from the Hugging Face hub: {_load_failure(exc)}") from exc
 
 
 def _hub_endpoint() -> str:
@@ -586,6 +594,82 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def check_model_folder(folder: Path) -> None:
+    """Cheap checks of a local model folder before transformers reads it, each failure a one-line UsageError naming
+    the file: ``config.json`` is a JSON object naming an architecture transformers knows, and the weights are there
+    and every safetensors file's header is whole (a truncated download is caught here, not deep inside a load)."""
+    from safetensors import safe_open
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError("model", f"{config_file} is not a readable JSON file ({_load_failure(exc)})") from None
+    if not isinstance(config, dict):
+        raise UsageError("model", f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")  # when absent, transformers may still tell the architecture by the name
+    if "model_type" in config and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES):
+        raise UsageError(
+            "model", f"{config_file}: model_type {model_type!r} is not an architecture this transformers knows"
+        )
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        raise UsageError("model", f"{folder} has no weights (model.safetensors)")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file is not whole
+            raise UsageError("model", f"{file} is not a complete safetensors file ({_load_failure(exc)})") from None
+
+
+def _load_failure(exc: BaseException) -> str:
+    """One short line for an exception from a loader, with its type where the message alone would not say."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return "a torch weights file holds more than tensors, and policygrad never unpickles code; use safetensors"
+    if "ignore_mismatched_sizes" in str(exc):  # its "see the report above" points at a report we held back
+        return "the shapes of the weights do not match config.json (a vocab_size or hidden_size edited by hand?)"
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    if not isinstance(exc, (OSError, ValueError)):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text or type(exc).__name__
+
+
+@contextmanager
+def _logs_held_unless_failed() -> Iterator[None]:
+    """Hold back transformers' log records and Python warnings while a loader runs: shown if it succeeds, dropped
+    if it fails (the one-line error says what went wrong; a load report above it would break that line)."""
+    import logging
+    import warnings
+
+    held: list[logging.LogRecord] = []
+    handlers = list(logging.getLogger("transformers").handlers)
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+    for item in caught:  # only reached on success
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    for record in held:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def _first_line(exc: BaseException) -> str:

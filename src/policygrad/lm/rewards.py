@@ -8,8 +8,14 @@ called once per batch with N = B * G completions (``prompts[i]`` is the prompt `
 prompt appears G times in a row). ``fields`` are the prompt records' other columns, each a list of N values aligned
 with ``completions`` (for the built-in task: ``target_length``, ``target_digit_sum``, ``tolerance``); a function
 takes the fields it needs by name and should accept ``**fields`` for the rest. It returns N numbers; NaN means "could
-not score this one" and is let through: :func:`policygrad.advantages.group_advantages` leaves NaN rewards out of
-the statistics and gives them advantage 0, and :func:`score` counts them.
+not score this one": :func:`policygrad.advantages.group_advantages` leaves NaN rewards out of the statistics and
+gives them advantage 0, and :meth:`RewardSet.score` counts them.
+
+Faults. A function that raises, hangs past a timeout, returns None, the wrong count, a non-number or inf breaks the
+interface. :meth:`RewardSet.score` either raises a one-line :class:`RewardError` naming the function, the prompt and
+the completion (``on_fault="error"``), or gives the samples concerned NaN, hence advantage 0, and returns the faults
+(``"skip"``). The trainer also counts NaN as a fault (``allow_nan=False``): a run should not quietly lose its signal
+to a 0/0, so ``--reward-fault skip`` is the way to say "unscored samples are expected".
 
 A spec names a function, optionally with a weight after ``=``:
 
@@ -37,6 +43,7 @@ import importlib.util
 import math
 import numbers
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +52,10 @@ from typing import Any
 from policygrad.errors import UsageError
 from policygrad.lm import tasks
 
-__all__ = ["BUILTIN", "RewardError", "RewardFunction", "RewardSet", "Scores", "load_reward", "load_rewards"]
+__all__ = [
+    "BUILTIN", "FAULT_KINDS", "FAULT_POLICIES", "RewardError", "RewardFault", "RewardFunction", "RewardSet", "Scores",
+    "load_reward", "load_rewards",
+]  # fmt: skip
 
 RewardFn = Callable[..., Sequence[Any]]
 
@@ -66,13 +76,49 @@ class RewardFunction:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class RewardFault:
+    """One way a reward function broke the interface on one batch: on one completion (``sample`` its row), or on
+    the whole batch (``sample`` None: it raised for the batch as a whole, hung, returned None or the wrong count)."""
+
+    function: str  # the function's name as the user wrote it
+    kind: str  # one of FAULT_KINDS
+    sample: int | None
+    message: str  # one line naming the sample's prompt and completion
+    cause: BaseException | None = field(default=None, compare=False, repr=False)
+
+    def line(self) -> str:
+        return f"reward {self.function}: {self.message}"
+
+
+FAULT_KINDS = ("raised", "timeout", "count", "none", "type", "inf", "nan")
+FAULT_POLICIES = ("error", "skip")
+"""What :meth:`RewardSet.score` does on a fault: raise a :class:`RewardError` (error), or give the samples concerned
+the reward NaN, which :func:`policygrad.advantages.group_advantages` turns into advantage 0, and report the fault
+in :attr:`Scores.faults` (skip)."""
+
+MAX_ABANDONED_CALLS = 3
+"""A call that outlives its timeout cannot be killed (Python has no way to stop a thread), so it is left running in
+a daemon thread. When this many are still running, scoring stops with a :class:`RewardError` whatever the policy,
+rather than let stuck threads pile up."""
+
+
 @dataclass
 class Scores:
     """The rewards of one batch: the weighted sum and what went into it."""
 
-    rewards: list[float]  # (N,) combined, NaN where any function gave NaN
+    rewards: list[float]  # (N,) combined, NaN where any function gave NaN or faulted
     per_function: dict[str, list[float]] = field(default_factory=dict)  # name -> (N,) unweighted
     nan_count: int = 0  # completions whose combined reward is NaN
+    faults: list[RewardFault] = field(default_factory=list)  # skipped faults (policy "skip"), in call order
+
+    @property
+    def faulted_samples(self) -> int:
+        """Completions given NaN because a function faulted on them (a whole-batch fault counts every one)."""
+        rows: set[int] = set()
+        for fault in self.faults:
+            rows.update(range(len(self.rewards)) if fault.sample is None else (fault.sample,))
+        return len(rows)
 
 
 @dataclass(frozen=True)
@@ -80,74 +126,205 @@ class RewardSet:
     """Several reward functions combined into one reward per completion (see the module docstring)."""
 
     functions: list[RewardFunction]
+    _abandoned: list[threading.Thread] = field(default_factory=list, compare=False, repr=False)
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str], fields: Mapping[str, Sequence[Any]]) -> Scores:
-        """Call every function once on the batch, check what it returned, and sum with the weights."""
-        per_function = {f.name: _call(f, prompts, completions, fields) for f in self.functions}
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        fields: Mapping[str, Sequence[Any]],
+        on_fault: str = "error",
+        timeout: float | None = None,
+        allow_nan: bool = True,
+    ) -> Scores:
+        """Call every function once on the batch, check what it returned, and sum with the weights.
+
+        Args:
+            on_fault:  "error" raises a one-line :class:`RewardError` at the first fault; "skip" gives the samples
+                       concerned NaN and lists the faults in the result (see :data:`FAULT_POLICIES`).
+            timeout:   seconds one call may take (None or 0: no limit); a slower call is a "timeout" fault.
+            allow_nan: NaN is the documented "could not score this one" and passes through by default; False
+                       makes it a fault like inf (the trainer's choice: a 0/0 should not go unnoticed).
+        """
+        if on_fault not in FAULT_POLICIES:
+            raise ValueError(f"on_fault must be one of {FAULT_POLICIES}, got {on_fault!r}")
+        per_function, faults = {}, []
+        for function in self.functions:
+            self._check_abandoned(function)
+            values, found = _call(function, prompts, completions, fields, timeout, allow_nan,
+                                  salvage=on_fault == "skip", abandoned=self._abandoned)  # fmt: skip
+            if found and on_fault == "error":
+                first = found[0]
+                raise RewardError(f"reward {function.name}", first.message) from first.cause
+            per_function[function.name], faults = values, faults + found
         rewards = [
             sum(f.weight * per_function[f.name][i] for f in self.functions) for i in range(len(completions))
         ]
-        return Scores(rewards, per_function, sum(math.isnan(r) for r in rewards))
+        return Scores(rewards, per_function, sum(math.isnan(r) for r in rewards), faults)
+
+    def _check_abandoned(self, function: RewardFunction) -> None:
+        self._abandoned[:] = [thread for thread in self._abandoned if thread.is_alive()]
+        if len(self._abandoned) >= MAX_ABANDONED_CALLS:
+            raise RewardError(
+                f"reward {function.name}",
+                f"{len(self._abandoned)} reward calls that timed out are still running in the background; stopping "
+                "rather than piling up stuck threads (fix the function or raise --reward-timeout)",
+            )
 
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.functions]
 
 
+class _TimedOut(Exception):
+    def __init__(self, thread: threading.Thread):
+        super().__init__()
+        self.thread = thread
+
+
+def _run(function: RewardFunction, prompts: list[str], completions: list[str], fields: dict[str, list[Any]],
+         timeout: float | None) -> Any:  # fmt: skip
+    """Call the function, in a daemon thread when there is a timeout (the only portable way to stop waiting: a
+    subprocess would have to pickle the user's function and its closures, which many cannot be)."""
+    if not timeout:
+        return function.fn(prompts, completions, **fields)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = function.fn(prompts, completions, **fields)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as is
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"reward {function.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise _TimedOut(thread)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _call(
-    function: RewardFunction, prompts: Sequence[str], completions: Sequence[str], fields: Mapping[str, Sequence[Any]]
-) -> list[float]:
-    """One reward function on one batch, every way it can break turned into a one-line :class:`RewardError`."""
+    function: RewardFunction,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    fields: Mapping[str, Sequence[Any]],
+    timeout: float | None = None,
+    allow_nan: bool = True,
+    salvage: bool = False,
+    abandoned: list[threading.Thread] | None = None,
+) -> tuple[list[float], list[RewardFault]]:
+    """One reward function on one batch: the N rewards (NaN where it faulted) and its faults, each a one-line
+    description naming the sample's prompt and completion.
+
+    When the batch call raises, the function is called again one sample at a time: all of them with ``salvage`` (so
+    only the samples that break it lose their reward), else until the first that raises (to name it).
+    """
     n = len(completions)
+    name = function.name
+    nan = [math.nan] * n
+    where_batch = _on_batch(prompts, completions)
+    args = (list(prompts), list(completions), {k: list(v) for k, v in fields.items()})
     try:
-        values = function.fn(list(prompts), list(completions), **{k: list(v) for k, v in fields.items()})
+        values = _run(function, *args, timeout)
+    except _TimedOut as timed_out:
+        if abandoned is not None:
+            abandoned.append(timed_out.thread)
+        return nan, [RewardFault(name, "timeout", None, f"did not return within {timeout:g} s {where_batch}")]
     except Exception as exc:  # a user's function can raise anything; say which one and where
-        index = _first_failing_sample(function, prompts, completions, fields)
-        where = f" on sample {index} (prompt {_excerpt(prompts[index])})" if index is not None else ""
-        raise RewardError(
-            f"reward {function.name}", f"raised {type(exc).__name__}{where}: {_one_line(exc)}"
-        ) from exc
+        return _one_by_one(function, prompts, completions, fields, timeout, allow_nan, salvage, abandoned, exc)
     if values is None:
-        raise RewardError(f"reward {function.name}", f"returned None; it must return a list of {n} numbers")
+        message = f"returned None {where_batch}; it must return a list of {n} numbers"
+        return nan, [RewardFault(name, "none", None, message)]
     try:
         values = list(values)
-    except TypeError:
-        raise RewardError(
-            f"reward {function.name}", f"returned a {type(values).__name__}; it must return a list of {n} numbers"
-        ) from None
+    except Exception:  # not iterable, or a generator that raised on the way
+        return nan, [RewardFault(
+            name, "type", None,
+            f"returned a {type(values).__name__} {where_batch}; it must return a list of {n} numbers",
+        )]  # fmt: skip
     if len(values) != n:
-        raise RewardError(f"reward {function.name}", f"returned {len(values)} rewards for {n} completions")
-    checked = []
+        message = f"returned {len(values)} rewards for {n} completions {where_batch}"
+        return nan, [RewardFault(name, "count", None, message)]
+    checked, faults = [], []
     for i, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise RewardError(
-                f"reward {function.name}",
-                f"sample {i} (prompt {_excerpt(prompts[i])}): got {type(value).__name__} {value!r:.40}, not a number",
-            )
-        value = float(value)
-        if math.isinf(value):
-            raise RewardError(
-                f"reward {function.name}",
-                f"sample {i} (prompt {_excerpt(prompts[i])}): got {value}; rewards must be finite (NaN means unscored)",
-            )
+        value, fault = _check_value(name, value, i, prompts[i], completions[i], allow_nan)
         checked.append(value)
-    return checked
+        if fault is not None:
+            faults.append(fault)
+    return checked, faults
 
 
-def _first_failing_sample(
-    function: RewardFunction, prompts: Sequence[str], completions: Sequence[str], fields: Mapping[str, Sequence[Any]]
-) -> int | None:
-    """Re-run a function that raised on the batch one sample at a time, to name the sample that breaks it.
+def _check_value(
+    name: str, value: Any, i: int, prompt: str, completion: str, allow_nan: bool
+) -> tuple[float, RewardFault | None]:
+    """One returned reward: (the float, None) when it is a real number, else (NaN, the fault)."""
+    sample = f"sample {i} (prompt {_excerpt(prompt)}, completion {_excerpt(completion)})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        message = f"{sample}: got {type(value).__name__} {value!r:.40}, not a number"
+        return math.nan, RewardFault(name, "type", i, message)
+    value = float(value)
+    if math.isinf(value):
+        return math.nan, RewardFault(name, "inf", i, f"{sample}: got {value}; rewards must be finite")
+    if math.isnan(value) and not allow_nan:
+        return math.nan, RewardFault(
+            name, "nan", i, f"{sample}: got NaN; with --reward-fault skip such samples train with advantage 0"
+        )
+    return value, None
 
-    Only on the error path, so the cost does not matter; None if every single sample passes (the failure depends on
-    the batch as a whole).
-    """
-    for i in range(len(completions)):
+
+def _one_by_one(function, prompts, completions, fields, timeout, allow_nan, salvage, abandoned, batch_error):
+    """After the batch call raised: each sample on its own, to find (and, salvaging, keep apart) the ones that break
+    the function. A failure that depends on the batch as a whole, or a hang, faults the whole batch."""
+    n, name = len(completions), function.name
+    values, faults = [math.nan] * n, []
+    batch = _on_batch(prompts, completions)
+    for i in range(n):
+        where = f"sample {i} (prompt {_excerpt(prompts[i])}, completion {_excerpt(completions[i])})"
         try:
-            function.fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in fields.items()})
-        except Exception:
-            return i
-    return None
+            result = _run(function, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in fields.items()}, timeout)
+        except _TimedOut as timed_out:
+            if abandoned is not None:
+                abandoned.append(timed_out.thread)
+            # calling a hanging function n more times would only pile up threads
+            return [math.nan] * n, [RewardFault(name, "timeout", None, f"did not return within {timeout:g} s {batch}")]
+        except Exception as exc:
+            message = f"raised {type(exc).__name__} on {where}: {_why(exc, timeout)}"
+            faults.append(RewardFault(name, "raised", i, message, exc))
+        else:
+            try:
+                single = list(result)
+            except TypeError:
+                single = []
+            if len(single) == 1:
+                values[i], fault = _check_value(name, single[0], i, prompts[i], completions[i], allow_nan)
+                faults += [fault] if fault is not None else []
+            else:
+                faults.append(RewardFault(name, "count", i, f"on {where} alone did not return one reward"))
+        if faults and not salvage:
+            return values, faults
+    if not faults:  # every sample passes alone: it is the batch that breaks it
+        values = [math.nan] * n
+        message = f"raised {type(batch_error).__name__} {batch}: {_why(batch_error, timeout)}"
+        faults.append(RewardFault(name, "raised", None, message, batch_error))
+    return values, faults
+
+
+def _why(exc: BaseException, timeout: float | None) -> str:
+    """The exception as one line, with a hint where the worker thread of the timeout is the likely cause."""
+    text = _one_line(exc)
+    if timeout and "main thread" in text:  # signal.signal / signal.alarm only work in the main thread
+        text += " (with a timeout, reward functions run in a worker thread; --reward-timeout 0 runs them in the main)"
+    return text
+
+
+def _on_batch(prompts: Sequence[str], completions: Sequence[str]) -> str:
+    if not completions:
+        return "on an empty batch"
+    first = f"first prompt {_excerpt(prompts[0])}, completion {_excerpt(completions[0])}"
+    return f"on a batch of {len(completions)} ({first})"
 
 
 def _excerpt(text: str, width: int = 40) -> str:

@@ -28,11 +28,17 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Rollout",
     "autocast_context",
+    "completion_logprobs",
     "completion_mask",
+    "draw",
     "encode_prompts",
     "eos_token_ids",
+    "generate",
+    "micro_batches",
+    "rollout_logprobs",
     "sample",
     "sequence_logprobs",
+    "top_p_filter",
 ]
 
 
@@ -70,13 +76,18 @@ class Rollout:
         """(N,) bool: rows that hit max_new_tokens without an EOS (their last token is not an EOS)."""
         return self.completion_mask[:, -1].bool() if self.completion_mask.shape[1] else self.completion_lengths < 0
 
-    def rows(self, index: Tensor | slice) -> dict[str, Tensor]:
-        """The tensors of a micro-batch of rows, for the update."""
+    def rows(self, rows: slice) -> dict[str, Tensor]:
+        """The inputs of :func:`completion_logprobs` for a micro-batch of consecutive rows: each distinct prompt
+        once, and the completion rows with the index of their prompt."""
+        first, stop, _ = rows.indices(self.completion_ids.shape[0])
+        group = torch.arange(first, stop, device=self.prompt_ids.device) // self.group_size  # (M,) prompt of a row
+        distinct = torch.unique_consecutive(group)  # (U,)
         return {
-            "input_ids": self.input_ids[index],
-            "attention_mask": self.attention_mask[index],
-            "mask": self.completion_mask[index],
-            "old_logprobs": self.logprobs[index] if self.logprobs is not None else None,
+            "prompt_ids": self.prompt_ids[distinct * self.group_size],  # (U, P)
+            "prompt_mask": self.prompt_mask[distinct * self.group_size],
+            "completion_ids": self.completion_ids[rows],  # (M, T)
+            "completion_mask": self.completion_mask[rows],
+            "prompt_index": group - distinct[0],  # (M,) in 0..U-1
         }
 
 
@@ -186,6 +197,179 @@ def encode_prompts(
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
+def _positions(attention_mask: Tensor) -> Tensor:
+    """Position ids counted from each row's first real token (left padding gets 0), as ``generate`` counts them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _prefill(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor):
+    """One forward pass over the U distinct prompts, its key/value cache then copied out to the M rows.
+
+    Args:
+        prompt_ids, prompt_mask: (U, P), left-padded.
+        prompt_index: (M,) which prompt each row continues.
+    Returns:
+        (logits (M, V) at each prompt's last position, i.e. of the first completion token; the cache, M rows)
+    """
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True, **kwargs
+    )
+    cache = out.past_key_values
+    cache.reorder_cache(prompt_index)  # (U, ...) -> (M, ...); autograd flows back to the shared prompt states
+    return out.logits[:, -1].index_select(0, prompt_index), cache  # (M, V)
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    prompt_index: Tensor,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_logprobs` with each prompt's forward pass done ONCE for the G completions that share it.
+
+    The G rows of a group have the same prompt, so its hidden states, keys and values are the same G times over.
+    This runs the U distinct prompts once, copies their key/value cache out to the M rows (``prompt_index``), and
+    runs only the completion tokens on top; gradients flow back through the copies into the one prompt pass. With
+    P prompt and T completion tokens the transformer sees U*P + M*T tokens instead of M*(P + T): for GRPO's
+    G = 8, P = 160, T = 32 that is 3.7x fewer. Same function, same values up to floating-point reordering
+    (tested against :func:`sequence_logprobs`).
+
+        logprobs[i, t]  = log softmax(z_{i, t} / tau)[y_{i, t}]      z_{i, 0} from the prompt's last position
+        entropies[i, t] = H(softmax(z_{i, t} / tau))
+
+    Args:
+        prompt_ids, prompt_mask: (U, P) distinct prompts, left-padded.
+        completion_ids, completion_mask: (M, T).
+        prompt_index: (M,) long, the prompt row (in 0..U-1) that completion row i continues.
+        temperature: tau > 0.
+    Returns:
+        (logprobs, entropies), each (M, T), float32; values at masked positions are meaningless (mask them).
+    """
+    first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (M, V)
+    logits = first[:, None]  # (M, 1, V)
+    if completion_ids.shape[1] > 1:
+        # token t is predicted at the position of token t - 1: feed all completion tokens but the last
+        attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
+        rest = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=attention,
+            position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (M, T - 1, V)
+        logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
+    logits = logits.float() / temperature
+    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, completion_ids.unsqueeze(-1)).squeeze(-1)  # (M, T)
+    return logprobs, entropy(logits)
+
+
+def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """Nucleus truncation (Holtzman et al. 2020): keep the most likely tokens whose total probability first reaches
+    ``top_p``, zero the rest and renormalise. The most likely token is always kept.
+
+    Args:
+        probs: (M, V), rows summing to 1.
+    Returns:
+        (M, V) the truncated, renormalised distribution.
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (M, V)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above each one
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _next_token(logits: Tensor, temperature: float, top_p: float, greedy: bool) -> Tensor:
+    """(M, V) logits -> (M,) token ids: the argmax, or a draw from softmax(z / tau) cut to its top-p nucleus."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return draw(probs)
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One token from each row of ``probs`` by inverting its cumulative distribution:
+
+        token = min { i : c_i > u * c_V },      c_i = p_1 + ... + p_i,   u ~ U[0, 1)
+
+    Exactly the categorical distribution (a token of probability 0 never has c_i > c_{i-1}, so it is never
+    chosen), from ONE uniform number per row. ``torch.multinomial`` draws an exponential variate for every entry,
+    49,152 per row for SmolLM2's vocabulary, which took 11% of decoding time.
+
+    Args:
+        probs: (M, V) non-negative rows, summing to about 1.
+    Returns:
+        (M,) long token ids.
+    """
+    cumulative = probs.cumsum(-1)  # (M, V)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cumulative.dtype) * cumulative[:, -1:]  # (M, 1)
+    return torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> Tensor:
+    """Decode ``group_size`` completions of each prompt with a key/value cache; -> (N, T) ids, T <= max_new_tokens.
+
+    The loop ``generate`` runs, cut to what GRPO needs: each prompt is encoded once and its cache copied to its G
+    rows; each step runs one token per unfinished row, and rows that emit an EOS leave the batch (their cache rows
+    are dropped), so no compute is spent on finished sequences. Tokens after a row's EOS are ``pad_id``. Draws come
+    from the global torch RNG.
+
+    Args:
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+    Returns:
+        (N, T) completion ids, N = B * G, rows of a group consecutive; T is the step at which the last row ended.
+    """
+    device = prompt_ids.device
+    n = prompt_ids.shape[0] * group_size
+    prompt_index = torch.arange(n, device=device) // group_size  # (N,)
+    logits, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (N, V)
+    attention = prompt_mask.index_select(0, prompt_index)  # (A, P + t) for the A active rows
+    next_position = attention.sum(-1)  # (A,) the position of each active row's next token
+    eos = torch.as_tensor(list(eos_ids), device=device)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, max_new_tokens)
+    active = torch.arange(n, device=device)  # (A,) the rows still generating, in cache order
+    steps = 0
+    for t in range(max_new_tokens):
+        chosen = _next_token(logits, temperature, top_p, greedy)  # (A,)
+        tokens[active, t] = chosen
+        steps = t + 1
+        going = ~torch.isin(chosen, eos)  # (A,)
+        if t + 1 == max_new_tokens or not going.any():
+            break
+        if not going.all():  # drop finished rows from the batch and the cache
+            keep = going.nonzero().squeeze(1)
+            active, chosen, attention, next_position = active[keep], chosen[keep], attention[keep], next_position[keep]
+            cache.reorder_cache(keep)
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+        logits = model(
+            input_ids=chosen[:, None],
+            attention_mask=attention,
+            position_ids=next_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]  # (A, V)
+        next_position = next_position + 1
+    return tokens[:, :steps]
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -202,11 +386,11 @@ def sample(
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt and score their tokens under the sampling policy.
 
-    Sampling uses the global torch RNG (what ``generate`` draws from): seed it before calling for repeatable runs.
-    ``greedy`` decodes the argmax instead (then all G completions of a prompt are equal; use G = 1). The log-probs
-    come from a separate forward pass (:func:`sequence_logprobs`, in micro-batches) rather than from ``generate``'s
-    scores, so they are computed by exactly the code, and under exactly the autocast, that the update uses: the
-    importance ratio starts at 1 up to floating-point noise.
+    Sampling uses the global torch RNG: seed it before calling for repeatable runs. ``greedy`` decodes the argmax
+    instead (then all G completions of a prompt are equal; use G = 1). The log-probs come from a separate pass
+    (:func:`completion_logprobs`, in micro-batches) rather than from the decoding loop, so they are computed by
+    exactly the code, and under exactly the autocast, that the update uses: the importance ratio starts at 1 up to
+    floating-point noise.
 
     Args:
         prompts: B raw prompt strings.
@@ -217,53 +401,55 @@ def sample(
     Returns:
         a :class:`Rollout` with N = B * G rows.
     """
-    from transformers import GenerationConfig
-
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)  # (B, P)
-    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # (N, P): rows of a group are consecutive
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     eos_ids = eos_token_ids(model, tokenizer)
-    # a fresh generation config, not the model's: shipped defaults (top_k, repetition_penalty, a lower temperature)
-    # would sample from a distribution other than the one whose log-probs we compute
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}  # top_k 0: no top-k cut
-    settings = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     with autocast_context(device, autocast_dtype):
-        output = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=settings
-        )  # (N, P + T)
-    completion_ids = output[:, prompt_ids.shape[1] :]  # (N, T), T <= max_new_tokens
+        completion_ids = generate(
+            model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_id, temperature, top_p, greedy
+        )  # (N, T)
     mask = completion_mask(completion_ids, eos_ids)  # (N, T)
-    completions = [
-        tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True) for row, row_mask in zip(completion_ids, mask)
-    ]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
-    attention_mask = torch.cat([prompt_mask, mask], dim=1)
-    step = micro_batch_size or input_ids.shape[0]
-    logprobs_all = None
-    if score_tokens:
-        logprobs = []
-        with autocast_context(device, autocast_dtype):
-            for start in range(0, input_ids.shape[0], step):
-                chunk = slice(start, start + step)
-                lp, _ = sequence_logprobs(
-                    model, input_ids[chunk], attention_mask[chunk], prompt_ids.shape[1], 1.0 if greedy else temperature
-                )
-                logprobs.append(lp)
-        logprobs_all = torch.cat(logprobs) * mask  # (N, T)
-    return Rollout(
+    completions = tokenizer.batch_decode(
+        [row[row_mask.bool()] for row, row_mask in zip(completion_ids, mask)], skip_special_tokens=True
+    )
+    rollout = Rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
+        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),  # (N, P): rows of a group are consecutive
+        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
         completion_ids=completion_ids,
         completion_mask=mask,
         completions=completions,
-        logprobs=logprobs_all,
+        logprobs=None,
         group_size=group_size,
     )
+    if score_tokens:
+        rollout.logprobs = rollout_logprobs(
+            model, rollout, 1.0 if greedy else temperature, micro_batch_size, autocast_dtype
+        )
+    return rollout
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Consecutive row slices of at most ``size`` rows (all rows when ``size`` is None)."""
+    size = size or n
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
+@torch.no_grad()
+def rollout_logprobs(
+    model: PreTrainedModel,
+    rollout: Rollout,
+    temperature: float,
+    micro_batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """(N, T) log-probs of a rollout's sampled tokens under ``model`` (the sampling policy, or the frozen reference
+    for the KL term), zero where masked; no gradient, in micro-batches."""
+    device = rollout.completion_ids.device
+    chunks = []
+    with autocast_context(device, autocast_dtype):
+        for rows in micro_batches(rollout.completion_ids.shape[0], micro_batch_size):
+            logprobs, _ = completion_logprobs(model, temperature=temperature, **rollout.rows(rows))
+            chunks.append(logprobs)
+    return torch.cat(chunks) * rollout.completion_mask

@@ -10,6 +10,12 @@ each aggregated over the completion tokens. With one update per batch the policy
 it is the clipped importance-ratio surrogate against the sampling policy's log-probs (Schulman et al. 2017; the
 GRPO objective of Shao et al. 2024, eq. 3, is this with group advantages and the k3 KL).
 
+A long run must survive its own failures (docs/reliability.md): every random draw of a step is a function of
+(seed, step) or restored from the checkpoint, so a resumed run is bit for bit the run that was stopped; checkpoints
+are written atomically with checksums (:mod:`policygrad.checkpointing`); SIGINT/SIGTERM finish the step and save
+(:mod:`policygrad.stopping`); a reward function's fault stops the run with a checkpoint or, with ``reward_fault:
+skip``, costs only the samples concerned; a non-finite loss or gradient skips the update.
+
 ``train(config)`` returns the run directory; ``run_train(config)`` is the CLI entry point (exit code).
 """
 
@@ -18,6 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import random
+import shlex
 import shutil
 import sys
 import time
@@ -29,13 +38,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from policygrad import checkpointing
 from policygrad.advantages import group_advantages, leave_one_out, moving_average
 from policygrad.errors import UsageError
 from policygrad.losses import aggregate, policy_loss
 from policygrad.lm.config import CONFIG_FILE, GRPOConfig, config_to_dict
 from policygrad.lm.evaluate import evaluate, group_fields, task_rates
-from policygrad.lm.rollout import Rollout, autocast_context, sample, sequence_logprobs
+from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches, rollout_logprobs, sample
+from policygrad.lm.rewards import RewardError
 from policygrad.regularizers import dynamic_entropy_weight, kl
+from policygrad.stopping import Stopped, StopSignals
 
 __all__ = [
     "ADVANTAGES",
@@ -171,11 +183,6 @@ def micro_batch_share(rows_mask: Tensor, batch_mask: Tensor, aggregation: str) -
     return rows_mask.shape[0] / batch_mask.shape[0]
 
 
-def _micro_batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, start + size)
-
-
 def update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -189,7 +196,8 @@ def update(
     """``config.updates_per_batch`` optimiser steps on one rollout, each accumulating gradients over micro-batches.
 
     Returns the metrics of the LAST optimiser step (weighted over its micro-batches), plus ``grad_norm`` (before
-    clipping) and ``loss``.
+    clipping) and ``loss``; and ``skipped_updates`` = 1 when a non-finite loss or gradient norm stopped it before
+    ``optimizer.step`` (earlier, finite updates of the same batch stay applied).
     """
     device = rollout.completion_ids.device
     mask = rollout.completion_mask  # (N, T)
@@ -202,18 +210,17 @@ def update(
     for _ in range(config.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         metrics = {}
-        for rows in _micro_batches(n, config.micro_batch_size):
+        for rows in micro_batches(n, config.micro_batch_size):
             share = micro_batch_share(mask[rows], mask, config.aggregation)
             if share == 0:
                 continue  # no tokens that count (all-empty completions): nothing to learn from these rows
-            batch = rollout.rows(rows)
             with autocast_context(device, autocast_dtype):
-                logprobs, entropies = sequence_logprobs(
-                    model, batch["input_ids"], batch["attention_mask"], rollout.completion_start, config.temperature
+                logprobs, entropies = completion_logprobs(
+                    model, temperature=config.temperature, **rollout.rows(rows)
                 )  # (M, T) each, M rows in this micro-batch
             loss, micro = grpo_loss(
-                logprobs, entropies, batch["mask"], advantages[rows],
-                old_logprobs=batch["old_logprobs"] if clipped else None,
+                logprobs, entropies, mask[rows], advantages[rows],
+                old_logprobs=rollout.logprobs[rows] if clipped else None,
                 ref_logprobs=ref_logprobs[rows] if ref_logprobs is not None else None,
                 entropy_weight=entropy_weight, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
                 aggregation=config.aggregation, clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
@@ -225,6 +232,12 @@ def update(
                 metrics[key] = metrics.get(key, 0.0) + share * value
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        # reliability (issue 6, docs/reliability.md): a non-finite loss or gradient never reaches the weights or
+        # AdamW's moments; the loop counts skipped updates and stops after max_bad_steps in a row
+        if not (math.isfinite(metrics["grad_norm"]) and math.isfinite(metrics.get("loss", 0.0))):
+            optimizer.zero_grad(set_to_none=True)
+            metrics["skipped_updates"] = 1.0
+            break
         optimizer.step()
     return metrics
 
@@ -246,8 +259,22 @@ def resolve_device(config: GRPOConfig) -> tuple[torch.device, torch.dtype | None
         return device, None
     if config.precision == "bfloat16":
         return device, torch.bfloat16
-    # auto: bf16 autocast where the hardware runs it fast; CPUs without AMX gain little and lose precision
-    return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    # auto: bf16 autocast where the hardware has bfloat16 matrix products (CUDA GPUs that support it; CPUs with
+    # AVX512-BF16 or AMX, where they run ~3x float32); elsewhere it would be emulated, slower and less precise
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16_matmul()
+    return device, torch.bfloat16 if fast else None
+
+
+def _cpu_has_bf16_matmul() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def _fused_adamw_supported(device: torch.device) -> bool:
+    """torch's fused AdamW runs on CPU and CUDA (float32 weights, as ours are)."""
+    return device.type in ("cpu", "cuda")
 
 
 def check_output_dir(config: GRPOConfig) -> bool:
@@ -284,7 +311,11 @@ def prepare_run_dir(config: GRPOConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError("--output-dir", f"cannot create {out}: {err.strerror}") from None
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    # the run's settings, not this invocation's actions, so `--recipe <run>/config.yaml --resume` continues it
+    values = {**config_to_dict(config), "overwrite": False, "resume": False, "allow_config_change": False}
+    tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    os.replace(tmp, out / CONFIG_FILE)  # atomic: a run killed here still has a readable config
     return out
 
 
@@ -297,40 +328,153 @@ def prompt_order(num_prompts: int, batch_size: int, epoch: int, seed: int) -> li
 
 
 def save_checkpoint(
-    folder: Path, model, tokenizer, optimizer, step: int, baseline: float, with_optimizer: bool = True
-) -> None:
-    """``save_pretrained`` weights and tokenizer (what ``AutoModelForCausalLM.from_pretrained`` loads), plus the
-    trainer state for resuming (the optimiser's moments are twice the weights' size, hence ``with_optimizer``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    state = {"step": step, "baseline": baseline}
-    if with_optimizer:
-        state["optimizer"] = optimizer.state_dict()
-    torch.save(state, folder / TRAINER_STATE)
+    folder: Path,
+    model,
+    tokenizer,
+    optimizer,
+    step: int,
+    baseline: float,
+    with_optimizer: bool = True,
+    config: GRPOConfig | None = None,
+    rng: dict[str, Any] | None = None,
+) -> Path:
+    """``save_pretrained`` weights (safetensors) and tokenizer, what ``AutoModelForCausalLM.from_pretrained`` loads,
+    plus the trainer state for resuming: step, baseline, random generators, the config, and the optimiser (its moments
+    are twice the weights' size, hence ``with_optimizer``; without them a resume is not exact).
+
+    Written atomically with a manifest of checksums (:func:`policygrad.checkpointing.save_atomic`): a crash during
+    the save leaves the previous checkpoint as it was.
+    """
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        state: dict[str, Any] = {"step": step, "baseline": baseline, "rng": rng if rng is not None else rng_state()}
+        if config is not None:
+            state["config"] = json.dumps(_comparable(config))
+        if with_optimizer:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, tmp / TRAINER_STATE)
+
+    return checkpointing.save_atomic(folder, write, step)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The saved folder with the highest step (periodic ones and ``final``), or None."""
-    best, best_step = None, -1
-    for state in run_dir.glob(f"**/{TRAINER_STATE}"):
-        step = torch.load(state, weights_only=True, map_location="cpu", mmap=True)["step"]
-        if step > best_step:
-            best, best_step = state.parent, step
-    return best
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every folder of a run that may hold a checkpoint: ``final``, ``checkpoints/step-*`` and what a save killed
+    between its two renames left under a hidden ``.old`` name (see :mod:`policygrad.checkpointing`)."""
+    old_finals = sorted(run_dir.glob(".final.old-*"))
+    return [run_dir / "final", *old_finals, *checkpointing.folders_in(run_dir / "checkpoints")]
+
+
+def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The complete checkpoint with the highest step (periodic ones and ``final``), or None. A damaged one (missing,
+    truncated or corrupted files) is reported in one line and passed over for the next older one."""
+    return checkpointing.latest_good(checkpoint_folders(Path(run_dir)), warn)
+
+
+def load_trainer_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's trainer state, read with ``weights_only=True``: tensors and plain values only, so even a
+    tampered file cannot run code when loaded; one that holds anything else is a one-line ``--resume`` error."""
+    try:
+        return torch.load(folder / TRAINER_STATE, weights_only=True, map_location=device)
+    except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError("--resume", f"{folder / TRAINER_STATE} cannot be read safely: {first}") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a step may draw from: torch's CPU (and CUDA) generators, Python's ``random`` and
+    NumPy's global one (user reward functions may use either). Plain tensors, lists and numbers, so the state loads
+    with ``weights_only=True``."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (generators it did not save are left as they are)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "epochs", "progress", "threads", "device",
+    "eval_every", "eval_size", "eval_decoding", "save_every", "save_optimizer", "keep_checkpoints", "log_completions",
+    "reward_fault", "reward_timeout", "max_bad_steps",
+})  # fmt: skip
+"""Fields a resumed run may change without ``--allow-config-change``: how long to train, where and how to log, save
+and evaluate, and what to do about faults; none of them changes the update a step makes."""
+
+
+def _comparable(config: GRPOConfig) -> dict[str, Any]:
+    return {k: v for k, v in config_to_dict(config).items() if k not in RESUME_MAY_CHANGE}
+
+
+def config_changes(saved: dict[str, Any], config: GRPOConfig) -> list[str]:
+    """``"field old -> new"`` for each field that ``config`` sets differently from ``saved`` (a checkpoint's config),
+    leaving out :data:`RESUME_MAY_CHANGE` and fields the checkpoint predates."""
+    now = _comparable(config)
+    return [
+        f"{name} {_short(saved[name])} -> {_short(value)}"
+        for name, value in now.items()
+        if name in saved and saved[name] != value
+    ]
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues a run: its own config.yaml as the recipe (it names the output folder too)."""
+    return f"policygrad train --recipe {shlex.quote(str(run_dir / CONFIG_FILE))} --resume"
 
 
 class RunLog:
-    """The per-step record: ``metrics.jsonl``, TensorBoard scalars and ``completions.jsonl``."""
+    """The per-step record: ``metrics.jsonl``, TensorBoard scalars, ``completions.jsonl`` and, when a reward
+    function faulted under ``reward_fault: skip``, ``faults.jsonl``.
 
-    def __init__(self, run_dir: Path, append: bool):
-        mode = "a" if append else "w"
+    Resuming from step S (``append_after=S``) first drops what the logs hold beyond S (steps done after the
+    checkpoint by the run that died, and a half-written last line), so the continued logs read as one run's.
+    """
+
+    FILES = ("metrics.jsonl", "completions.jsonl", "faults.jsonl")
+
+    def __init__(self, run_dir: Path, append_after: int | None):
+        self.run_dir = run_dir
+        if append_after is not None:
+            for name in self.FILES:
+                _truncate_log(run_dir / name, append_after)
+        mode = "w" if append_after is None else "a"
         self.metrics = (run_dir / "metrics.jsonl").open(mode)
         self.completions = (run_dir / "completions.jsonl").open(mode)
+        self.faults = None  # opened on the first fault
+        if append_after is None and (run_dir / "faults.jsonl").exists():
+            (run_dir / "faults.jsonl").unlink()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events the dead run wrote after the checkpoint
+            purge = None if append_after is None else append_after + 1
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         except ImportError:
             print("policygrad train: tensorboard is not installed; no event files are written", file=sys.stderr)
             self.writer = None
@@ -346,11 +490,40 @@ class RunLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
 
+    def fault(self, step: int, fault: Any, prompt: str, completion: str) -> None:
+        """One skipped reward fault (a :class:`policygrad.lm.rewards.RewardFault`), as a line of faults.jsonl."""
+        if self.faults is None:
+            self.faults = (self.run_dir / "faults.jsonl").open("a")
+        record = {"step": step, "function": fault.function, "kind": fault.kind, "sample": fault.sample,
+                  "prompt": prompt, "completion": completion, "message": fault.message}  # fmt: skip
+        self.faults.write(json.dumps(record) + "\n")
+        self.faults.flush()
+
     def close(self) -> None:
         self.metrics.close()
         self.completions.close()
+        if self.faults is not None:
+            self.faults.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the JSONL records of steps <= ``last_step``; drop later ones and lines that do not parse (a write cut off
+    by a kill). Rewritten through a temporary file, so a kill here loses nothing either."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except ValueError:
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,6 +578,7 @@ class _Session:
     start_step: int = 0
     baseline: float = 0.0  # reinforce's moving average of past rewards
     resumed: bool = False
+    last_saved: int = -1  # the step of the newest checkpoint on disk, so a stop does not write the same one twice
 
     def batch(self, step: int) -> list[dict[str, Any]]:
         """The B prompt records of a step."""
@@ -422,10 +596,24 @@ class _Session:
             config.temperature, config.top_p, config.micro_batch_size, self.autocast_dtype, config.seed,
         )  # fmt: skip
 
-    def save(self, folder: Path, step: int) -> None:
+    def save(self, folder: Path, step: int, baseline: float | None = None, rng: dict[str, Any] | None = None) -> Path:
+        """Save the model, optimiser and trainer state as the state after ``step`` steps (``baseline`` and ``rng``
+        default to the current ones; a stop passes those it saved before the step that went wrong)."""
         save_checkpoint(
-            folder, self.model, self.tokenizer, self.optimizer, step, self.baseline, self.config.save_optimizer
-        )
+            folder, self.model, self.tokenizer, self.optimizer, step, self.baseline if baseline is None else baseline,
+            self.config.save_optimizer, self.config, rng,
+        )  # fmt: skip
+        self.last_saved = step
+        return folder
+
+    def checkpoint(self, step: int, baseline: float | None = None, rng: dict[str, Any] | None = None) -> Path:
+        """``checkpoints/step-N`` (unless the newest checkpoint already is step N), then prune old ones."""
+        folder = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        if self.last_saved == step and checkpointing.verify(folder) is None:
+            return folder
+        self.save(folder, step, baseline, rng)
+        checkpointing.prune(self.run_dir / "checkpoints", self.config.keep_checkpoints)
+        return folder
 
 
 def _start(config: GRPOConfig) -> _Session:
@@ -439,11 +627,11 @@ def _start(config: GRPOConfig) -> _Session:
     device, autocast_dtype = resolve_device(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    _seed_everything(config.seed)  # a resumed run then restores the generators' saved states
     reward_set = load_rewards(config.rewards)  # before the model: a typo here should not cost a model load
     check_prompt_source(config.prompts)  # likewise a missing or malformed prompts file
 
-    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    resume_from, state = _resume_point(config) if config.resume else (None, None)
     model, tokenizer = load_model(str(resume_from or config.model), dtype="float32", device=device)
     # dropout off throughout: the ratio pi/pi_old and the KL must compare the same deterministic function
     model.eval()
@@ -459,6 +647,10 @@ def _start(config: GRPOConfig) -> _Session:
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    if state is not None and int(state["step"]) > total_steps:
+        raise UsageError(
+            "--max-steps", f"the run to resume is at step {int(state['step'])}, past the {total_steps} steps asked for"
+        )
     prepare_run_dir(config)
 
     reference = None
@@ -466,28 +658,76 @@ def _start(config: GRPOConfig) -> _Session:
         # the reference is the run's INITIAL model, also when resuming from a later checkpoint
         reference = load_model(config.model, dtype="float32", device=device)[0] if resume_from else copy.deepcopy(model)
         reference.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel over all parameters instead of a dozen passes over memory (0.48 s -> 0.11 s per step for
+    # SmolLM2-135M on this CPU, benchmarks/NOTES.md); same update rule
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=_fused_adamw_supported(device)
+    )
     session = _Session(
         config, run_dir, model, tokenizer, reference, optimizer, prompts, reward_set, autocast_dtype,
         steps_per_epoch, total_steps, resumed=resume_from is not None,
     )  # fmt: skip
-    if resume_from is not None:
-        state = torch.load(resume_from / TRAINER_STATE, weights_only=True, map_location=device)
+    if state is not None:
         if "optimizer" in state:  # else saved with save_optimizer=false: AdamW restarts its moments
             optimizer.load_state_dict(state["optimizer"])
+        else:
+            print(f"policygrad train: {resume_from} has no optimiser state (save_optimizer: false); AdamW's "
+                  "moments restart from zero, so this resume is not exact", file=sys.stderr)  # fmt: skip
+        if "rng" in state:
+            set_rng_state(state["rng"])
         session.start_step, session.baseline = int(state["step"]), float(state["baseline"])
+        session.last_saved = session.start_step
     return session
+
+
+def _seed_everything(seed: int) -> None:
+    """torch, Python's ``random`` and NumPy's global generator, which user reward functions may draw from."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _resume_point(config: GRPOConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest complete checkpoint of the run being resumed and its trainer state, after tidying what a killed
+    save left; refuses a config that differs from the checkpoint's unless ``allow_config_change``."""
+    run_dir = config.output_dir
+    checkpointing.recover(run_dir)
+    checkpointing.recover(run_dir / "checkpoints")
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        print(f"policygrad train: {run_dir} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
+        return None, None
+    state = load_trainer_state(folder)
+    if "config" in state and not config.allow_config_change:
+        changes = config_changes(json.loads(state["config"]), config)
+        if changes:
+            raise UsageError(
+                "--resume",
+                f"the config differs from the one {folder.relative_to(run_dir)} was trained with: {'; '.join(changes)}"
+                f" (resume with --recipe {run_dir / CONFIG_FILE}, or pass --allow-config-change to go on anyway)",
+            )
+    return folder, state
 
 
 def train(config: GRPOConfig) -> Path:
     """Train ``config.model`` on ``config.prompts`` and return the run directory (see the module docstring)."""
     run = _start(config)
-    log = RunLog(run.run_dir, append=run.resumed)
+    log = RunLog(run.run_dir, append_after=run.start_step if run.resumed else None)
+    bad_steps, before_bad = 0, None  # non-finite updates in a row, and the state from before the first of them
     try:
-        with _Progress(config.progress, run.total_steps, run.start_step) as progress:
+        with (
+            StopSignals("policygrad train") as stop,
+            _Progress(config.progress, run.total_steps, run.start_step) as progress,
+        ):
             for step in range(run.start_step, run.total_steps):
                 started = time.perf_counter()
                 records = run.batch(step)
+                before = (step, run.baseline, rng_state())  # what a stop inside this step saves
 
                 # 1. sample G completions of each of B prompts with the current policy
                 torch.manual_seed(config.seed * 1_000_003 + step)  # repeatable, and the same after a resume
@@ -500,7 +740,18 @@ def train(config: GRPOConfig) -> Path:
 
                 # 2. score every completion
                 fields = group_fields(records, config.group_size)
-                scores = run.reward_set.score(rollout.prompts, rollout.completions, fields)
+                try:
+                    scores = run.reward_set.score(
+                        rollout.prompts, rollout.completions, fields, on_fault=config.reward_fault,
+                        timeout=config.reward_timeout or None, allow_nan=False,
+                    )  # fmt: skip
+                except RewardError as err:  # policy "error": keep everything up to this step, then say how to go on
+                    folder = run.checkpoint(*before)
+                    raise RewardError(
+                        err.field, f"{str(err)[len(err.field) + 2 :]}; saved the run at step {step} in {folder}; fix "
+                        f"the function (or pass --reward-fault skip) and resume with: {resume_command(run.run_dir)}",
+                    ) from err  # fmt: skip
+                _log_faults(log, step + 1, scores, rollout)
                 rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
                 ref_logprobs = _reference_logprobs(run.reference, rollout, config, run.autocast_dtype)  # (N, T)|None
 
@@ -522,16 +773,40 @@ def train(config: GRPOConfig) -> Path:
                     baseline=run.baseline, lr=run.optimizer.param_groups[0]["lr"], epoch=step // run.steps_per_epoch,
                     sample_time=sampled - started, step_time=elapsed,
                     tokens_per_s=float(rollout.completion_lengths.sum()) / elapsed,
+                    reward_faults=float(scores.faulted_samples),
+                    skipped_updates=update_metrics.get("skipped_updates", 0.0),
                 )  # fmt: skip
                 if config.eval_every and done % config.eval_every == 0 and done < run.total_steps:
                     record.update(_flat_scalars(run.evaluate()))
                 log.write(done, record, _samples(rollout, scores.rewards, config.log_completions))
                 progress.advance(f"reward {record['reward_mean']:.3f}")
-                if config.save_every and done % config.save_every == 0 and done < run.total_steps:
-                    run.save(run.run_dir / "checkpoints" / f"step-{done:06d}", done)
+
+                # 6. a non-finite loss or gradient: the update was skipped; several in a row stop the run
+                if record["skipped_updates"]:
+                    bad_steps, before_bad = bad_steps + 1, before_bad or before
+                    _warn(f"step {done}: non-finite loss or gradient norm (loss {record.get('loss')}, grad_norm "
+                          f"{record.get('grad_norm')}); update skipped ({bad_steps} of {config.max_bad_steps} "
+                          "in a row)")  # fmt: skip
+                    if bad_steps >= config.max_bad_steps:
+                        folder = run.checkpoint(*before_bad)
+                        raise Stopped(
+                            f"stopped: {bad_steps} steps in a row had a non-finite loss or gradient norm; saved the "
+                            f"state from before the first of them (step {before_bad[0]}) in {folder}; lower --lr or "
+                            f"check the rewards, then resume with: {resume_command(run.run_dir)}", EXIT_DIVERGED,
+                        )  # fmt: skip
+                else:  # no periodic checkpoint while a run may be going wrong
+                    bad_steps, before_bad = 0, None
+                    if config.save_every and done % config.save_every == 0 and done < run.total_steps:
+                        run.checkpoint(done)
+                if stop.requested and done < run.total_steps:
+                    folder = run.checkpoint(*(before_bad or (done,)))
+                    raise Stopped(
+                        f"stopped by {stop.name} after step {done} of {run.total_steps}; saved {folder}; "
+                        f"resume with: {resume_command(run.run_dir)}", stop.exit_code,
+                    )  # fmt: skip
 
         final = run.evaluate()
-        (run.run_dir / "eval.json").write_text(json.dumps({"step": run.total_steps, **final}, indent=2) + "\n")
+        _write_atomic(run.run_dir / "eval.json", json.dumps({"step": run.total_steps, **final}, indent=2) + "\n")
         if final:
             log.write(run.total_steps, _flat_scalars(final), [])
         run.save(run.run_dir / "final", run.total_steps)
@@ -540,28 +815,45 @@ def train(config: GRPOConfig) -> Path:
     return run.run_dir
 
 
+EXIT_DIVERGED = 3
+"""Exit status of a run stopped by ``max_bad_steps`` non-finite updates in a row (0: finished, 2: bad input or a
+reward fault under ``reward_fault: error``, 130/143: stopped by SIGINT/SIGTERM; all but 2 and 0 after a checkpoint)."""
+
+
+def _warn(message: str) -> None:
+    print(f"policygrad train: {message}", file=sys.stderr, flush=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout) -> None:
+    """Reward faults skipped under ``reward_fault: skip``: one line each in faults.jsonl, one warning per step."""
+    for fault in scores.faults:
+        row = 0 if fault.sample is None else fault.sample
+        log.fault(step, fault, rollout.prompts[row], rollout.completions[row])
+    if scores.faults:
+        more = f" (and {len(scores.faults) - 1} more)" if len(scores.faults) > 1 else ""
+        _warn(f"step {step}: {scores.faulted_samples} samples get advantage 0 after a reward fault: "
+              f"{scores.faults[0].line()}{more}; see faults.jsonl")  # fmt: skip
+
+
 def _samples(rollout: Rollout, rewards: list[float], count: int) -> list[dict[str, Any]]:
     """The first ``count`` (prompt, completion, reward) of a batch, for completions.jsonl."""
     rows = zip(rollout.prompts, rollout.completions, rewards)
     return [{"prompt": p, "completion": c, "reward": r} for p, c, r in list(rows)[:count]]
 
 
-@torch.no_grad()
 def _reference_logprobs(
     reference: torch.nn.Module | None, rollout: Rollout, config: GRPOConfig, autocast_dtype: torch.dtype | None
 ) -> Tensor | None:
     """Log-probs of the sampled tokens under the frozen reference model: (N, T), or None without a KL term."""
     if reference is None:
         return None
-    chunks = []
-    with autocast_context(rollout.completion_ids.device, autocast_dtype):
-        for rows in _micro_batches(rollout.completion_ids.shape[0], config.micro_batch_size):
-            batch = rollout.rows(rows)
-            logprobs, _ = sequence_logprobs(
-                reference, batch["input_ids"], batch["attention_mask"], rollout.completion_start, config.temperature
-            )
-            chunks.append(logprobs)
-    return torch.cat(chunks)
+    return rollout_logprobs(reference, rollout, config.temperature, config.micro_batch_size, autocast_dtype)
 
 
 def _flat_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -601,8 +893,12 @@ def _step_record(rollout, scores, rewards, advantages, entropy_weight, update_me
 
 
 def run_train(config: GRPOConfig) -> int:
-    """``policygrad train``: train, then say where the run is. Returns the exit code."""
-    run_dir = train(config)
+    """``policygrad train``: train, then say where the run is. Returns the exit code (see :data:`EXIT_DIVERGED`)."""
+    try:
+        run_dir = train(config)
+    except Stopped as stopped:
+        print(f"policygrad train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     summary = json.loads((run_dir / "eval.json").read_text())
     rates = {k: v.get("pass_rate") for k, v in summary.items() if isinstance(v, dict)}
     print(f"saved {run_dir} (final model in {run_dir / 'final'}); held-out pass rate {rates}")

@@ -1,0 +1,311 @@
+"""policygrad's GRPO step against TRL's GRPOTrainer on the same work, side by side in one run.
+
+Same model (the embedded SmolLM2-135M-Instruct, float32 master weights), same prompts (pydoc length_digits prompts,
+passages cut to 128 tokens, chat-formatted by the model's template), same batch (2 prompts x 8 completions), same
+sampling (temperature 1, no top-p/top-k cut, at most 32 new tokens, stop at EOS), same reward (policygrad's shaped
+length_digits reward), same loss (GRPO advantages scaled by the group std, token-mean aggregation = TRL's "dapo", no
+KL, no entropy term, one update per batch, AdamW lr 1e-5, gradient clipping at 1.0) and the same precision regime
+(``--precision bf16``: bfloat16 autocast over float32 weights in both; ``fp32``: plain float32 in both).
+
+Each trainer runs in its own child process (so peak memory is its own) with the same torch thread count, one after
+the other; each takes ``--warmup`` steps that are not timed and then ``--steps`` timed steps. Printed per trainer:
+median seconds per step, median generation seconds and generation tokens per second, the update's seconds and its
+achieved FLOP/s (FLOPs counted by torch.utils.flop_counter on one update), peak resident memory; and the matrix-product
+rates of this machine measured in the same run (float32 and bfloat16), from which the update's floor is
+FLOPs / rate.
+
+    pip install -e ".[bench]"                                     # trl (and stable-baselines3), benchmark-only
+    python benchmarks/grpo_vs_trl.py                              # bf16, 2 warm-up + 6 timed steps each
+    python benchmarks/grpo_vs_trl.py --precision fp32 --steps 4
+    python benchmarks/grpo_vs_trl.py --only policygrad            # skip TRL
+
+Writes the results as JSON to benchmarks/results/grpo_vs_trl-<precision>.json and a markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# the work both trainers do; every number here is passed to both
+WORK = {
+    "prompts_per_step": 2,
+    "group_size": 8,
+    "max_new_tokens": 32,
+    "temperature": 1.0,
+    "max_passage_tokens": 128,
+    "target_length": 64,
+    "lr": 1e-5,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared set-up
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def matmul_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best-of-``repeats`` GFLOP/s of a (size x size) @ (size x size) product in float32 and bfloat16."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        rates[name] = 2 * size**3 / best / 1e9
+    return rates
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def write_prompts(path: Path) -> int:
+    """The training prompts (with their targets) as JSONL, for both trainers; returns how many."""
+    from policygrad.lm.data import load_prompts
+    from policygrad.lm.models import load_model
+
+    _, tokenizer = load_model("default")
+    prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20), 0)
+    with path.open("w") as f:
+        for record in prompts.train:
+            f.write(json.dumps(record) + "\n")
+    return len(prompts.train)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# policygrad (child process)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
+    import torch
+
+    from policygrad.lm.config import GRPOConfig
+    from policygrad.lm.trainer import train
+
+    config = GRPOConfig(
+        model="default", prompts=str(prompts), heldout_prompts=0, rewards=("shaped",),
+        prompts_per_step=WORK["prompts_per_step"], group_size=WORK["group_size"],
+        max_new_tokens=WORK["max_new_tokens"], temperature=WORK["temperature"], top_p=1.0,
+        target_length=WORK["target_length"], max_passage_tokens=WORK["max_passage_tokens"],
+        advantage="grpo", scale_rewards="group", aggregation="token_mean", updates_per_batch=1,
+        entropy_weight="constant", entropy_coef=0.0, kl_coef=0.0, lr=WORK["lr"], weight_decay=0.0,
+        max_grad_norm=WORK["max_grad_norm"], micro_batch_size=WORK["prompts_per_step"] * WORK["group_size"],
+        max_steps=warmup + steps, precision="bfloat16" if precision == "bf16" else "float32", device="cpu",
+        threads=threads, seed=WORK["seed"], eval_decoding=(), eval_every=0, save_every=0, save_optimizer=False,
+        output_dir=out, progress=False,
+    )  # fmt: skip
+    run_dir = train(config)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "step_time" in r][warmup:]
+    result = _summary(
+        step_times=[r["step_time"] for r in timed],
+        generation_times=[r["sample_time"] for r in timed],
+        completion_tokens=[r["completion_tokens"] * WORK["prompts_per_step"] * WORK["group_size"] for r in timed],
+    )
+    result["update_flop"] = _policygrad_update_flops(precision, threads)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["reward_mean"] = statistics.mean(r["reward_mean"] for r in timed)
+    return result
+
+
+def _policygrad_update_flops(precision: str, threads: int) -> float:
+    """FLOPs of one policygrad update on a fresh batch of the benchmark's shape, counted by FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from policygrad.lm.config import GRPOConfig
+    from policygrad.lm.data import load_prompts
+    from policygrad.lm.models import load_model
+    from policygrad.lm.rollout import sample
+    from policygrad.lm.trainer import update
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("default")
+    model.eval()
+    prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20), 0)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    rollout = sample(model, tokenizer, [r["prompt"] for r in prompts.train[:2]], WORK["group_size"],
+                     WORK["max_new_tokens"], autocast_dtype=dtype, score_tokens=False)  # fmt: skip
+    config = GRPOConfig(group_size=WORK["group_size"], micro_batch_size=16, max_new_tokens=WORK["max_new_tokens"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        update(model, optimizer, rollout, torch.randn(16), None, 0.0, config, dtype)
+    return float(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRL (child process)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from policygrad.lm.models import default_model_path
+    from policygrad.lm.tasks import shaped_reward
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(WORK["seed"])
+    records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    # conversational prompts, so TRL applies the same chat template policygrad applies
+    dataset = Dataset.from_list(
+        [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
+    )
+
+    def shaped(prompts, completions, target_length, target_digit_sum, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return shaped_reward(prompts, texts, target_length=target_length, target_digit_sum=target_digit_sum)
+
+    n = WORK["prompts_per_step"] * WORK["group_size"]
+    args = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1,
+        num_generations=WORK["group_size"], max_completion_length=WORK["max_new_tokens"],
+        temperature=WORK["temperature"], top_p=1.0, top_k=0, repetition_penalty=1.0,
+        beta=0.0, num_iterations=1, scale_rewards="group", loss_type="dapo", epsilon=0.2,
+        learning_rate=WORK["lr"], weight_decay=0.0, max_grad_norm=WORK["max_grad_norm"], lr_scheduler_type="constant",
+        warmup_steps=0, max_steps=warmup + steps, bf16=precision == "bf16", use_cpu=True,
+        logging_steps=1, report_to=[], save_strategy="no", seed=WORK["seed"], disable_dropout=True,
+        dataloader_num_workers=0, log_completions=False,
+    )  # fmt: skip
+    trainer = GRPOTrainer(model=str(default_model_path()), reward_funcs=shaped, args=args, train_dataset=dataset)
+
+    generation_times: list[float] = []
+    tokens: list[int] = []
+    original = trainer._generate_single_turn
+
+    def timed_generate(*a, **k):
+        start = time.perf_counter()
+        result = original(*a, **k)
+        generation_times.append(time.perf_counter() - start)
+        completion_ids = result[1] if isinstance(result, tuple) else None
+        if completion_ids is not None:
+            tokens.append(sum(len(ids) for ids in completion_ids))
+        return result
+
+    trainer._generate_single_turn = timed_generate
+    step_times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_times.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    result = _summary(step_times[warmup:], generation_times[warmup:], tokens[warmup:] if tokens else [])
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["reward_mean"] = statistics.mean(rewards[warmup:]) if rewards[warmup:] else float("nan")
+    return result
+
+
+def _summary(step_times, generation_times, completion_tokens) -> dict:
+    generated = sum(completion_tokens)
+    return {
+        "step_s": statistics.median(step_times),
+        "step_times": step_times,
+        "generation_s": statistics.median(generation_times),
+        "update_s": statistics.median(s - g for s, g in zip(step_times, generation_times)),
+        "generation_tokens_per_s": generated / sum(generation_times) if generated else float("nan"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent: set up, run both children, print the table
+# ----------------------------------------------------------------------------------------------------------------
+
+RUNNERS = {"policygrad": run_policygrad, "trl": run_trl}
+
+
+def child(name: str, prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
+    """Run one trainer in a fresh interpreter and return its JSON result."""
+    command = [sys.executable, __file__, "--child", name, "--prompts-file", str(prompts), "--out", str(out),
+               "--precision", precision, "--threads", str(threads), "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, rates: dict, precision: str) -> str:
+    rate = rates["bf16" if precision == "bf16" else "fp32"]
+    rows = [
+        "| trainer | median s/step | generation s | generation tok/s | update s | update GFLOP | update GFLOP/s (floor s) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        flop = r.get("update_flop")
+        flops = (f"{flop / 1e9:.0f}", f"{flop / 1e9 / r['update_s']:.0f} ({flop / 1e9 / rate:.2f})") if flop else ("-", "-")
+        rows.append(
+            f"| {name} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['generation_tokens_per_s']:.0f} | "
+            f"{r['update_s']:.2f} | {flops[0]} | {flops[1]} | {r['peak_rss_mb']:.0f} |"
+        )
+    if {"policygrad", "trl"} <= results.keys():
+        ratio = results["trl"]["step_s"] / results["policygrad"]["step_s"]
+        rows.append(f"\nTRL / policygrad median step time: **{ratio:.2f}x**")
+    rows.append(f"matrix products in this run: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--only", choices=list(RUNNERS), action="append")
+    parser.add_argument("--child", choices=list(RUNNERS), help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = RUNNERS[args.child](args.prompts_file, args.out, args.precision, args.threads, args.warmup, args.steps)
+        print(json.dumps(result))
+        return
+    rates = matmul_rates(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        count = write_prompts(prompts)
+        results = {}
+        for name in args.only or list(RUNNERS):
+            print(f"running {name} ...", file=sys.stderr)
+            results[name] = child(name, prompts, Path(tmp) / name, args.precision, args.threads, args.warmup, args.steps)
+    summary = {"work": WORK, "precision": args.precision, "threads": args.threads, "warmup": args.warmup,
+               "steps": args.steps, "training_prompts": count, "matmul_gflops": rates, "results": results}  # fmt: skip
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"grpo_vs_trl-{args.precision}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(table(results, rates, args.precision))
+
+
+if __name__ == "__main__":
+    main()

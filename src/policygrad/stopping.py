@@ -1,0 +1,84 @@
+"""Stopping a long run cleanly: SIGINT (Ctrl-C) and SIGTERM (``kill``, Slurm, Kubernetes) finish the current step,
+save a checkpoint and exit with a message that says how to resume.
+
+A handler that raised in the middle of a step (Python's default for SIGINT) could interrupt an optimiser step half
+way or a checkpoint half written; this one only sets a flag that the training loop reads between steps. A second
+signal of the same kind gets the default behaviour back (Ctrl-C twice stops at once, the last checkpoint is still
+intact because checkpoints are written atomically, see :mod:`policygrad.checkpointing`).
+
+The exit status is ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), the shell convention, so a scheduler
+or script can tell a run stopped on request from one that finished (0) or was given bad input (2).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+__all__ = ["Stopped", "StopSignals"]
+
+
+class Stopped(Exception):
+    """The run stopped before its end, after saving a checkpoint. ``str(err)`` is the one-line message for the user
+    (what happened, where the checkpoint is, the command that resumes); ``exit_code`` the process's exit status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """Context manager: while active, SIGINT and SIGTERM set :attr:`signum` instead of stopping the process.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing and the defaults stay.
+
+    >>> with StopSignals("train") as stop:
+    ...     stop.requested
+    False
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, program: str):
+        self.program = program
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or 0)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        # the next signal of this kind acts as it would without us: a second Ctrl-C stops at once
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(
+            f"{self.program}: got {signal.Signals(signum).name}; finishing this step, then saving a checkpoint "
+            f"({again} again stops at once, without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)  # None: installed outside Python; the default is the honest guess
+                self._previous[signum] = signal.SIG_DFL if previous is None else previous
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous.clear()

@@ -1,0 +1,498 @@
+"""Issue 6, "Nothing lost", for the GRPO trainer: exact resume, crash-safe checkpoints, clean stops on SIGINT and
+SIGTERM, reward and numerical faults, safe loading. The fault counts of docs/reliability.md are the constants here.
+
+Every run is a tiny local model (conftest.py) on CPU with one thread, so "exact" means bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+from policygrad import checkpointing  # noqa: E402
+from policygrad.errors import UsageError  # noqa: E402
+from policygrad.lm import trainer  # noqa: E402
+from policygrad.lm.config import GRPOConfig, config_to_dict  # noqa: E402
+from policygrad.lm.rewards import RewardError  # noqa: E402
+from policygrad.stopping import Stopped  # noqa: E402
+
+POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+KILLS_DURING_SAVE = 3  # SIGKILLs of a real training process while it writes a checkpoint (end to end)
+REWARD_FAULTS = ("raises", "hangs", "wrong_count", "none", "nan", "inf")  # each under both policies
+NONFINITE_KINDS = ("nan_loss", "inf_loss", "nan_grad")
+
+
+def _config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfig:
+    values = dict(
+        model=str(model), prompts=str(prompts), heldout_prompts=2, prompts_per_step=2, group_size=3,
+        max_new_tokens=8, lr=1e-2, max_steps=4, micro_batch_size=8, output_dir=out, eval_size=2,
+        eval_decoding=(), progress=False, device="cpu", threads=1,
+    )  # fmt: skip
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    left, right = _weights(a), _weights(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+TIMING = ("sample_time", "step_time", "tokens_per_s")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (NaN compared as equal via its text)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.dumps({k: v for k, v in r.items() if not k.endswith("_time") and k not in TIMING}) for r in records]
+
+
+NOISY_REWARD = """
+import random
+
+import numpy as np
+
+from policygrad.lm.tasks import shaped_reward
+
+
+def noisy(prompts, completions, **fields):
+    # draws from Python's and NumPy's global generators: exact only if a resume restores both
+    base = shaped_reward(prompts, completions, **fields)
+    return [b + 1e-3 * random.random() + 1e-3 * float(np.random.rand()) for b in base]
+"""
+
+
+@pytest.fixture
+def noisy_reward(tmp_path) -> str:
+    path = tmp_path / "noisy_reward.py"
+    path.write_text(NOISY_REWARD)
+    return f"{path}:noisy"
+
+
+def _exact_settings(noisy_reward: str) -> dict:
+    """Every piece of state a step carries forward: AdamW moments, reinforce's baseline, the dynamic entropy weight,
+    the KL reference, several clipped updates per batch, Python and NumPy generators (the reward draws from them)."""
+    return dict(advantage="reinforce", entropy_weight="dynamic", entropy_coef=1e-3, kl_coef=0.05, updates_per_batch=2,
+                rewards=(noisy_reward,), save_every=1, keep_checkpoints=2)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Exact resume, and the config check
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_n_steps_then_resume_to_2n_is_bit_identical_to_2n_steps(tiny_llama_chat, tiny_prompts, tmp_path, noisy_reward):
+    settings = _exact_settings(noisy_reward)
+    straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=4, **settings))
+    split = tmp_path / "split"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=2, **settings))
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=4, resume=True, **settings))
+
+    _assert_same_weights(straight / "final", split / "final")
+    assert _metrics(straight) == _metrics(split)  # rewards, advantages, losses, baseline, entropy weight: all equal
+    saved = [trainer.load_trainer_state(run / "final") for run in (straight, split)]
+    assert saved[0]["baseline"] == saved[1]["baseline"] != 0.0
+    for a, b in zip(saved[0]["optimizer"]["state"].values(), saved[1]["optimizer"]["state"].values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)  # AdamW's moments and step counts
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000002", "step-000003"]  # keep 2
+
+
+def test_resume_refuses_a_changed_config_and_names_the_fields(tiny_llama_chat, tiny_prompts, tmp_path):
+    out = tmp_path / "run"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
+    with pytest.raises(UsageError) as info:
+        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True, lr=3e-2, group_size=2))
+    message = str(info.value)
+    assert message.startswith("--resume: ") and "\n" not in message
+    assert "lr 0.01 -> 0.03" in message and "group_size 3 -> 2" in message and "--allow-config-change" in message
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # refused before anything was written
+    # fields that do not change what a step does are free; the rest need the flag
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True, save_every=5))
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=3, resume=True, lr=3e-2,
+                          allow_config_change=True))  # fmt: skip
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Crash-safe checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_damaged_checkpoints_are_reported_and_passed_over(tiny_llama_chat, tiny_prompts, tmp_path, capsys):
+    straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=4))
+    out = tmp_path / "run"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=3, save_every=1))
+    weights = out / "final" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
+    weights.write_bytes(bytes(data))
+    state = out / "checkpoints" / "step-000002" / trainer.TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=4, resume=True))
+    err = capsys.readouterr().err
+    assert "final (step 3): model.safetensors is corrupted" in err
+    assert "step-000002 (step 2): trainer_state.pt is truncated" in err
+    # resumed from step 1, the last good checkpoint, and still ends exactly where an uninterrupted run ends
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    _assert_same_weights(straight / "final", out / "final")
+
+
+CHILD_SAVER = """
+import sys
+from pathlib import Path
+from policygrad import checkpointing
+
+root, start = Path(sys.argv[1]), int(sys.argv[2])
+for step in range(start, 10**6):
+    def write(tmp, step=step):
+        for i in range(4):  # a few files of known content, one large enough to take a while
+            (tmp / f"part{i}.bin").write_bytes(bytes([step % 251]) * (200_000 if i == 0 else 1000))
+    checkpointing.save_atomic(root / "final", write, step)  # replaced in place: the two-rename path
+    checkpointing.save_atomic(root / "checkpoints" / f"step-{step:06d}", write, step)
+    checkpointing.prune(root / "checkpoints", 2)
+    print(step, flush=True)
+"""
+
+SAVE_KILLS = 25  # SIGKILLs of a process that does nothing but save checkpoints
+
+
+def test_sigkill_at_random_points_of_a_save_never_loses_the_last_checkpoint(tmp_path):
+    """A process saving in a loop is killed at random moments; each time the newest complete checkpoint is intact,
+    the save that was cut off is the only thing lost, and the next process goes on from it."""
+    rng = random.Random(6)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    start, outcomes, cut_short = 0, [], 0
+    for _ in range(SAVE_KILLS):
+        child = subprocess.Popen([sys.executable, "-c", CHILD_SAVER, str(tmp_path), str(start)],
+                                 stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        completed = int(child.stdout.readline())  # started and saved at least once
+        time.sleep(rng.uniform(0.0, 0.15))
+        child.send_signal(signal.SIGKILL)
+        rest = child.communicate()[0].split()
+        completed = int(rest[-1]) if rest else completed
+        cut_short += bool(list(tmp_path.glob(".*")) or list((tmp_path / "checkpoints").glob(".*")))
+        checkpointing.recover(tmp_path)
+        checkpointing.recover(tmp_path / "checkpoints")
+        newest = checkpointing.latest_good(
+            [tmp_path / "final", *checkpointing.folders_in(tmp_path / "checkpoints")], warn=outcomes.append
+        )
+        step = checkpointing.read_manifest(newest)["step"]
+        assert step >= completed  # every save that finished is still there (one cut short may be too)
+        assert checkpointing.verify(newest) is None
+        assert (newest / "part0.bin").read_bytes() == bytes([step % 251]) * 200_000
+        assert not list(tmp_path.glob(".*")) and not list((tmp_path / "checkpoints").glob(".*"))  # tidied
+        start = step + 1
+    assert outcomes == []  # no checkpoint was ever left damaged: the atomic rename leaves nothing to skip
+    assert cut_short >= SAVE_KILLS // 2  # most kills did land inside a save (a temporary folder was left)
+
+
+RESUMABLE_RUN = """
+import sys
+from pathlib import Path
+from policygrad.lm.config import load_config
+from policygrad.lm.trainer import train
+
+train(load_config(sys.argv[1], {"resume": sys.argv[2] == "resume"}))
+"""
+
+
+@pytest.mark.slow
+def test_training_killed_during_saves_resumes_to_the_same_weights(tiny_llama_chat, tiny_prompts, tmp_path):
+    """SIGKILL a real training run just as it starts writing a checkpoint, several times, then let it finish: the
+    final weights and metrics are those of a run that was never interrupted."""
+    settings = dict(save_every=1, keep_checkpoints=2, max_steps=10)
+    straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", **settings))
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(config_to_dict(_config(tiny_llama_chat, tiny_prompts, out, **settings))))
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    rng = random.Random(66)
+    kills, cut_short = 0, 0
+    for attempt in range(KILLS_DURING_SAVE + 3):
+        mode = "resume" if (out / "config.yaml").exists() else "fresh"
+        child = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(recipe), mode], env=env,
+                                 stderr=subprocess.PIPE)  # fmt: skip
+        if kills < KILLS_DURING_SAVE:
+            deadline = time.monotonic() + 120
+            while child.poll() is None and time.monotonic() < deadline:  # wait for a save to begin
+                if list((out / "checkpoints").glob(".*.tmp-*")) if (out / "checkpoints").is_dir() else False:
+                    time.sleep(rng.uniform(0.0, 0.02))
+                    child.send_signal(signal.SIGKILL)
+                    kills += 1
+                    break
+                time.sleep(0.001)
+            child.wait()
+            cut_short += bool(list((out / "checkpoints").glob(".*")))  # a save was left half done
+            continue
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err.decode()
+        break
+    assert kills == KILLS_DURING_SAVE and cut_short >= 1
+    print(f"lm: {kills} kills, {cut_short} inside a save")
+    _assert_same_weights(straight / "final", out / "final")
+    assert _metrics(straight) == _metrics(out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. Stopping cleanly on SIGINT and SIGTERM
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_says_how_to_resume(signum, tiny_llama_chat, tiny_prompts, tmp_path):
+    import yaml
+
+    settings = dict(max_steps=40)
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config_to_dict(_config(tiny_llama_chat, tiny_prompts, out, **settings))))
+    child = subprocess.Popen([POLICYGRAD, "train", "--recipe", str(recipe)], stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"policygrad train: stopped by {signal.Signals(signum).name} after step ")
+    stopped_at = int(line.split("after step ")[1].split()[0])
+    assert 1 <= stopped_at < 40
+    assert checkpointing.verify(out / "checkpoints" / f"step-{stopped_at:06d}") is None
+    command = line.split("resume with: ")[1]
+    assert command == f"policygrad train --recipe {shlex.quote(str(out / 'config.yaml'))} --resume"
+
+    end = stopped_at + 2
+    if signum == signal.SIGTERM:  # the printed command, as printed, finishes the run
+        resumed = subprocess.run([POLICYGRAD, *shlex.split(command)[1:], "--max-steps", str(end)],
+                                 capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr
+    else:  # or in this process, from the run's own config.yaml
+        from policygrad.lm.config import load_config
+
+        trainer.train(load_config(out / "config.yaml", {"resume": True, "max_steps": end}))
+    straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=end))
+    _assert_same_weights(straight / "final", out / "final")
+    assert _metrics(straight) == _metrics(out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. Faults in user code and numbers
+# ------------------------------------------------------------------------------------------------------------------
+
+FAULTY_REWARD = """
+import math
+import time
+
+calls = 0
+
+
+def faulty(prompts, completions, **fields):
+    # fine on the first batch; on the second, KIND on sample 1 (or the whole batch)
+    global calls
+    calls += 1
+    good = [float(len(c.strip()) % 3) for c in completions]
+    if calls != 2 and len(completions) > 1:
+        return good
+    if len(completions) == 1:  # a re-run one sample at a time after the batch raised
+        if "KIND" == "raises" and calls == 4:  # the second sample alone
+            raise ValueError("cannot score this")
+        return good
+    if "KIND" == "raises":
+        raise ValueError("cannot score this")
+    if "KIND" == "hangs":
+        time.sleep(2)
+        return good
+    if "KIND" == "wrong_count":
+        return good[:-1]
+    if "KIND" == "none":
+        return None
+    good[1] = math.nan if "KIND" == "nan" else math.inf
+    return good
+"""
+
+EXPECTED_MESSAGE = {
+    "raises": "raised ValueError on sample 1 (prompt",
+    "hangs": "did not return within 0.3 s on a batch of 6 (first prompt",
+    "wrong_count": "returned 5 rewards for 6 completions on a batch of 6 (first prompt",
+    "none": "returned None on a batch of 6 (first prompt",
+    "nan": "sample 1 (prompt",
+    "inf": "sample 1 (prompt",
+}
+FAULTED_SAMPLES = {"raises": 1, "hangs": 6, "wrong_count": 6, "none": 6, "nan": 1, "inf": 1}
+
+
+def _faulty(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / f"faulty_{kind}.py"
+    path.write_text(FAULTY_REWARD.replace("KIND", kind))
+    return f"{path}:faulty"
+
+
+@pytest.mark.parametrize("kind", REWARD_FAULTS)
+def test_reward_fault_error_policy_saves_and_stops_naming_function_prompt_completion(
+    kind, tiny_llama_chat, tiny_prompts, tmp_path
+):
+    out = tmp_path / "run"
+    config = _config(tiny_llama_chat, tiny_prompts, out, rewards=(_faulty(tmp_path, kind),), reward_timeout=0.3)
+    with pytest.raises(RewardError) as info:
+        trainer.train(config)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"reward {config.rewards[0]}: ")
+    assert EXPECTED_MESSAGE[kind] in message and "completion" in message
+    assert "saved the run at step 1 in" in message and "resume with: policygrad train --recipe" in message
+    folder = out / "checkpoints" / "step-000001"
+    assert checkpointing.verify(folder) is None and trainer.load_trainer_state(folder)["step"] == 1
+    assert trainer.latest_checkpoint(out) == folder  # what --resume continues from: nothing after step 1 is lost
+
+
+@pytest.mark.parametrize("kind", REWARD_FAULTS)
+def test_reward_fault_skip_policy_zeroes_the_samples_counts_and_logs(kind, tiny_llama_chat, tiny_prompts, tmp_path):
+    out = tmp_path / "run"
+    config = _config(tiny_llama_chat, tiny_prompts, out, rewards=(_faulty(tmp_path, kind),), reward_timeout=0.3,
+                     reward_fault="skip", max_steps=3, log_completions=6)  # fmt: skip
+    trainer.train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward_faults"] for r in records] == [0, FAULTED_SAMPLES[kind], 0]
+    faults = [json.loads(line) for line in (out / "faults.jsonl").read_text().splitlines()]
+    assert {f["step"] for f in faults} == {2} and all(f["prompt"] and "completion" in f for f in faults)
+    step2 = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()][6:12]
+    assert sum(math.isnan(s["reward"]) for s in step2) == FAULTED_SAMPLES[kind]  # NaN reward: advantage 0
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert checkpointing.verify(out / "final") is None
+
+
+def test_a_stopped_run_resumes_with_skip_after_a_reward_fault(tiny_llama_chat, tiny_prompts, tmp_path):
+    out = tmp_path / "run"
+    reward = _faulty(tmp_path, "raises")
+    with pytest.raises(RewardError):
+        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, rewards=(reward,)))
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, rewards=(reward,), resume=True, reward_fault="skip"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_stuck_reward_calls_do_not_pile_up():
+    """A call past its timeout is left running (Python cannot kill a thread); at three alive, scoring refuses to go
+    on whatever the policy, and says so in one line."""
+    from policygrad.lm.rewards import MAX_ABANDONED_CALLS, RewardFunction, RewardSet
+
+    def stuck(prompts, completions, **fields):
+        time.sleep(1.0)
+        return [0.0] * len(completions)
+
+    rewards = RewardSet([RewardFunction("stuck", stuck)])
+    for _ in range(MAX_ABANDONED_CALLS):
+        scores = rewards.score(["p"], ["c"], {}, on_fault="skip", timeout=0.05)
+        assert [f.kind for f in scores.faults] == ["timeout"] and math.isnan(scores.rewards[0])
+    with pytest.raises(RewardError, match="3 reward calls that timed out are still running"):
+        rewards.score(["p"], ["c"], {}, on_fault="skip", timeout=0.05)
+
+
+def _poison(monkeypatch, kind: str, bad_calls: set[int]) -> None:
+    """Make grpo_loss non-finite on the given calls (one call per step here: one micro-batch, one update)."""
+    original, calls = trainer.grpo_loss, [0]
+
+    def poisoned(logprobs, *args, **kwargs):
+        loss, metrics = original(logprobs, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            if kind == "nan_grad":  # finite loss, NaN gradient: d sqrt(x)/dx at 0 is inf, times 0
+                loss = loss + torch.sqrt(logprobs.sum() * 0.0)
+            else:
+                loss = loss * (math.nan if kind == "nan_loss" else math.inf)
+        return loss, metrics
+
+    monkeypatch.setattr(trainer, "grpo_loss", poisoned)
+
+
+@pytest.mark.parametrize("kind", NONFINITE_KINDS)
+def test_a_non_finite_update_is_skipped_and_logged(kind, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch):
+    _poison(monkeypatch, kind, {2})
+    out = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", max_steps=3))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in records] == [0, 1, 0]
+    assert all(torch.isfinite(t).all() for t in _weights(out / "final").values())
+
+
+@pytest.mark.parametrize("kind", NONFINITE_KINDS)
+def test_non_finite_steps_in_a_row_stop_with_the_state_from_before_the_first(
+    kind, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch
+):
+    two = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "two", max_steps=2))
+    _poison(monkeypatch, kind, {3, 4, 5, 6})
+    out = tmp_path / "run"
+    with pytest.raises(Stopped) as info:
+        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=8, max_bad_steps=3, save_every=1))
+    assert info.value.exit_code == trainer.EXIT_DIVERGED
+    assert "3 steps in a row" in str(info.value) and "(step 2)" in str(info.value)
+    folder = trainer.latest_checkpoint(out)
+    assert folder.name == "step-000002" and trainer.load_trainer_state(folder)["step"] == 2
+    _assert_same_weights(two / "final", folder)  # bit for bit the weights after step 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. Safe loading
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_tampered_trainer_state_is_refused_without_running_it(tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
+    final = out / "final"
+    torch.save({"step": 1, "baseline": 0.0, "evil": _Payload()}, final / trainer.TRAINER_STATE)
+    manifest = json.loads((final / checkpointing.MANIFEST).read_text())  # even with a matching checksum
+    entry = manifest["files"][trainer.TRAINER_STATE]
+    entry["sha256"] = checkpointing.sha256_file(final / trainer.TRAINER_STATE)
+    entry["bytes"] = (final / trainer.TRAINER_STATE).stat().st_size
+    (final / checkpointing.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"^--resume: .*trainer_state.pt cannot be read safely"):
+        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_nothing_in_the_package_unpickles_unsafely():
+    """Every torch.load passes weights_only=True and nothing calls pickle's loaders."""
+    for path in (SRC / "policygrad").rglob("*.py"):
+        text = path.read_text()
+        assert "pickle.load" not in text and "pickle.Unpickler" not in text, path
+        for chunk in text.split("torch.load(")[1:]:
+            assert "weights_only=True" in chunk.split(")")[0] + chunk.split("\n")[0], path
+
+
+def test_the_fault_table_counts_are_these_tests_counts():
+    """docs/reliability.md reports what these tests inject; keep the two in step."""
+    text = (SRC.parent / "docs" / "reliability.md").read_text()
+    assert f"| {SAVE_KILLS} |" in text and f"| {KILLS_DURING_SAVE} |" in text
+    assert f"| {len(REWARD_FAULTS)} (one each) |" in text and f"| {len(NONFINITE_KINDS)} (one each) |" in text
+    assert "| control | 3 |" in text  # tests/control/test_reliability_control.py: KILLS_DURING_SAVE

@@ -124,8 +124,8 @@ def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmu
         generation_times=[r["sample_time"] for r in timed],
         completion_tokens=[r["completion_tokens"] * WORK["prompts_per_step"] * WORK["group_size"] for r in timed],
     )
+    result["peak_rss_mb"] = peak_rss_mb()  # of the training run, before the FLOP count below loads a second model
     result["update_flop"] = _policygrad_update_flops(precision, threads)
-    result["peak_rss_mb"] = peak_rss_mb()
     result["reward_mean"] = statistics.mean(r["reward_mean"] for r in timed)
     return result
 
@@ -204,7 +204,7 @@ def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int,
         start = time.perf_counter()
         result = original(*a, **k)
         generation_times.append(time.perf_counter() - start)
-        completion_ids = result[1] if isinstance(result, tuple) else None
+        completion_ids = result[0] if isinstance(result, tuple) else None  # (completion_ids, logprobs)
         if completion_ids is not None:
             tokens.append(sum(len(ids) for ids in completion_ids))
         return result

@@ -615,10 +615,6 @@ def _break_checkpoint(folder: Path, what: str) -> None:
         _break_model(folder, what)
 
 
-_TRAINER_FIX = ("trainer.py: _start reads trainer_state.pt with a bare torch.load after prepare_run_dir, so a broken "
-                "one raises and config.yaml is already rewritten (reported)")  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "how",
     [
@@ -627,15 +623,17 @@ _TRAINER_FIX = ("trainer.py: _start reads trainer_state.pt with a bare torch.loa
         "before:weights-truncated",  # the manifest agrees: load_model's own checks catch it
         "before:config-not-json",
         "before:weights-pickle",
-        *[
-            pytest.param(f"before:{what}", marks=pytest.mark.xfail(reason=_TRAINER_FIX, strict=False))
-            for what in ("state-garbage", "state-empty", "state-pickle", "state-no-step", "state-step-text")
-        ],
+        "before:state-garbage",  # the manifest agrees: the trainer state's own checks catch these
+        "before:state-empty",
+        "before:state-pickle",
+        "before:state-no-step",
+        "before:state-step-text",
     ],
 )
 def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_path, capsys, monkeypatch, sandbox):
-    """A broken checkpoint ends in one error line (warnings about skipped checkpoints may come first) or is passed
-    over; it never ends in a traceback, never runs code, and a refused resume leaves the run folder as it was."""
+    """A broken checkpoint ends in one error line (warnings about skipped checkpoints may come first); it never ends
+    in a traceback, never runs code, and the refused resume leaves the run folder as it was. With the run's only
+    checkpoint damaged there is nothing to resume from: that is refused too, rather than quietly starting over."""
     monkeypatch.chdir(tmp_path)
     run = _run_folder(tmp_path, tiny_model, good_prompts, how)
     before = tree(run)
@@ -643,13 +641,31 @@ def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_p
                          str(run), "--resume", *TINY_RUN], capsys)  # fmt: skip
     assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
     lines = [line for line in err.splitlines() if not line.startswith("policygrad: skipping checkpoint")]
+    assert_usage_line(code, "\n".join(lines), "train")
+    assert tree(run) == before  # nothing in the run was changed
     if how.startswith("after:"):
         assert "skipping checkpoint" in err
-    if code == 2:
-        assert_usage_line(code, "\n".join(lines), "train")
-        assert tree(run) == before  # nothing in the run was changed
-    else:
-        assert code == 0 and how.startswith("after:"), err  # no good checkpoint left: the run starts afresh
+        assert f"{run} holds no intact checkpoint" in lines[0] and "--overwrite" in lines[0]
+    elif "state" in how:
+        assert str(run / "final" / "trainer_state.pt") in lines[0]
+
+
+def test_rewards_that_need_fields_the_prompts_lack(tiny_model, tmp_path, capsys, monkeypatch, sandbox):
+    """The built-in rewards read target_length and target_digit_sum from each prompt record: a prompts file without
+    them is refused before the run folder exists (not at step 1), in one line naming --rewards and the file. Under
+    --reward-fault skip such faults are accepted by design, so the run starts, with a warning."""
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "plain.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model), "--prompts", str(prompts), "--output-dir", str(run), *TINY_RUN]
+    for reward in ("shaped", "binary"):
+        code, _, err = call([*argv, "--rewards", reward], capsys)
+        assert_usage_line(code, err, "train", "--rewards", str(prompts), "target_length", "fields: none")
+        assert not run.exists()
+    code, _, err = call([*argv, "--reward-fault", "skip"], capsys)
+    assert code == 0, err
+    assert "the rewards may not fit the prompts" in err and "target_length" in err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -722,10 +738,7 @@ def test_reward_outputs_are_numbers_of_the_right_count_or_a_clear_error(data, n,
         assert scores.nan_count == sum(math.isnan(r) for r in scores.rewards)
 
 
-_REWARDS_FIX = "rewards.py: _call/score do not guard these (reported, not edited: another helper owns rewards.py)"
-
-
-@pytest.mark.xfail(reason=_REWARDS_FIX, strict=False)
+@pytest.mark.parametrize("on_fault", ["error", "skip"])
 @pytest.mark.parametrize(
     "outputs, weights",
     [
@@ -736,16 +749,20 @@ _REWARDS_FIX = "rewards.py: _call/score do not guard these (reported, not edited
     ],
     ids=["int-beyond-float", "sum-overflows", "weight-overflows", "iteration-raises"],
 )
-def test_reward_outputs_not_yet_guarded(outputs, weights):
-    from policygrad.lm.rewards import RewardFunction, RewardSet
+def test_rewards_past_float_range_or_unreadable_are_faults(outputs, weights, on_fault):
+    """Each is a reward fault like NaN or inf: one line under "error", the sample's reward NaN under "skip"."""
+    from policygrad.lm.rewards import RewardError, RewardFunction, RewardSet
 
     functions = [RewardFunction(f"r{k}", lambda p, c, _o=o, **f: _o, w) for k, (o, w) in enumerate(zip(outputs, weights))]
-    try:
-        scores = RewardSet(functions).score(["p"], ["c"], {})
-    except UsageError as err:
-        assert "\n" not in str(err)
+    reward_set = RewardSet(functions)
+    if on_fault == "error":
+        with pytest.raises(RewardError) as info:
+            reward_set.score(["p"], ["c"], {}, on_fault="error")
+        assert "\n" not in str(info.value) and str(info.value).startswith("reward r0")
     else:
-        assert all(math.isfinite(r) or math.isnan(r) for r in scores.rewards), scores.rewards
+        scores = reward_set.score(["p"], ["c"], {}, on_fault="skip")
+        assert math.isnan(scores.rewards[0]) and scores.faulted_samples == 1 and scores.nan_count == 1
+        assert len(scores.faults) == 1 and scores.faults[0].kind in ("inf", "type")
 
 
 # --------------------------------------------------------------------------------------------------------------

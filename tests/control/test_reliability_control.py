@@ -26,6 +26,7 @@ from policygrad.control.checkpoint import env_state, load_policy  # noqa: E402
 from policygrad.control.config import ControlConfig  # noqa: E402
 from policygrad.control.train import run  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
+from policygrad.stopping import EXIT_DIVERGED  # noqa: E402
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -203,3 +204,70 @@ def test_control_checkpoints_are_complete_and_load_without_pickle(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["env_state.json", "manifest.json", "networks.safetensors",
                                                          "trainer_state.pt"]  # fmt: skip
     torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain values only
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Non-finite numbers
+# --------------------------------------------------------------------------------------------------------------
+
+NONFINITE_ALGOS = ("ppo", "a2c", "npg")  # the three kinds of update step (reinforce shares a2c's)
+
+
+def _poison_rewards(patch: pytest.MonkeyPatch, bad_updates: set[int]) -> None:
+    """From now on, the batches of the given updates (1-based) carry a NaN reward in every step: an environment
+    gone wrong. Every loss of those updates is then NaN."""
+    from policygrad.control import train as train_module
+
+    class Poisoned(train_module.Collector):
+        calls = 0
+
+        def collect(self, *args, **kwargs):
+            rollout = super().collect(*args, **kwargs)
+            Poisoned.calls += 1
+            if Poisoned.calls in bad_updates:
+                rollout.rewards.fill_(float("nan"))
+            return rollout
+
+    patch.setattr(train_module, "Collector", Poisoned)
+
+
+@pytest.mark.parametrize("algo", NONFINITE_ALGOS)
+def test_a_non_finite_update_is_skipped_and_counted(algo, tmp_path, capsys):
+    settings = dict(CASES["cartpole-ppo"], algo=algo, total_steps=5 * 128, progress=False, eval_episodes=0)
+    with pytest.MonkeyPatch.context() as patch:
+        _poison_rewards(patch, {3})
+        assert run(ControlConfig(run_dir=tmp_path, **settings)) == 0
+    run_dir = _only_run_dir(tmp_path)
+    skipped = [record["skipped_steps"] for record in _metrics(run_dir)]
+    cfg = ControlConfig(**settings)
+    policy_steps = cfg.epochs * cfg.minibatches if algo == "ppo" else 1
+    assert skipped == [0, 0, policy_steps + cfg.epochs * cfg.minibatches, 0, 0]  # every step of update 3, no other
+    assert "update 3: non-finite loss or gradient norm" in capsys.readouterr().err
+    assert all(torch.isfinite(t).all() for t in _policy(run_dir).values())
+
+
+@pytest.mark.parametrize("algo", NONFINITE_ALGOS)
+def test_non_finite_updates_in_a_row_stop_with_the_state_from_before_the_first(algo, tmp_path, capsys):
+    """Updates 4, 5 and 6 go bad: the run stops with exit 3 and the checkpoint of the state after update 3, which a
+    resume (the environment mended) continues into exactly the run that never went wrong."""
+    settings = dict(CASES["cartpole-ppo"], algo=algo, seed=4, progress=False, eval_episodes=0)
+    assert run(ControlConfig(run_dir=tmp_path / "straight", **settings)) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        _poison_rewards(patch, {4, 5, 6, 7})
+        code = run(ControlConfig(run_dir=tmp_path / "split", save_every=1, max_bad_updates=3, **settings))
+    assert code == EXIT_DIVERGED == 3
+    split = _only_run_dir(tmp_path / "split")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("policygrad control: stopped: 3 updates in a row had a non-finite loss or gradient norm; "
+                           f"saved the state from before the first of them (after update 3) in "
+                           f"{split / 'checkpoints' / 'update-000003'}")  # fmt: skip
+    assert line.endswith(f"resume with: policygrad control --resume {shlex.quote(str(split))}")
+    assert checkpointing.latest_good(checkpointing.folders_in(split / "checkpoints")).name == "update-000003"
+    assert run(ControlConfig(resume=split, progress=False, eval_episodes=0)) == 0
+    _assert_same_run(_only_run_dir(tmp_path / "straight"), split)
+
+
+def test_the_fault_table_has_these_counts():
+    """docs/reliability.md reports what the non-finite tests above inject; keep the two in step."""
+    text = (SRC.parent / "docs" / "reliability.md").read_text()
+    assert text.count(f"| control | {len(NONFINITE_ALGOS)} (one each) |") == 2

@@ -159,6 +159,49 @@ def test_damaged_checkpoints_are_reported_and_passed_over(tiny_llama_chat, tiny_
     _assert_same_weights(straight / "final", out / "final")
 
 
+def test_resume_with_every_checkpoint_damaged_is_refused(tiny_llama_chat, tiny_prompts, tmp_path, capsys):
+    """Nothing intact to resume from is a one-line error naming the run, not a quiet fresh start over the run's logs;
+    the folder is left as it was, and --overwrite starts again."""
+    out = tmp_path / "run"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, save_every=1))
+    for folder in (out / "final", out / "checkpoints" / "step-000001"):
+        state = folder / trainer.TRAINER_STATE
+        state.write_bytes(state.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(UsageError) as info:
+        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=3, resume=True))
+    message = str(info.value)
+    assert message.startswith("--resume: ") and "\n" not in message
+    assert f"{out} holds no intact checkpoint" in message and "--overwrite" in message
+    assert capsys.readouterr().err.count("skipping checkpoint") == 2  # each damaged one named first
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1, overwrite=True))
+    assert checkpointing.verify(out / "final") is None
+
+
+def test_periodic_evaluation_starts_at_step_0_and_a_resume_does_not_repeat_it(tiny_llama_chat, tiny_prompts, tmp_path):
+    """With eval_every, the untrained model is evaluated first and logged as step 0 (eval/ keys only), so a learning
+    curve has its starting point; a resume keeps that line and does not evaluate again, so "2 steps, resume to 5"
+    logs what 5 straight steps log (plus the first run's own final evaluation, at step 2)."""
+    settings = dict(eval_every=3, eval_decoding=("greedy", "sampled"), save_every=1)
+    straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=5, **settings))
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 5]  # step 0, steps 1-5, the final evaluation
+    metrics = ("pass_rate", "length_rate", "digits_rate", "mean_reward", "nan_rewards", "mean_length")
+    assert set(records[0]) == {"step", *(f"eval/{d}/{k}" for d in ("greedy", "sampled") for k in metrics)}
+    assert [("eval/greedy/pass_rate" in r) for r in records] == [True, False, False, True, False, False, True]
+
+    split = tmp_path / "split"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=2, **settings))
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=5, resume=True, **settings))
+    lines = _metrics(split)
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 2, 3, 4, 5, 5]  # step 0 once
+    del lines[3]  # the first run's final evaluation
+    assert lines == _metrics(straight)
+    _assert_same_weights(straight / "final", split / "final")
+
+
 CHILD_SAVER = """
 import sys
 from pathlib import Path
@@ -310,7 +353,7 @@ FAULTY_REWARD = """
 import math
 import time
 
-calls = 0
+calls = -1  # call 0 is the trainer's trial before step 1 (the first prompt, an empty completion)
 
 
 def faulty(prompts, completions, **fields):

@@ -158,10 +158,11 @@ def is_png(path: Path) -> bool:
 
 
 def synthetic_metrics(folder: Path, steps: int = 60) -> Path:
-    """A metrics.jsonl as the trainer writes it: training keys every step, eval/ keys every 20 steps and a second
-    line for the last step with the final evaluation, and a last line cut off mid-write."""
+    """A metrics.jsonl as the trainer writes it: the evaluation before training as step 0, training keys every step,
+    eval/ keys every 20 steps and a second line for the last step with the final evaluation, and a last line cut off
+    mid-write."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines = [json.dumps({"step": 0, "eval/greedy/pass_rate": 0.05, "eval/sampled/pass_rate": 0.02})]
     for step in range(1, steps + 1):
         record = {
             "step": step, "reward_mean": step / steps, "reward_std": 0.1, "entropy": 2 - step / steps,
@@ -183,12 +184,13 @@ def test_plot_writes_a_png_of_a_synthetic_log(capsys, tmp_path):
     synthetic_metrics(tmp_path / "run")
     code, out, err = cli(capsys, "plot", str(tmp_path / "run"))
     assert code == 0, err
-    assert is_png(tmp_path / "run" / "curves.png") and "curves.png" in out
+    assert is_png(tmp_path / "run" / "curves.png") and "curves.png" in out and "from 60 steps" in out
 
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 61))  # the final eval merged into step 60, the cut line gone
+    assert [r["step"] for r in records] == list(range(0, 61))  # the final eval merged into step 60, the cut line gone
     assert records[-1]["eval/greedy/pass_rate"] == 0.6 and records[-1]["reward_mean"] == 1.0
-    assert wall_times(records)[60] == 120.0
+    assert records[0] == {"step": 0, "eval/greedy/pass_rate": 0.05, "eval/sampled/pass_rate": 0.02}
+    assert wall_times(records)[0] == 0.0 and wall_times(records)[60] == 120.0  # step 0: before any training time
     titles = plot_run(records, tmp_path / "again.png", "t")
     assert "held-out pass rate vs wall time" in titles and "entropy weight" not in titles  # constant: left out
 
@@ -197,10 +199,19 @@ def test_plot_writes_a_png_of_a_synthetic_log(capsys, tmp_path):
 
 
 def test_plot_a_real_tiny_run(capsys, tiny_run, tmp_path):
+    """The run evaluated every step, so its log opens with the untrained model's evaluation as step 0."""
+    from policygrad.lm.plot import heldout_series, read_metrics
+
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "reward_mean" not in lines[0]
+    assert {"eval/greedy/pass_rate", "eval/sampled/pass_rate"} <= set(lines[0])
+    records = read_metrics(tiny_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert heldout_series(records)[1] == {"greedy": "eval/greedy/pass_rate", "sampled": "eval/sampled/pass_rate"}
     out = tmp_path / "tiny.png"
-    code, _, err = cli(capsys, "plot", str(tiny_run), "--out", str(out))
+    code, stdout, err = cli(capsys, "plot", str(tiny_run), "--out", str(out))
     assert code == 0, err
-    assert is_png(out)
+    assert is_png(out) and "from 3 steps" in stdout
 
 
 def _empty(folder: Path) -> None:

@@ -10,10 +10,16 @@ estimated, and returns a dict of floats to log. They differ only in how they mov
 (REINFORCE and A2C share the update; they differ in the advantages, lambda = 1 versus lambda < 1, and in their
 batch presets, see ``config.ALGO_DEFAULTS``.) Every algorithm then fits the value baseline by regression on the
 returns, ``epochs x minibatches`` Adam steps.
+
+A step whose loss or gradient norm is NaN or inf (an environment that returned NaN, an overflow) is skipped: the
+gradients are dropped before ``optimizer.step()``, so neither the weights nor Adam's moments see them, and the
+update reports how many it skipped as ``skipped_steps`` (the trainer stops a run after several such updates in a
+row, see docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,13 +71,17 @@ def _normalized(advantages: Tensor, enabled: bool) -> Tensor:
     return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: Tensor, module: nn.Module, max_grad_norm: float) -> float:
-    """One optimiser step; returns the gradient norm before clipping."""
+def _step(optimizer: torch.optim.Optimizer, loss: Tensor, module: nn.Module, max_grad_norm: float) -> tuple[float, int]:
+    """One optimiser step, unless the loss or the gradient norm is not finite; returns (the gradient norm before
+    clipping, 1 if the step was skipped else 0)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf")))
+    if not (math.isfinite(norm) and math.isfinite(float(loss.detach()))):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, 1
     optimizer.step()
-    return float(norm)
+    return norm, 0
 
 
 def _minibatches(size: int, count: int, generator: torch.Generator) -> list[Tensor]:
@@ -81,11 +91,18 @@ def _minibatches(size: int, count: int, generator: torch.Generator) -> list[Tens
 def fit_value(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
     """Regress V(s) on the returns: ``epochs x minibatches`` steps of 1/2 (V - R)^2."""
     metrics: dict[str, float] = {}
+    skipped = 0
     for _ in range(cfg.epochs):
         for index in _minibatches(len(batch.returns), cfg.minibatches, generator):
             loss, metrics = value_loss(learner.value_net(batch.obs[index]), batch.returns[index])
-            _step(learner.value_opt, loss, learner.value_net, cfg.max_grad_norm)
-    return {"value_loss": float(loss.detach()), "explained_variance": metrics["explained_variance"]}
+            skipped += _step(learner.value_opt, loss, learner.value_net, cfg.max_grad_norm)[1]
+    return {"value_loss": float(loss.detach()), "explained_variance": metrics["explained_variance"],
+            "skipped_steps": skipped}
+
+
+def _with_policy_skips(metrics: dict[str, float], skipped: int) -> dict[str, float]:
+    """The value fit's metrics with the policy's skipped steps added to its own."""
+    return {**metrics, "skipped_steps": metrics["skipped_steps"] + skipped}
 
 
 def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
@@ -94,14 +111,15 @@ def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator
     params = learner.policy(batch.obs)
     loss, _ = policy_loss(family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages))
     entropy = family.entropy(params).mean()
-    grad_norm = _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)
-    return {"policy_loss": float(loss.detach()), "entropy": float(entropy.detach()), "grad_norm": grad_norm, **fit_value(learner, batch, cfg, generator)}
+    grad_norm, skipped = _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)
+    return {"policy_loss": float(loss.detach()), "entropy": float(entropy.detach()), "grad_norm": grad_norm,
+            **_with_policy_skips(fit_value(learner, batch, cfg, generator), skipped)}
 
 
 def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
     """Several epochs of minibatch steps on the clipped surrogate, then the value fit."""
     family = learner.policy.family
-    clip_fractions, kls = [], []
+    clip_fractions, kls, skipped = [], [], 0
     for _ in range(cfg.epochs):
         for index in _minibatches(len(batch.returns), cfg.minibatches, generator):
             mb = batch.rows(index)
@@ -109,11 +127,11 @@ def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
             loss, metrics = policy_loss(family.log_prob(params, mb.actions), _normalized(mb.advantages, cfg.normalize_advantages),
                                         old_logprobs=mb.old_logprobs, clip_eps_low=cfg.clip_eps)
             entropy = family.entropy(params).mean()
-            _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)
+            skipped += _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)[1]
             clip_fractions.append(metrics["clip_fraction"])
             kls.append(metrics["approx_kl"])
     return {"policy_loss": float(loss.detach()), "entropy": float(entropy.detach()), "clip_fraction": sum(clip_fractions) / len(clip_fractions),
-            "approx_kl": kls[-1], **fit_value(learner, batch, cfg, generator)}
+            "approx_kl": kls[-1], **_with_policy_skips(fit_value(learner, batch, cfg, generator), skipped)}
 
 
 def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
@@ -136,9 +154,13 @@ def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
 
     objective = surrogate()
     gradient = flat_grad(objective, params_list)  # (P,)
+    if not (math.isfinite(float(objective.detach())) and bool(torch.isfinite(gradient).all())):
+        return _npg_skipped(learner, batch, cfg, generator, float(objective.detach()))
     fvp = fisher_vector_product(family.kl(old_params, policy(batch.obs)).mean(), params_list, cfg.damping)
     direction = conjugate_gradient(fvp, gradient, cfg.cg_iters)
     full_step = trust_region_step(direction, fvp(direction), cfg.max_kl)
+    if not bool(torch.isfinite(full_step).all()):  # a Fisher matrix that overflowed on the way
+        return _npg_skipped(learner, batch, cfg, generator, float(objective.detach()))
     start = parameters_to_vector(params_list).detach()
 
     @torch.no_grad()
@@ -157,6 +179,15 @@ def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
         entropy = float(family.entropy(new_params).mean())
     return {"surrogate": float(objective.detach()), "step_fraction": fraction, "kl": kl, "entropy": entropy,
             **fit_value(learner, batch, cfg, generator)}
+
+
+def _npg_skipped(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator,
+                 objective: float) -> dict[str, float]:  # fmt: skip
+    """NPG's metrics when the surrogate, its gradient or the step is not finite: the policy is left as it was."""
+    with torch.no_grad():
+        entropy = float(learner.policy.family.entropy(learner.policy(batch.obs)).mean())
+    return {"surrogate": objective, "step_fraction": 0.0, "kl": 0.0, "entropy": entropy,
+            **_with_policy_skips(fit_value(learner, batch, cfg, generator), 1)}
 
 
 UPDATES: dict[str, Callable[[Learner, Batch, ControlConfig, torch.Generator], dict[str, float]]] = {

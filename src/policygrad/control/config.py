@@ -100,6 +100,9 @@ class ControlConfig:
     """write a checkpoint (networks, optimisers, random generators, environment state) every this many updates; 0 never"""
     keep_checkpoints: int = 3
     """checkpoints kept in the run's checkpoints/ folder, the newest (0 keeps all)"""
+    max_bad_updates: int = 3
+    """stop the run (exit 3, saving the state from before the first of them) after this many updates in a row with a
+    non-finite loss or gradient norm; each such optimiser step is skipped and counted in skipped_steps"""
     resume: Path | None = None
     """continue the run in this folder (one that runs/ holds) from its last checkpoint, with the run's own settings"""
     allow_config_change: bool = False
@@ -142,6 +145,7 @@ class ControlConfig:
             _require(self.eval_episodes >= 1, "--eval-episodes", "must be at least 1 with --eval")
         _require(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
         _require(self.keep_checkpoints >= 0, "--keep-checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
+        _require(self.max_bad_updates >= 1, "--max-bad-updates", f"must be at least 1, got {self.max_bad_updates}")
         if self.resume is not None:
             self.resume = Path(self.resume)
             _require(self.eval is None, "--resume", "cannot be combined with --eval")

@@ -7,6 +7,7 @@ benchmarks and tests can call it without the command line.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -32,7 +33,7 @@ from policygrad.control.envs import EnvSpec, inspect_env, make_vector_env
 from policygrad.control.policies import Policy, ValueNet
 from policygrad.control.rollout import Collector, Rollout, evaluate_policy
 from policygrad.errors import UsageError
-from policygrad.stopping import Stopped, StopSignals
+from policygrad.stopping import EXIT_DIVERGED, Stopped, StopSignals
 
 __all__ = ["TrainResult", "train", "run", "RECENT_EPISODES"]
 
@@ -66,6 +67,11 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
     SIGTERM finish the update, save and raise :class:`policygrad.stopping.Stopped`, and ``cfg.resume`` (the same
     folder) continues from the newest complete checkpoint, bit for bit as if never stopped when the environment's
     state can be saved (see :func:`policygrad.control.checkpoint.env_state`).
+
+    An optimiser step with a non-finite loss or gradient norm is skipped (``skipped_steps`` in the record). After
+    ``cfg.max_bad_updates`` updates in a row that skipped any, the run stops with :data:`EXIT_DIVERGED`, saving the
+    state from before the first of them: everything a checkpoint holds is copied at the start of each update (the
+    networks are small), because the environments and generators move on even when the weights do not.
     """
     torch.set_num_threads(cfg.threads)
     generator = torch.Generator().manual_seed(cfg.seed)  # action sampling and minibatch order
@@ -94,18 +100,38 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
         log = (run_dir / "metrics.jsonl").open("a" if first else "w")
     stop = StopSignals("policygrad control") if run_dir is not None else contextlib.nullcontext(None)
 
-    def save(k: int) -> Path:
-        state = {"policy_opt": learner.policy_opt.state_dict(), "value_opt": learner.value_opt.state_dict(),
+    def snapshot(k: int) -> tuple[int, dict, dict, dict | None]:
+        """A copy of everything the checkpoint after ``k`` updates holds, taken now and saved now or later."""
+        state = {"policy_opt": copy.deepcopy(learner.policy_opt.state_dict()),
+                 "value_opt": copy.deepcopy(learner.value_opt.state_dict()),
                  "generator": generator.get_state(), "recent": list(recent), "elapsed": time.perf_counter() - start,
-                 "obs": torch.as_tensor(np.asarray(collector.obs)), "running_return": torch.as_tensor(collector.running_return),
-                 "running_length": torch.as_tensor(collector.running_length)}  # fmt: skip
-        networks = {**{f"policy.{n}": t for n, t in policy.state_dict().items()},
-                    **{f"value.{n}": t for n, t in value_net.state_dict().items()}}  # fmt: skip
-        folder = save_training(run_dir / "checkpoints" / f"update-{k:06d}", k, networks, state, env_state(envs))
-        checkpointing.prune(run_dir / "checkpoints", cfg.keep_checkpoints, prefix="update-")
+                 "obs": torch.tensor(np.asarray(collector.obs)),
+                 "running_return": torch.tensor(collector.running_return),
+                 "running_length": torch.tensor(collector.running_length)}  # fmt: skip
+        networks = {**{f"policy.{n}": t.detach().clone() for n, t in policy.state_dict().items()},
+                    **{f"value.{n}": t.detach().clone() for n, t in value_net.state_dict().items()}}  # fmt: skip
+        return k, networks, state, env_state(envs)
+
+    saved = [-1]  # the update of the newest checkpoint written, so a stop does not write the same one twice
+
+    def save(snap: tuple[int, dict, dict, dict | None]) -> Path:
+        k = snap[0]
+        folder = run_dir / "checkpoints" / f"update-{k:06d}"
+        if saved[0] != k or checkpointing.verify(folder) is not None:
+            save_training(folder, *snap)
+            checkpointing.prune(run_dir / "checkpoints", cfg.keep_checkpoints, prefix="update-")
+            saved[0] = k
         return folder
 
+    def stop_run(message: str, exit_code: int) -> None:
+        if log is not None:
+            log.close()
+        envs.close()
+        raise Stopped(message, exit_code)
+
     start = time.perf_counter() - elapsed
+    before = snapshot(first) if run_dir is not None else None  # the state before this update: what a stop may save
+    bad, before_bad = 0, None  # updates in a row that skipped a non-finite step; the snapshot from before the first
     with stop as signals:
         for k in range(first, num_updates):
             if cfg.anneal_lr:
@@ -132,14 +158,28 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
             if on_update is not None:
                 on_update(record)
             done = k + 1
+            # 5. a non-finite loss or gradient: those steps were skipped; several such updates in a row stop the run
+            if metrics["skipped_steps"]:
+                bad, before_bad = bad + 1, before_bad or before
+                print(f"policygrad control: update {done}: non-finite loss or gradient norm; {metrics['skipped_steps']} "
+                      f"optimiser steps skipped ({bad} of {cfg.max_bad_updates} in a row)", file=sys.stderr, flush=True)
+                if bad >= cfg.max_bad_updates:
+                    message = f"stopped: {bad} updates in a row had a non-finite loss or gradient norm"
+                    if run_dir is None:
+                        stop_run(f"{message} (no run folder, nothing saved)", EXIT_DIVERGED)
+                    stop_run(f"{message}; saved the state from before the first of them (after update {before_bad[0]}) "
+                             f"in {save(before_bad)}; lower --lr or check the environment's rewards, then "
+                             f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}", EXIT_DIVERGED)
+            else:
+                bad, before_bad = 0, None
             if run_dir is not None and done < num_updates:
-                if (cfg.save_every and done % cfg.save_every == 0) or signals.requested:
-                    folder = save(done)
+                before = snapshot(done)
+                if cfg.save_every and done % cfg.save_every == 0 and not bad:  # none while a run may be going wrong
+                    save(before)
                 if signals.requested:
-                    log.close()
-                    envs.close()
-                    raise Stopped(f"stopped by {signals.name} after update {done} of {num_updates}; saved {folder}; "
-                                  f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}", signals.exit_code)
+                    folder = save(before_bad or before)
+                    stop_run(f"stopped by {signals.name} after update {done} of {num_updates}; saved {folder}; "
+                             f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}", signals.exit_code)
     envs.close()
     if log is not None:
         log.close()
@@ -210,7 +250,7 @@ def _restore(cfg, run_dir, learner, generator, envs, collector, recent) -> tuple
 
 
 RESUME_MAY_CHANGE = ("threads", "progress", "plot", "eval_episodes", "save_every", "keep_checkpoints", "run_dir",
-                     "resume", "allow_config_change", "eval")  # fmt: skip
+                     "resume", "allow_config_change", "eval", "max_bad_updates")  # fmt: skip
 """Settings a resumed run may change freely: none changes what an update does."""
 
 

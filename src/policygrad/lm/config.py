@@ -126,7 +126,8 @@ class GRPOConfig:
 
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0
-    """evaluate on the held-out prompts every this many steps (0: only at the end)"""
+    """evaluate on the held-out prompts before the first step (logged as step 0) and every this many steps (0: only
+    at the end)"""
     eval_size: int = 100
     """held-out prompts used per evaluation (at most heldout_prompts)"""
     eval_decoding: tuple[Literal["greedy", "sampled"], ...] = ("greedy",)

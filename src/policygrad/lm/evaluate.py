@@ -73,8 +73,12 @@ def evaluate(
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
+    on_fault: str = "error",
+    timeout: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Generate one completion per record for each decoding and score it.
+    """Generate one completion per record for each decoding and score it. ``on_fault`` and ``timeout`` go to
+    :meth:`~policygrad.lm.rewards.RewardSet.score` (the trainer passes its ``reward_fault`` and ``reward_timeout``,
+    so a run that skips reward faults in training skips them in evaluation too: NaN, counted in ``nan_rewards``).
 
     Returns:
         ``{decoding: {"pass_rate", "length_rate", "digits_rate" (length_digits prompts only), "mean_reward",
@@ -100,7 +104,7 @@ def evaluate(
             completions.extend(rollout.completions)
         prompts = [r["prompt"] for r in records]
         fields = group_fields(records, 1)
-        scores = reward_set.score(prompts, completions, fields) if records else None
+        scores = reward_set.score(prompts, completions, fields, on_fault, timeout) if records else None
         valid = [r for r in (scores.rewards if scores else []) if not math.isnan(r)]
         results[decoding] = {
             **task_rates(completions, fields),

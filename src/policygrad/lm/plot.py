@@ -2,9 +2,11 @@
 
 The trainer's :class:`~policygrad.lm.trainer.RunLog` writes one JSON object per step (``reward_mean``,
 ``entropy``, ``grad_norm``, ...) and, on evaluation steps, the held-out results as ``eval/<decoding>/<metric>``;
-the final evaluation arrives as a second line for the last step. The figure has a panel per training metric that
-the run logged, then the held-out pass rate against step and against cumulative training wall time (the sum of
-``step_time``, evaluation excluded): the second is the fair axis when comparing runs whose steps cost differently.
+a run that evaluates periodically also logs the untrained model's results as step 0 (a line with eval/ keys only),
+and the final evaluation arrives as a second line for the last step. The figure has a panel per training metric
+that the run logged, then the held-out pass rate against step and against cumulative training wall time (the sum of
+``step_time``, evaluation excluded; step 0 sits at 0 s): the second is the fair axis when comparing runs whose steps
+cost differently.
 
 Imports nothing heavy at module level (matplotlib loads inside :func:`plot_run`), so ``policygrad --help`` stays
 instant.
@@ -306,5 +308,6 @@ def run_plot(config: PlotConfig) -> int:
         raise UsageError("--out", f"folder {out.parent} does not exist")
     records = read_metrics(path)
     panels = plot_run(records, out, _title(run_dir, records))
-    print(f"wrote {out} ({len(panels)} panels from {len(records)} steps)")
+    steps = sum(record["step"] > 0 for record in records)  # step 0, when logged, is the evaluation before training
+    print(f"wrote {out} ({len(panels)} panels from {steps} steps)")
     return 0

@@ -11,8 +11,9 @@ takes the fields it needs by name and should accept ``**fields`` for the rest. I
 not score this one": :func:`policygrad.advantages.group_advantages` leaves NaN rewards out of the statistics and
 gives them advantage 0, and :meth:`RewardSet.score` counts them.
 
-Faults. A function that raises, hangs past a timeout, returns None, the wrong count, a non-number or inf breaks the
-interface. :meth:`RewardSet.score` either raises a one-line :class:`RewardError` naming the function, the prompt and
+Faults. A function that raises, hangs past a timeout, returns None, something whose iteration fails, the wrong
+count, a non-number, inf or a number beyond float's range (an int such as 10**400) breaks the interface; so do finite
+rewards whose weighted sum overflows to inf (1e308 + 1e308), named as the sum of the functions concerned. :meth:`RewardSet.score` either raises a one-line :class:`RewardError` naming the function, the prompt and
 the completion (``on_fault="error"``), or gives the samples concerned NaN, hence advantage 0, and returns the faults
 (``"skip"``). The trainer also counts NaN as a fault (``allow_nan=False``): a run should not quietly lose its signal
 to a 0/0, so ``--reward-fault skip`` is the way to say "unscored samples are expected".
@@ -157,10 +158,28 @@ class RewardSet:
                 first = found[0]
                 raise RewardError(f"reward {function.name}", first.message) from first.cause
             per_function[function.name], faults = values, faults + found
-        rewards = [
-            sum(f.weight * per_function[f.name][i] for f in self.functions) for i in range(len(completions))
-        ]
-        return Scores(rewards, per_function, sum(math.isnan(r) for r in rewards), faults)
+        rewards, found = self._weighted_sums(per_function, prompts, completions)
+        if found and on_fault == "error":
+            raise RewardError(f"reward {found[0].function}", found[0].message)
+        return Scores(rewards, per_function, sum(math.isnan(r) for r in rewards), faults + found)
+
+    def _weighted_sums(
+        self, per_function: dict[str, list[float]], prompts: Sequence[str], completions: Sequence[str]
+    ) -> tuple[list[float], list[RewardFault]]:
+        """``r_i = sum_k w_k * r_k,i`` for every sample, and an "inf" fault for each sample whose finite parts sum
+        (or scale) past float's range: 1e308 + 1e308 is inf, and inf would reach the advantages as NaN."""
+        name = "+".join(self.names)
+        rewards, faults = [], []
+        for i in range(len(completions)):
+            parts = [per_function[f.name][i] for f in self.functions]
+            total = sum(f.weight * part for f, part in zip(self.functions, parts))
+            if not math.isfinite(total) and not any(math.isnan(part) for part in parts):
+                terms = " + ".join(f"{f.weight:g} * {part:g}" for f, part in zip(self.functions, parts))
+                message = f"{_sample(i, prompts[i], completions[i])}: the weighted sum {terms} overflows to {total}"
+                faults.append(RewardFault(name, "inf", i, message))
+                total = math.nan
+            rewards.append(total)
+        return rewards, faults
 
     def _check_abandoned(self, function: RewardFunction) -> None:
         self._abandoned[:] = [thread for thread in self._abandoned if thread.is_alive()]
@@ -261,11 +280,18 @@ def _check_value(
     name: str, value: Any, i: int, prompt: str, completion: str, allow_nan: bool
 ) -> tuple[float, RewardFault | None]:
     """One returned reward: (the float, None) when it is a real number, else (NaN, the fault)."""
-    sample = f"sample {i} (prompt {_excerpt(prompt)}, completion {_excerpt(completion)})"
+    sample = _sample(i, prompt, completion)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        message = f"{sample}: got {type(value).__name__} {value!r:.40}, not a number"
+        message = f"{sample}: got {type(value).__name__} {_repr(value)}, not a number"
         return math.nan, RewardFault(name, "type", i, message)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int (or Fraction) beyond float's range, about 1.8e308
+        return math.nan, RewardFault(name, "inf", i, f"{sample}: got a number too large for a float; rewards must "
+                                     "be finite")  # fmt: skip
+    except Exception as exc:  # a numbers.Real of the user's own whose __float__ fails
+        message = f"{sample}: converting {type(value).__name__} to float raised {type(exc).__name__}: {_one_line(exc)}"
+        return math.nan, RewardFault(name, "type", i, message, exc)
     if math.isinf(value):
         return math.nan, RewardFault(name, "inf", i, f"{sample}: got {value}; rewards must be finite")
     if math.isnan(value) and not allow_nan:
@@ -282,7 +308,7 @@ def _one_by_one(function, prompts, completions, fields, timeout, allow_nan, salv
     values, faults = [math.nan] * n, []
     batch = _on_batch(prompts, completions)
     for i in range(n):
-        where = f"sample {i} (prompt {_excerpt(prompts[i])}, completion {_excerpt(completions[i])})"
+        where = _sample(i, prompts[i], completions[i])
         try:
             result = _run(function, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in fields.items()}, timeout)
         except _TimedOut as timed_out:
@@ -296,7 +322,7 @@ def _one_by_one(function, prompts, completions, fields, timeout, allow_nan, salv
         else:
             try:
                 single = list(result)
-            except TypeError:
+            except Exception:  # not iterable, or its iteration raised
                 single = []
             if len(single) == 1:
                 values[i], fault = _check_value(name, single[0], i, prompts[i], completions[i], allow_nan)
@@ -325,6 +351,19 @@ def _on_batch(prompts: Sequence[str], completions: Sequence[str]) -> str:
         return "on an empty batch"
     first = f"first prompt {_excerpt(prompts[0])}, completion {_excerpt(completions[0])}"
     return f"on a batch of {len(completions)} ({first})"
+
+
+def _sample(i: int, prompt: str, completion: str) -> str:
+    return f"sample {i} (prompt {_excerpt(prompt)}, completion {_excerpt(completion)})"
+
+
+def _repr(value: Any, width: int = 40) -> str:
+    """``repr(value)`` cut to ``width`` characters; a user's object whose ``__repr__`` raises gets its type name."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _excerpt(text: str, width: int = 40) -> str:

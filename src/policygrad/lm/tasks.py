@@ -135,22 +135,29 @@ def check(completion: str, target_length: int, target_digit_sum: int, tolerance:
 
 
 def echoes_instruction(completion: str) -> bool:
-    """Whether the completion repeats the digit-sum instruction ("The digits in your reply must add up to ...").
+    """Whether the completion repeats the instruction ("Reply with exactly ...", "... must add up to ...").
 
     The known reward hack of this task: a model copies the instruction sentence from the prompt, which is fluent,
     about the right length and full of the right digits, and with partial credit it earns a good reward without
-    doing the task. Matching ignores case and runs of white space, and stops before the number, so echoing it with
-    any number (or none) counts.
+    doing the task. Matching ignores case and runs of white space and looks for the phrases that carry each
+    sentence, not the whole sentence: a policy trained against an exact-sentence guard was measured paraphrasing
+    around it within 60 steps ("The digits in the reply must add up to 16.").
 
     >>> echoes_instruction("Sure! The digits in your reply must add up to 12.")
     True
-    >>> echoes_instruction("the  DIGITS in your reply\\nmust add up to")
+    >>> echoes_instruction("the  DIGITS in the reply\\nmust add up to")
     True
-    >>> echoes_instruction("1234567")
+    >>> echoes_instruction("Reply with exactly 64 characters.")
+    True
+    >>> echoes_instruction("1234567 cats add up")
     False
     """
-    marker = DIGITS_SENTENCE.split("{", 1)[0]  # "The digits in your reply must add up to "
-    return _normalise(marker) in _normalise(completion)
+    text = _normalise(completion)
+    return any(phrase in text for phrase in ECHO_PHRASES)
+
+
+ECHO_PHRASES = ("must add up to", "reply with exactly", "digits in your reply", "digits in the reply")
+"""Phrases of :func:`instruction` whose appearance in a reply marks it as an echo (already normalised)."""
 
 
 def _normalise(text: str) -> str:

@@ -47,11 +47,12 @@ from policygrad.lm.evaluate import evaluate, group_fields, task_rates
 from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches, rollout_logprobs, sample
 from policygrad.lm.rewards import RewardError
 from policygrad.regularizers import dynamic_entropy_weight, kl
-from policygrad.stopping import Stopped, StopSignals
+from policygrad.stopping import EXIT_DIVERGED, Stopped, StopSignals
 
 __all__ = [
     "ADVANTAGES",
     "ENTROPY_WEIGHTS",
+    "EXIT_DIVERGED",
     "grpo_loss",
     "micro_batch_share",
     "prepare_run_dir",
@@ -374,12 +375,49 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) 
 
 def load_trainer_state(folder: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint's trainer state, read with ``weights_only=True``: tensors and plain values only, so even a
-    tampered file cannot run code when loaded; one that holds anything else is a one-line ``--resume`` error."""
+    tampered file cannot run code when loaded; one that holds anything else, or lacks what a resume needs (a step
+    that is a whole number >= 0, a finite baseline, a config that is JSON), is a one-line ``--resume`` error naming
+    the file.
+
+    A manifest only proves the file is the one that was written: a checkpoint written by a buggy or foreign program
+    (or tampered with, and the manifest updated) passes it, so the contents are checked here, before anything of the
+    run is touched."""
+    path = folder / TRAINER_STATE
     try:
-        return torch.load(folder / TRAINER_STATE, weights_only=True, map_location=device)
+        state = torch.load(path, weights_only=True, map_location=device)
     except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError("--resume", f"{folder / TRAINER_STATE} cannot be read safely: {first}") from None
+        raise UsageError("--resume", f"{path} cannot be read safely: {_first_line(exc)}") from None
+    problem = _trainer_state_problem(state)
+    if problem:
+        raise UsageError("--resume", f"{path} is not a policygrad trainer state: {problem}")
+    return state
+
+
+def _trainer_state_problem(state: Any) -> str | None:
+    """What makes ``state`` unusable for a resume, in a few words, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    step, baseline = state.get("step"), state.get("baseline")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f'"step" must be a whole number >= 0, got {step!r:.40}' if "step" in state else 'no "step"'
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not math.isfinite(baseline):
+        return f'"baseline" must be a finite number, got {baseline!r:.40}' if "baseline" in state else 'no "baseline"'
+    if "config" in state:
+        try:
+            saved = json.loads(state["config"])
+        except (TypeError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            return '"config" must be a JSON object'
+    for key, kind in (("rng", dict), ("optimizer", dict)):
+        if key in state and not isinstance(state[key], kind):
+            return f'"{key}" must be a {kind.__name__}, got {type(state[key]).__name__}'
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def rng_state() -> dict[str, Any]:
@@ -594,6 +632,7 @@ class _Session:
         return evaluate(
             self.model, self.tokenizer, records, self.reward_set, config.eval_decoding, config.max_new_tokens,
             config.temperature, config.top_p, config.micro_batch_size, self.autocast_dtype, config.seed,
+            config.reward_fault, config.reward_timeout or None,
         )  # fmt: skip
 
     def save(self, folder: Path, step: int, baseline: float | None = None, rng: dict[str, Any] | None = None) -> Path:
@@ -647,11 +686,11 @@ def _start(config: GRPOConfig) -> _Session:
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    if state is not None and int(state["step"]) > total_steps:
+    if state is not None and state["step"] > total_steps:
         raise UsageError(
-            "--max-steps", f"the run to resume is at step {int(state['step'])}, past the {total_steps} steps asked for"
+            "--max-steps", f"the run to resume is at step {state['step']}, past the {total_steps} steps asked for"
         )
-    prepare_run_dir(config)
+    _check_rewards_fit_prompts(reward_set, prompts.train[0], config)
 
     reference = None
     if config.kl_coef > 0:
@@ -668,16 +707,48 @@ def _start(config: GRPOConfig) -> _Session:
         steps_per_epoch, total_steps, resumed=resume_from is not None,
     )  # fmt: skip
     if state is not None:
+        _restore(session, resume_from, state)
+    prepare_run_dir(config)  # the first write: everything above has loaded and been checked
+    return session
+
+
+def _restore(session: _Session, folder: Path, state: dict[str, Any]) -> None:
+    """Put a checkpoint's trainer state into a fresh session: AdamW's moments, the generators, step and baseline.
+    A state that loads but does not fit (another model's optimiser, a damaged generator state) is a one-line
+    ``--resume`` error naming the file."""
+    try:
         if "optimizer" in state:  # else saved with save_optimizer=false: AdamW restarts its moments
-            optimizer.load_state_dict(state["optimizer"])
-        else:
-            print(f"policygrad train: {resume_from} has no optimiser state (save_optimizer: false); AdamW's "
-                  "moments restart from zero, so this resume is not exact", file=sys.stderr)  # fmt: skip
+            session.optimizer.load_state_dict(state["optimizer"])
         if "rng" in state:
             set_rng_state(state["rng"])
-        session.start_step, session.baseline = int(state["step"]), float(state["baseline"])
-        session.last_saved = session.start_step
-    return session
+    except Exception as exc:  # ValueError, KeyError, TypeError, RuntimeError: all "this file does not fit"
+        raise UsageError("--resume", f"{folder / TRAINER_STATE} does not fit this run: {_first_line(exc)}") from None
+    if "optimizer" not in state:
+        print(f"policygrad train: {folder} has no optimiser state (save_optimizer: false); AdamW's "
+              "moments restart from zero, so this resume is not exact", file=sys.stderr)  # fmt: skip
+    session.start_step, session.baseline = state["step"], float(state["baseline"])
+    session.last_saved = session.start_step
+
+
+def _check_rewards_fit_prompts(reward_set: Any, record: dict[str, Any], config: GRPOConfig) -> None:
+    """Score the first training prompt with an empty completion (one a model can always produce), so a reward that
+    needs fields the prompts file lacks (the built-ins need ``target_length`` and ``target_digit_sum``) fails now,
+    in one line naming --rewards and --prompts, rather than at step 1 after the run folder exists. Under
+    ``reward_fault: skip`` such faults are tolerated by design, so the trial only warns. The generators are put back
+    afterwards: the trial leaves the run exactly as it would have been without it."""
+    have = ", ".join(sorted(k for k in record if k != "prompt")) or "none"
+    trial = f"tried on the first prompt of --prompts {config.prompts} (fields: {have}) with an empty completion"
+    saved = rng_state()
+    try:
+        scores = reward_set.score([record["prompt"]], [""], group_fields([record], 1), on_fault=config.reward_fault,
+                                  timeout=config.reward_timeout or None)  # fmt: skip
+    except RewardError as err:
+        raise UsageError("--rewards", f"these rewards do not fit the prompts: {trial}, {err}") from None
+    finally:
+        set_rng_state(saved)
+    if scores.faults:
+        _warn(f"the rewards may not fit the prompts ({trial}): {scores.faults[0].line()}; with --reward-fault skip "
+              "the run goes on, and such samples train with advantage 0")  # fmt: skip
 
 
 def _seed_everything(seed: int) -> None:
@@ -700,6 +771,11 @@ def _resume_point(config: GRPOConfig) -> tuple[Path | None, dict[str, Any] | Non
     checkpointing.recover(run_dir / "checkpoints")
     folder = latest_checkpoint(run_dir)
     if folder is None:
+        if any(candidate.is_dir() for candidate in checkpoint_folders(run_dir)):  # each one reported above
+            raise UsageError(
+                "--resume", f"{run_dir} holds no intact checkpoint (every one is damaged, see above); pass "
+                "--overwrite instead of --resume to start the run again",
+            )  # fmt: skip
         print(f"policygrad train: {run_dir} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
         return None, None
     state = load_trainer_state(folder)
@@ -724,6 +800,12 @@ def train(config: GRPOConfig) -> Path:
             StopSignals("policygrad train") as stop,
             _Progress(config.progress, run.total_steps, run.start_step) as progress,
         ):
+            if config.eval_every and run.start_step == 0 and not run.resumed:
+                # the learning curve's starting point: the held-out pass rate before any update (a resumed run has
+                # this line in its log already, kept by RunLog's truncation, which keeps steps <= the checkpoint's)
+                initial = _flat_scalars(run.evaluate())
+                if initial:
+                    log.write(0, initial, [])
             for step in range(run.start_step, run.total_steps):
                 started = time.perf_counter()
                 records = run.batch(step)
@@ -813,11 +895,6 @@ def train(config: GRPOConfig) -> Path:
     finally:
         log.close()
     return run.run_dir
-
-
-EXIT_DIVERGED = 3
-"""Exit status of a run stopped by ``max_bad_steps`` non-finite updates in a row (0: finished, 2: bad input or a
-reward fault under ``reward_fault: error``, 130/143: stopped by SIGINT/SIGTERM; all but 2 and 0 after a checkpoint)."""
 
 
 def _warn(message: str) -> None:

@@ -976,7 +976,50 @@ def run_train(config: GRPOConfig) -> int:
     except Stopped as stopped:
         print(f"policygrad train: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    summary = json.loads((run_dir / "eval.json").read_text())
-    rates = {k: v.get("pass_rate") for k, v in summary.items() if isinstance(v, dict)}
-    print(f"saved {run_dir} (final model in {run_dir / 'final'}); held-out pass rate {rates}")
+    after = {k: v for k, v in json.loads((run_dir / "eval.json").read_text()).items() if isinstance(v, dict)}
+    if after:
+        _print_before_after(_step0_evaluation(run_dir), after, config.eval_size)
+    print(f"saved {run_dir} (final model in {run_dir / 'final'})")
     return 0
+
+
+SUMMARY_ROWS = {
+    "pass_rate": "pass rate (both rules)",
+    "length_rate": "length rule",
+    "digits_rate": "digit-sum rule",
+    "mean_reward": "mean reward",
+    "mean_length": "mean length (characters)",
+}
+"""The held-out numbers ``policygrad train`` prints at the end, before and after training."""
+
+
+def _step0_evaluation(run_dir: Path) -> dict[str, dict[str, float]]:
+    """The step-0 evaluation in metrics.jsonl as ``{decoding: {metric: value}}`` (empty if there was none)."""
+    before: dict[str, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("step") != 0:
+            continue
+        for key, value in record.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "eval":
+                before.setdefault(parts[1], {})[parts[2]] = value
+    return before
+
+
+def _print_before_after(before: dict, after: dict, prompts: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    for decoding, values in after.items():
+        table = Table(title=f"held-out prompts ({prompts}, {decoding} decoding)", title_justify="left")
+        table.add_column("")
+        if decoding in before:
+            table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        for key, label in SUMMARY_ROWS.items():
+            if key not in values:
+                continue
+            cells = [before[decoding].get(key)] if decoding in before else []
+            table.add_row(label, *[f"{v:.3g}" if isinstance(v, float) else str(v) for v in [*cells, values[key]]])
+        Console().print(table)

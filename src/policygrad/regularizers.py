@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["entropy", "kl", "KL_ESTIMATORS", "dynamic_entropy_weight"]
+__all__ = ["entropy", "entropy_of_log_probs", "kl", "KL_ESTIMATORS", "dynamic_entropy_weight"]
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -29,7 +29,19 @@ def entropy(logits: Tensor) -> Tensor:
     Returns:
         (...) entropies.
     """
-    logp = F.log_softmax(logits, dim=-1)  # (..., V)
+    return entropy_of_log_probs(F.log_softmax(logits, dim=-1))
+
+
+def entropy_of_log_probs(logp: Tensor) -> Tensor:
+    """:func:`entropy` from log-probabilities that are already normalised, ``logp = log_softmax(logits)``: for a
+    caller that needs ``logp`` anyway (the log-probs of sampled tokens), so the vocabulary-sized log-softmax is
+    computed once. Entries with probability 0 contribute 0.
+
+    Args:
+        logp: (..., V) normalised log-probabilities.
+    Returns:
+        (...) entropies, in nats.
+    """
     p = logp.exp()
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policygrad.regularizers import entropy
+from policygrad.regularizers import entropy_of_log_probs
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -157,10 +157,20 @@ def sequence_logprobs(
         # only the last T + 1 positions' logits: skips the (N, P, V) prompt logits, the largest tensor by far
         kwargs["logits_to_keep"] = completion_len + 1
     logits = model(**kwargs).logits  # (N, T + 1, V) or (N, P + T, V)
-    logits = logits[:, -(completion_len + 1) : -1].float() / temperature  # (N, T, V)
-    targets = input_ids[:, completion_start:]  # (N, T)
-    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    return logprobs, entropy(logits)
+    return _token_logprobs(logits[:, -(completion_len + 1) : -1], input_ids[:, completion_start:], temperature)
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(M, T, V) logits, (M, T) tokens -> (log-probs of the tokens, entropies), each (M, T) float32.
+
+    One log-softmax over the vocabulary serves both, and a temperature of 1 divides nothing: at 16 x 32 x 49,152
+    every vocabulary-sized pass costs ~0.1 s forward and again backward on a CPU (benchmarks/NOTES.md).
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = F.log_softmax(logits, dim=-1)  # (M, T, V)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy_of_log_probs(logp)
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:
@@ -202,19 +212,25 @@ def _positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _prefill(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor):
+def _prefill(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompt_index: Tensor,
+    prompt_embeds: Tensor | None = None,
+):
     """One forward pass over the U distinct prompts, its key/value cache then copied out to the M rows.
 
     Args:
         prompt_ids, prompt_mask: (U, P), left-padded.
         prompt_index: (M,) which prompt each row continues.
+        prompt_embeds: (U, P, D) the prompts' input embeddings, when the caller has looked them up already.
     Returns:
         (logits (M, V) at each prompt's last position, i.e. of the first completion token; the cache, M rows)
     """
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True, **kwargs
-    )
+    inputs = {"input_ids": prompt_ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds}
+    out = model(**inputs, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True, **kwargs)
     cache = out.past_key_values
     cache.reorder_cache(prompt_index)  # (U, ...) -> (M, ...); autograd flows back to the shared prompt states
     return out.logits[:, -1].index_select(0, prompt_index), cache  # (M, V)
@@ -249,22 +265,26 @@ def completion_logprobs(
     Returns:
         (logprobs, entropies), each (M, T), float32; values at masked positions are meaningless (mask them).
     """
-    first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (M, V)
+    # one embedding lookup for the prompt and completion tokens: its backward zero-fills a vocabulary-sized gradient
+    # (V x D, 113 MB for SmolLM2), which two lookups would do twice (benchmarks/NOTES.md)
+    fed = completion_ids[:, :-1]  # (M, T - 1): token t is predicted at the position of token t - 1
+    embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P + M*(T-1), D)
+    prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
+    first, cache = _prefill(
+        model, prompt_ids, prompt_mask, prompt_index, prompt_embeds.view(*prompt_ids.shape, -1)
+    )  # (M, V)
     logits = first[:, None]  # (M, 1, V)
     if completion_ids.shape[1] > 1:
-        # token t is predicted at the position of token t - 1: feed all completion tokens but the last
         attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
         rest = model(
-            input_ids=completion_ids[:, :-1],
+            inputs_embeds=fed_embeds.view(*fed.shape, -1),
             attention_mask=attention,
             position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
             past_key_values=cache,
             use_cache=True,
         ).logits  # (M, T - 1, V)
         logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
-    logits = logits.float() / temperature
-    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, completion_ids.unsqueeze(-1)).squeeze(-1)  # (M, T)
-    return logprobs, entropy(logits)
+    return _token_logprobs(logits, completion_ids, temperature)
 
 
 def top_p_filter(probs: Tensor, top_p: float) -> Tensor:

@@ -113,3 +113,28 @@ def test_shaped_is_in_unit_interval_and_one_exactly_on_a_pass(completion, length
     assert 0.0 <= reward <= 1.0
     assert (reward == 1.0) == tasks.check(completion, length, target, tolerance).passed
     assert tasks.binary(completion, length, target, tolerance) == float(reward == 1.0)
+
+
+def test_sharp_values_by_hand():
+    assert tasks.sharp("99-----", 7, 18) == 1.0  # a pass
+    assert tasks.sharp("99---", 7, 18) == 0.5  # 2 characters short: half
+    assert tasks.sharp("99-", 7, 18) == 0.25  # 4 short: a quarter
+    assert tasks.sharp("99-----", 7, 17) == 0.5  # digit sum 1 over: half
+    assert tasks.sharp("98---", 7, 18) == 0.25  # both: the product
+    assert tasks.sharp("99---", 8, 18, tolerance=1) == pytest.approx(2**-1.0)  # only the miss beyond the tolerance
+    assert tasks.sharp("Reply with exactly 7 characters.", 32, 7) == 0.0  # an echo earns nothing
+    # where shaped pays almost everything for a near miss, sharp pays half
+    assert tasks.shaped("99---", 7, 18) > 0.8 and tasks.sharp("99---", 7, 18) == 0.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    completion=st.text(alphabet="0123456789ab -", max_size=40),
+    length=st.integers(1, 40),
+    target=st.integers(0, 60),
+    tolerance=st.integers(0, 3),
+)
+def test_sharp_is_in_unit_interval_and_one_exactly_on_a_pass(completion, length, target, tolerance):
+    reward = tasks.sharp(completion, length, target, tolerance)
+    assert 0.0 <= reward <= 1.0
+    assert (reward == 1.0) == tasks.check(completion, length, target, tolerance).passed

@@ -54,7 +54,7 @@ class GRPOConfig:
     heldout_prompts: int = 100
     """prompts held out from training for evaluation (a fixed split of the source)"""
     rewards: tuple[str, ...] = ("shaped",)
-    """reward functions, summed: binary, shaped, module:function or file.py:function, each with optional =weight"""
+    """reward functions, summed: binary, shaped, sharp, module:function or file.py:function, each with optional =weight"""
 
     # --- sampling ---
     prompts_per_step: int = 4

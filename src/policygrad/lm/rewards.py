@@ -60,7 +60,9 @@ __all__ = [
 
 RewardFn = Callable[..., Sequence[Any]]
 
-BUILTIN: dict[str, RewardFn] = {"binary": tasks.binary_reward, "shaped": tasks.shaped_reward}
+BUILTIN: dict[str, RewardFn] = {
+    "binary": tasks.binary_reward, "shaped": tasks.shaped_reward, "sharp": tasks.sharp_reward
+}
 """Reward functions available by bare name: the ``length_digits`` task's two modes."""
 
 

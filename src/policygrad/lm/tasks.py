@@ -31,6 +31,8 @@ __all__ = [
     "make_prompt",
     "shaped",
     "shaped_reward",
+    "sharp",
+    "sharp_reward",
 ]
 
 DEFAULT_TARGET_LENGTH = 64
@@ -211,7 +213,33 @@ def shaped(completion: str, target_length: int, target_digit_sum: int, tolerance
     return 0.5 * length_credit + 0.5 * digits_credit
 
 
-REWARD_MODES: dict[str, Callable[[str, int, int, int], float]] = {"binary": binary, "shaped": shaped}
+def sharp(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
+    """Credit concentrated at the target: 1 for a pass, halving every 2 characters and every unit of digit sum off.
+
+        length_credit = 2 ** (-max(0, |n - L| - tol) / 2)
+        digits_credit = 2 ** (-|s - S|)
+        reward        = length_credit * digits_credit      (0 for an echo of the instruction)
+
+    :func:`shaped` pays almost as much for a near miss as for a pass (2 characters short of 64 costs 0.016), which
+    teaches the approximate answer and then leaves exactness to chance (docs/results.md). Here a near miss costs
+    half: the signal is in the last few characters and digits. Far from the target it is nearly flat, so it suits a
+    policy already near the target, e.g. one trained with ``shaped`` first.
+
+    >>> sharp("99-----", 7, 18)
+    1.0
+    >>> sharp("99---", 7, 18), sharp("99-----", 7, 17)
+    (0.5, 0.5)
+    >>> sharp("Reply with exactly 7 characters.", 32, 7)
+    0.0
+    """
+    if echoes_instruction(completion):
+        return 0.0
+    result = check(completion, target_length, target_digit_sum, tolerance)
+    length_miss = max(0, abs(result.length - target_length) - tolerance)
+    return 2.0 ** (-length_miss / 2) * 2.0 ** (-abs(result.digit_sum - target_digit_sum))
+
+
+REWARD_MODES: dict[str, Callable[[str, int, int, int], float]] = {"binary": binary, "shaped": shaped, "sharp": sharp}
 """The task's reward modes by name: ``(completion, target_length, target_digit_sum, tolerance) -> float``."""
 
 
@@ -267,3 +295,19 @@ def shaped_reward(
     [1.0, 0.5]
     """
     return _batch("shaped", completions, target_length, target_digit_sum, tolerance)
+
+
+def sharp_reward(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    target_length: Sequence[int] | None = None,
+    target_digit_sum: Sequence[int] | None = None,
+    tolerance: Sequence[int] | None = None,
+    **fields: object,
+) -> list[float]:
+    """:func:`sharp` for a batch, in the reward-function interface.
+
+    >>> [round(r, 4) for r in sharp_reward(["p", "p"], ["55", "5"], target_length=[2, 2], target_digit_sum=[10, 10])]
+    [1.0, 0.0221]
+    """
+    return _batch("sharp", completions, target_length, target_digit_sum, tolerance)

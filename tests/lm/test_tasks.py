@@ -96,6 +96,7 @@ def test_batch_reward_functions():
     kwargs = dict(target_length=[2, 2, 3], target_digit_sum=[10, 10, 1], tolerance=[0, 0, 1])
     assert tasks.binary_reward(["p"] * 3, ["55", "5", "1a"], **kwargs) == [1.0, 0.0, 1.0]
     assert tasks.shaped_reward(["p"] * 3, ["55", "ab", "1a"], **kwargs) == [1.0, 0.5, 1.0]
+    assert tasks.sharp_reward(["p"] * 3, ["55", "5", "1a"], **kwargs) == [1.0, 2**-0.5 * 2**-5, 1.0]
     with pytest.raises(ValueError, match="target_digit_sum"):
         tasks.shaped_reward(["p"], ["x"], target_length=[1])
 
@@ -108,10 +109,13 @@ def test_batch_reward_functions():
     target=st.integers(0, 60),
     tolerance=st.integers(0, 3),
 )
-def test_shaped_is_in_unit_interval_and_one_exactly_on_a_pass(completion, length, target, tolerance):
+def test_shaped_and_sharp_are_in_unit_interval_and_one_exactly_on_a_pass(completion, length, target, tolerance):
+    passed = tasks.check(completion, length, target, tolerance).passed
+    for mode in (tasks.shaped, tasks.sharp):
+        reward = mode(completion, length, target, tolerance)
+        assert 0.0 <= reward <= 1.0
+        assert (reward == 1.0) == passed
     reward = tasks.shaped(completion, length, target, tolerance)
-    assert 0.0 <= reward <= 1.0
-    assert (reward == 1.0) == tasks.check(completion, length, target, tolerance).passed
     assert tasks.binary(completion, length, target, tolerance) == float(reward == 1.0)
 
 
@@ -126,15 +130,3 @@ def test_sharp_values_by_hand():
     # where shaped pays almost everything for a near miss, sharp pays half
     assert tasks.shaped("99---", 7, 18) > 0.8 and tasks.sharp("99---", 7, 18) == 0.5
 
-
-@settings(max_examples=100, deadline=None)
-@given(
-    completion=st.text(alphabet="0123456789ab -", max_size=40),
-    length=st.integers(1, 40),
-    target=st.integers(0, 60),
-    tolerance=st.integers(0, 3),
-)
-def test_sharp_is_in_unit_interval_and_one_exactly_on_a_pass(completion, length, target, tolerance):
-    reward = tasks.sharp(completion, length, target, tolerance)
-    assert 0.0 <= reward <= 1.0
-    assert (reward == 1.0) == tasks.check(completion, length, target, tolerance).passed

@@ -21,6 +21,7 @@ __all__ = [
     "DIGIT_SUM_RANGE",
     "Check",
     "REWARD_MODES",
+    "batch_reward",
     "binary",
     "binary_reward",
     "check",
@@ -265,49 +266,33 @@ def _batch(
     ]
 
 
-def binary_reward(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    target_length: Sequence[int] | None = None,
-    target_digit_sum: Sequence[int] | None = None,
-    tolerance: Sequence[int] | None = None,
-    **fields: object,
-) -> list[float]:
-    """:func:`binary` for a batch, in the reward-function interface.
+def batch_reward(mode: str) -> Callable[..., list[float]]:
+    """The reward mode ``mode`` (a key of :data:`REWARD_MODES`) for a batch, in the reward-function interface
+    ``(prompts, completions, target_length=..., target_digit_sum=..., tolerance=..., **fields) -> list[float]``.
 
-    >>> binary_reward(["p", "p"], ["55", "5"], target_length=[2, 2], target_digit_sum=[10, 10])
+    >>> batch_reward("binary")(["p", "p"], ["55", "5"], target_length=[2, 2], target_digit_sum=[10, 10])
     [1.0, 0.0]
-    """
-    return _batch("binary", completions, target_length, target_digit_sum, tolerance)
-
-
-def shaped_reward(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    target_length: Sequence[int] | None = None,
-    target_digit_sum: Sequence[int] | None = None,
-    tolerance: Sequence[int] | None = None,
-    **fields: object,
-) -> list[float]:
-    """:func:`shaped` for a batch, in the reward-function interface.
-
     >>> shaped_reward(["p", "p"], ["55", "ab"], target_length=[2, 2], target_digit_sum=[10, 10])
     [1.0, 0.5]
-    """
-    return _batch("shaped", completions, target_length, target_digit_sum, tolerance)
-
-
-def sharp_reward(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    target_length: Sequence[int] | None = None,
-    target_digit_sum: Sequence[int] | None = None,
-    tolerance: Sequence[int] | None = None,
-    **fields: object,
-) -> list[float]:
-    """:func:`sharp` for a batch, in the reward-function interface.
-
     >>> [round(r, 4) for r in sharp_reward(["p", "p"], ["55", "5"], target_length=[2, 2], target_digit_sum=[10, 10])]
     [1.0, 0.0221]
     """
-    return _batch("sharp", completions, target_length, target_digit_sum, tolerance)
+
+    def reward(
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        target_length: Sequence[int] | None = None,
+        target_digit_sum: Sequence[int] | None = None,
+        tolerance: Sequence[int] | None = None,
+        **fields: object,
+    ) -> list[float]:
+        return _batch(mode, completions, target_length, target_digit_sum, tolerance)
+
+    reward.__name__ = reward.__qualname__ = f"{mode}_reward"
+    reward.__doc__ = f":func:`{mode}` for a batch, in the reward-function interface (see :func:`batch_reward`)."
+    return reward
+
+
+binary_reward = batch_reward("binary")
+shaped_reward = batch_reward("shaped")
+sharp_reward = batch_reward("sharp")

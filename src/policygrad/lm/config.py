@@ -55,6 +55,13 @@ class GRPOConfig:
     """prompts held out from training for evaluation (a fixed split of the source)"""
     rewards: tuple[str, ...] = ("shaped",)
     """reward functions, summed: binary, shaped, sharp, module:function or file.py:function, each with optional =weight"""
+    curriculum_tolerance: int = 0
+    """length_digits curriculum: the training rewards start with this length tolerance, halved toward
+    length_tolerance each time the training pass rate reaches curriculum_advance_at (0: no curriculum)"""
+    curriculum_advance_at: float = 0.5
+    """curriculum: the training pass rate (mean over curriculum_window steps) that tightens the tolerance"""
+    curriculum_window: int = 20
+    """curriculum: steps at the current tolerance averaged before it may tighten"""
 
     # --- sampling ---
     prompts_per_step: int = 4
@@ -179,6 +186,15 @@ class GRPOConfig:
         _require(bool(self.rewards), "--rewards", "give at least one reward function")
         _require(self.target_length >= 1, "--target-length", f"must be at least 1, got {self.target_length}")
         _require(self.length_tolerance >= 0, "--length-tolerance", f"must be >= 0, got {self.length_tolerance}")
+        _require(
+            self.curriculum_tolerance >= 0, "--curriculum-tolerance", f"must be >= 0, got {self.curriculum_tolerance}"
+        )
+        _require(
+            0 < self.curriculum_advance_at <= 1,
+            "--curriculum-advance-at",
+            f"must be in (0, 1], got {self.curriculum_advance_at}",
+        )
+        _require(self.curriculum_window >= 1, "--curriculum-window", f"must be at least 1, got {self.curriculum_window}")
         _require(self.digit_sum_min >= 0, "--digit-sum-min", f"must be >= 0, got {self.digit_sum_min}")
         _require(
             self.digit_sum_max >= self.digit_sum_min,

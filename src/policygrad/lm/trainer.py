@@ -43,6 +43,7 @@ from policygrad.advantages import group_advantages, leave_one_out, moving_averag
 from policygrad.errors import UsageError
 from policygrad.losses import aggregate, policy_loss
 from policygrad.lm.config import CONFIG_FILE, GRPOConfig, config_to_dict
+from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.evaluate import evaluate, group_fields, task_rates
 from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches, rollout_logprobs, sample
 from policygrad.lm.rewards import RewardError
@@ -338,6 +339,7 @@ def save_checkpoint(
     with_optimizer: bool = True,
     config: GRPOConfig | None = None,
     rng: dict[str, Any] | None = None,
+    curriculum: dict[str, Any] | None = None,
 ) -> Path:
     """``save_pretrained`` weights (safetensors) and tokenizer, what ``AutoModelForCausalLM.from_pretrained`` loads,
     plus the trainer state for resuming: step, baseline, random generators, the config, and the optimiser (its moments
@@ -353,6 +355,8 @@ def save_checkpoint(
         state: dict[str, Any] = {"step": step, "baseline": baseline, "rng": rng if rng is not None else rng_state()}
         if config is not None:
             state["config"] = json.dumps(_comparable(config))
+        if curriculum is not None:
+            state["curriculum"] = curriculum
         if with_optimizer:
             state["optimizer"] = optimizer.state_dict()
         torch.save(state, tmp / TRAINER_STATE)
@@ -409,7 +413,7 @@ def _trainer_state_problem(state: Any) -> str | None:
             saved = None
         if not isinstance(saved, dict):
             return '"config" must be a JSON object'
-    for key, kind in (("rng", dict), ("optimizer", dict)):
+    for key, kind in (("rng", dict), ("optimizer", dict), ("curriculum", dict)):
         if key in state and not isinstance(state[key], kind):
             return f'"{key}" must be a {kind.__name__}, got {type(state[key]).__name__}'
     return None
@@ -615,6 +619,7 @@ class _Session:
     total_steps: int
     start_step: int = 0
     baseline: float = 0.0  # reinforce's moving average of past rewards
+    curriculum: ToleranceCurriculum | None = None  # the training rewards' length tolerance, when it is scheduled
     resumed: bool = False
     last_saved: int = -1  # the step of the newest checkpoint on disk, so a stop does not write the same one twice
 
@@ -635,22 +640,37 @@ class _Session:
             config.reward_fault, config.reward_timeout or None,
         )  # fmt: skip
 
-    def save(self, folder: Path, step: int, baseline: float | None = None, rng: dict[str, Any] | None = None) -> Path:
-        """Save the model, optimiser and trainer state as the state after ``step`` steps (``baseline`` and ``rng``
-        default to the current ones; a stop passes those it saved before the step that went wrong)."""
+    def save(
+        self,
+        folder: Path,
+        step: int,
+        baseline: float | None = None,
+        rng: dict[str, Any] | None = None,
+        curriculum: dict[str, Any] | None = None,
+    ) -> Path:
+        """Save the model, optimiser and trainer state as the state after ``step`` steps (``baseline``, ``rng`` and
+        ``curriculum`` default to the current ones; a stop passes those it saved before the step that went wrong)."""
+        if curriculum is None and self.curriculum is not None:
+            curriculum = self.curriculum.state()
         save_checkpoint(
             folder, self.model, self.tokenizer, self.optimizer, step, self.baseline if baseline is None else baseline,
-            self.config.save_optimizer, self.config, rng,
+            self.config.save_optimizer, self.config, rng, curriculum,
         )  # fmt: skip
         self.last_saved = step
         return folder
 
-    def checkpoint(self, step: int, baseline: float | None = None, rng: dict[str, Any] | None = None) -> Path:
+    def checkpoint(
+        self,
+        step: int,
+        baseline: float | None = None,
+        rng: dict[str, Any] | None = None,
+        curriculum: dict[str, Any] | None = None,
+    ) -> Path:
         """``checkpoints/step-N`` (unless the newest checkpoint already is step N), then prune old ones."""
         folder = self.run_dir / "checkpoints" / f"step-{step:06d}"
         if self.last_saved == step and checkpointing.verify(folder) is None:
             return folder
-        self.save(folder, step, baseline, rng)
+        self.save(folder, step, baseline, rng, curriculum)
         checkpointing.prune(self.run_dir / "checkpoints", self.config.keep_checkpoints)
         return folder
 
@@ -691,6 +711,15 @@ def _start(config: GRPOConfig) -> _Session:
             "--max-steps", f"the run to resume is at step {state['step']}, past the {total_steps} steps asked for"
         )
     _check_rewards_fit_prompts(reward_set, prompts.train[0], config)
+    curriculum = None
+    if config.curriculum_tolerance:
+        if "target_length" not in prompts.train[0]:
+            raise UsageError(
+                "--curriculum-tolerance", "schedules the length_digits tolerance, but the prompts have no target_length"
+            )
+        curriculum = ToleranceCurriculum(
+            config.curriculum_tolerance, config.length_tolerance, config.curriculum_advance_at, config.curriculum_window
+        )
 
     reference = None
     if config.kl_coef > 0:
@@ -704,7 +733,7 @@ def _start(config: GRPOConfig) -> _Session:
     )
     session = _Session(
         config, run_dir, model, tokenizer, reference, optimizer, prompts, reward_set, autocast_dtype,
-        steps_per_epoch, total_steps, resumed=resume_from is not None,
+        steps_per_epoch, total_steps, resumed=resume_from is not None, curriculum=curriculum,
     )  # fmt: skip
     if state is not None:
         _restore(session, resume_from, state)
@@ -721,6 +750,8 @@ def _restore(session: _Session, folder: Path, state: dict[str, Any]) -> None:
             session.optimizer.load_state_dict(state["optimizer"])
         if "rng" in state:
             set_rng_state(state["rng"])
+        if session.curriculum is not None and "curriculum" in state:
+            session.curriculum.restore(state["curriculum"])
     except Exception as exc:  # ValueError, KeyError, TypeError, RuntimeError: all "this file does not fit"
         raise UsageError("--resume", f"{folder / TRAINER_STATE} does not fit this run: {_first_line(exc)}") from None
     if "optimizer" not in state:
@@ -809,7 +840,8 @@ def train(config: GRPOConfig) -> Path:
             for step in range(run.start_step, run.total_steps):
                 started = time.perf_counter()
                 records = run.batch(step)
-                before = (step, run.baseline, rng_state())  # what a stop inside this step saves
+                # what a stop inside this step saves
+                before = (step, run.baseline, rng_state(), run.curriculum.state() if run.curriculum else None)
 
                 # 1. sample G completions of each of B prompts with the current policy
                 torch.manual_seed(config.seed * 1_000_003 + step)  # repeatable, and the same after a resume
@@ -821,7 +853,9 @@ def train(config: GRPOConfig) -> Path:
                 sampled = time.perf_counter()
 
                 # 2. score every completion
-                fields = group_fields(records, config.group_size)
+                fields = task_fields = group_fields(records, config.group_size)
+                if run.curriculum is not None:  # the rewards see this stage's tolerance; the logged rates the task's
+                    fields = {**task_fields, "tolerance": [run.curriculum.tolerance] * len(rollout.completions)}
                 try:
                     scores = run.reward_set.score(
                         rollout.prompts, rollout.completions, fields, on_fault=config.reward_fault,
@@ -850,7 +884,13 @@ def train(config: GRPOConfig) -> Path:
 
                 # 5. log, and now and then evaluate and save
                 done, elapsed = step + 1, time.perf_counter() - started
-                record = _step_record(rollout, scores, rewards, advantages, entropy_weight, update_metrics, fields)
+                record = _step_record(
+                    rollout, scores, rewards, advantages, entropy_weight, update_metrics, task_fields
+                )  # fmt: skip
+                if run.curriculum is not None:
+                    staged = task_rates(rollout.completions, fields)["pass_rate"]
+                    record.update({"curriculum/tolerance": float(run.curriculum.tolerance), "curriculum/pass_rate": staged})
+                    run.curriculum.observe(staged)
                 record.update(
                     baseline=run.baseline, lr=run.optimizer.param_groups[0]["lr"], epoch=step // run.steps_per_epoch,
                     sample_time=sampled - started, step_time=elapsed,

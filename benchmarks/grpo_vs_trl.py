@@ -125,14 +125,36 @@ def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmu
         completion_tokens=[r["completion_tokens"] * WORK["prompts_per_step"] * WORK["group_size"] for r in timed],
     )
     result["peak_rss_mb"] = peak_rss_mb()  # of the training run, before the FLOP count below loads a second model
-    result["update_flop"] = _policygrad_update_flops(precision, threads)
+    result.update(_policygrad_update_profile(precision, threads))
     result["reward_mean"] = statistics.mean(r["reward_mean"] for r in timed)
     return result
 
 
-def _policygrad_update_flops(precision: str, threads: int) -> float:
-    """FLOPs of one policygrad update on a fresh batch of the benchmark's shape, counted by FlopCounterMode."""
+def _transposed(a) -> bool:
+    """A 2-D operand laid out column-major (e.g. ``weight.t()``), which BLAS reads without a copy."""
+    return a.dim() == 2 and a.stride(0) == 1 and a.stride(1) != 1
+
+
+def _like(shape: tuple, dtype, transposed: bool):
+    """A random tensor of ``shape`` and ``dtype``, column-major if ``transposed``, to replay a matrix product."""
     import torch
+
+    if transposed:
+        return torch.randn(shape[::-1]).to(dtype).t()
+    return torch.randn(shape).to(dtype)
+
+
+def _policygrad_update_profile(precision: str, threads: int) -> dict:
+    """One policygrad update on a fresh batch of the benchmark's shape, taken apart:
+
+    - ``update_flop``: its FLOPs, counted by FlopCounterMode;
+    - ``update_alone_s``: its time alone (best of 3 on the same batch; no sampling, scoring or logging);
+    - ``update_matmul_s``: the time of exactly its matrix products (every mm/addmm/bmm it ran, recorded with their
+      shapes and dtypes, then replayed alone, best of 3): the floor of this update at the sizes it really multiplies,
+      as opposed to the 2048 x 2048 rate of :func:`matmul_rates`, which the small products of a 135M model never reach.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
     from policygrad.lm.config import GRPOConfig
@@ -140,6 +162,17 @@ def _policygrad_update_flops(precision: str, threads: int) -> float:
     from policygrad.lm.models import load_model
     from policygrad.lm.rollout import sample
     from policygrad.lm.trainer import update
+
+    class RecordMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                operands = args[1:] if func is torch.ops.aten.addmm.default else args
+                self.calls.append((func, [(tuple(a.shape), a.dtype, _transposed(a)) for a in operands[:2]]))
+            return func(*args, **(kwargs or {}))
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model("default")
@@ -150,11 +183,31 @@ def _policygrad_update_flops(precision: str, threads: int) -> float:
     rollout = sample(model, tokenizer, [r["prompt"] for r in prompts.train[:2]], WORK["group_size"],
                      WORK["max_new_tokens"], autocast_dtype=dtype, score_tokens=False)  # fmt: skip
     config = GRPOConfig(group_size=WORK["group_size"], micro_batch_size=16, max_new_tokens=WORK["max_new_tokens"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    counter = FlopCounterMode(display=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+    advantages = torch.randn(16)
+
+    def one_update():
+        update(model, optimizer, rollout, advantages, None, 0.0, config, dtype)
+
+    counter, recorder = FlopCounterMode(display=False), RecordMatmuls()
     with counter:
-        update(model, optimizer, rollout, torch.randn(16), None, 0.0, config, dtype)
-    return float(counter.get_total_flops())
+        one_update()
+    with recorder:
+        one_update()
+    alone = min(_timed(one_update) for _ in range(3))
+    operands = [(func, [_like(shape, dt, t) for shape, dt, t in pairs]) for func, pairs in recorder.calls]
+
+    def matmuls():
+        for func, (a, b) in operands:
+            torch.mm(a, b) if func is not torch.ops.aten.bmm.default else torch.bmm(a, b)
+
+    matmuls()  # warm-up
+    return {
+        "update_flop": float(counter.get_total_flops()),
+        "update_alone_s": alone,
+        "update_matmul_s": min(_timed(matmuls) for _ in range(3)),
+        "update_matmuls": len(operands),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -173,3 +173,47 @@ def test_draw_follows_the_categorical_distribution():
     assert (tokens[1::2] == 2).all() and first[1] == 0  # zero-probability tokens are never drawn
     # within 4 standard errors of 0.5 / 0.3 / 0.2 (se <= 0.0036 at n = 20000)
     assert torch.allclose(first, torch.tensor([0.5, 0.0, 0.3, 0.2], dtype=torch.float64), atol=4 * 0.0036)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "float"])
+def test_grouped_attention_equals_sdpa_values_and_gradients(mask_kind):
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from policygrad.lm.attention import grouped_attention_forward
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)  # 6 query heads share 2 key/value heads
+    batch, q_len, kv_len = 3, 5, 5 if mask_kind == "causal" else 9
+    q = torch.randn(batch, 6, q_len, 8, requires_grad=True)
+    k, v = (torch.randn(batch, 2, kv_len, 8, requires_grad=True) for _ in range(2))
+    mask, rows = None, torch.ones(batch, q_len, dtype=torch.bool)  # rows: query positions that attend to something
+    if mask_kind != "causal":  # left padding of 0, 2 and 4 keys, then causal over the last q_len
+        padding = torch.tensor([0, 2, 4])[:, None, None]
+        keys, queries = torch.arange(kv_len), torch.arange(kv_len - q_len, kv_len)
+        mask = ((keys[None, None, :] >= padding) & (keys[None, None, :] <= queries[None, :, None]))[:, None]
+        rows = mask[:, 0].any(-1)
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    weights = torch.randn(batch, q_len, 6, 8)
+    results = []
+    for attention in (grouped_attention_forward, sdpa_attention_forward):
+        for t in (q, k, v):
+            t.grad = None
+        out, _ = attention(module, q, k, v, mask, scaling=0.3)
+        (weights * out * rows[..., None, None]).sum().backward()
+        results.append((out[rows], q.grad.clone(), k.grad.clone(), v.grad.clone()))
+    for fast, reference in zip(*results):
+        assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
+
+
+def test_grouped_attention_is_on_only_inside_the_block(eos_prone):
+    from policygrad.lm.attention import NAME, grouped_attention
+
+    model, _ = eos_prone
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), grouped_attention(model):
+        assert model.config._attn_implementation == NAME
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policygrad.lm.attention import grouped_attention
 from policygrad.regularizers import entropy_of_log_probs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -271,23 +270,20 @@ def completion_logprobs(
     fed = completion_ids[:, :-1]  # (M, T - 1): token t is predicted at the position of token t - 1
     embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P + M*(T-1), D)
     prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
-    # attention as batched matrix products: at these lengths several times faster than CPU flash attention's
-    # backward, and the update's second-largest cost before (policygrad.lm.attention, benchmarks/NOTES.md)
-    with grouped_attention(model):
-        first, cache = _prefill(
-            model, prompt_ids, prompt_mask, prompt_index, prompt_embeds.view(*prompt_ids.shape, -1)
-        )  # (M, V)
-        logits = first[:, None]  # (M, 1, V)
-        if completion_ids.shape[1] > 1:
-            attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
-            rest = model(
-                inputs_embeds=fed_embeds.view(*fed.shape, -1),
-                attention_mask=attention,
-                position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits  # (M, T - 1, V)
-            logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
+    first, cache = _prefill(
+        model, prompt_ids, prompt_mask, prompt_index, prompt_embeds.view(*prompt_ids.shape, -1)
+    )  # (M, V)
+    logits = first[:, None]  # (M, 1, V)
+    if completion_ids.shape[1] > 1:
+        attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
+        rest = model(
+            inputs_embeds=fed_embeds.view(*fed.shape, -1),
+            attention_mask=attention,
+            position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (M, T - 1, V)
+        logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
     return _token_logprobs(logits, completion_ids, temperature)
 
 

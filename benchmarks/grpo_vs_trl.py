@@ -327,6 +327,15 @@ def table(results: dict, rates: dict, precision: str) -> str:
         ratio = results["trl"]["step_s"] / results["policygrad"]["step_s"]
         rows.append(f"\nTRL / policygrad median step time: **{ratio:.2f}x**")
     rows.append(f"matrix products in this run: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+    ours = results.get("policygrad", {})
+    if "update_alone_s" in ours:
+        floor = ours["update_flop"] / 1e9 / rate
+        rows.append(
+            f"policygrad update taken apart: alone {ours['update_alone_s']:.2f} s; its {ours['update_matmuls']} matrix "
+            f"products replayed alone {ours['update_matmul_s']:.2f} s; floor at the {rate:.0f} GFLOP/s rate "
+            f"{floor:.2f} s; update / own products {ours['update_alone_s'] / ours['update_matmul_s']:.2f}x, "
+            f"update / floor {ours['update_alone_s'] / floor:.2f}x"
+        )
     return "\n".join(rows)
 
 

@@ -361,6 +361,21 @@ def test_evaluate_docstrings_run():
     assert doctest.testmod(evaluate).failed == 0
 
 
+@pytest.mark.parametrize("eos_boost, expected", [(50.0, 0.0), (-50.0, 1.0)])
+def test_evaluation_counts_completions_cut_off_by_max_new_tokens(tiny_llama_chat, eos_boost, expected):
+    from policygrad.lm.evaluate import evaluate
+    from policygrad.lm.rewards import load_rewards
+
+    model, tokenizer = load_model(str(tiny_llama_chat))
+    boost = torch.zeros(len(tokenizer))
+    boost[tokenizer.eos_token_id] = eos_boost  # +50: EOS first, nothing is cut off; -50: never EOS, all are
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
+    records = [{"prompt": f"p{i}", "target_length": 4, "target_digit_sum": 0} for i in range(6)]
+    result = evaluate(model.eval(), tokenizer, records, load_rewards(("binary",)), ("sampled",), max_new_tokens=4)
+    assert result["sampled"]["truncated_rate"] == expected
+    assert result["sampled"]["mean_length"] == (0.0 if expected == 0.0 else pytest.approx(4.0, abs=1.0))
+
+
 def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts, tmp_path, capsys):
     from policygrad.lm.evaluate import run_eval
 

@@ -82,7 +82,8 @@ def evaluate(
 
     Returns:
         ``{decoding: {"pass_rate", "length_rate", "digits_rate" (length_digits prompts only), "mean_reward",
-        "nan_rewards", "mean_length" (characters), "examples": [{"prompt", "completion", "reward"}, ...]}}``
+        "nan_rewards", "mean_length" (characters), "truncated_rate" (the fraction cut off at ``max_new_tokens``
+        instead of ended by the model), "examples": [{"prompt", "completion", "reward"}, ...]}}``
     """
     import torch
 
@@ -94,6 +95,7 @@ def evaluate(
     for decoding in decodings:
         torch.manual_seed(seed)  # the same sampled evaluation for the same weights
         completions: list[str] = []
+        truncated = 0  # completions cut off by max_new_tokens rather than ended by the model
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             rollout = sample(
@@ -102,6 +104,7 @@ def evaluate(
                 score_tokens=False,
             )  # fmt: skip
             completions.extend(rollout.completions)
+            truncated += int(rollout.truncated.sum())
         prompts = [r["prompt"] for r in records]
         fields = group_fields(records, 1)
         scores = reward_set.score(prompts, completions, fields, on_fault, timeout) if records else None
@@ -111,6 +114,7 @@ def evaluate(
             "mean_reward": sum(valid) / len(valid) if valid else float("nan"),
             "nan_rewards": scores.nan_count if scores else 0,
             "mean_length": sum(len(c.strip()) for c in completions) / max(len(completions), 1),
+            "truncated_rate": truncated / max(len(completions), 1),
             "examples": [
                 {"prompt": p, "completion": c, "reward": r}
                 for p, c, r in list(zip(prompts, completions, scores.rewards if scores else []))[:EXAMPLES]

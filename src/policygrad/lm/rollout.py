@@ -54,6 +54,7 @@ class Rollout:
     completions: list[str]  # (N,) decoded masked tokens, special tokens skipped
     logprobs: Tensor | None  # (N, T) log pi_old of the sampled tokens (0 where masked), no grad; None if not scored
     group_size: int
+    truncated: Tensor  # (N,) bool: cut off by max_new_tokens, i.e. no EOS among the completion's tokens
 
     @property
     def input_ids(self) -> Tensor:
@@ -70,11 +71,6 @@ class Rollout:
     @property
     def completion_lengths(self) -> Tensor:
         return self.completion_mask.sum(-1)  # (N,)
-
-    @property
-    def truncated(self) -> Tensor:
-        """(N,) bool: rows that hit max_new_tokens without an EOS (their last token is not an EOS)."""
-        return self.completion_mask[:, -1].bool() if self.completion_mask.shape[1] else self.completion_lengths < 0
 
     def rows(self, rows: slice) -> dict[str, Tensor]:
         """The inputs of :func:`completion_logprobs` for a micro-batch of consecutive rows: each distinct prompt
@@ -442,6 +438,8 @@ def sample(
         completions=completions,
         logprobs=None,
         group_size=group_size,
+        # not "the last column counts": a row whose EOS is the batch's last token ended; one cut off did not
+        truncated=~(torch.isin(completion_ids, torch.tensor(eos_ids, device=device)) & mask.bool()).any(-1),
     )
     if score_tokens:
         rollout.logprobs = rollout_logprobs(

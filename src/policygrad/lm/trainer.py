@@ -1029,6 +1029,7 @@ SUMMARY_ROWS = {
     "digits_rate": "digit-sum rule",
     "mean_reward": "mean reward",
     "mean_length": "mean length (characters)",
+    "truncated_rate": "cut off at max_new_tokens",
 }
 """The held-out numbers ``policygrad train`` prints at the end, before and after training."""
 

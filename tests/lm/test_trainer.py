@@ -340,6 +340,7 @@ def test_load_config_overrides_and_errors(tmp_path):
         ({"digit_sum_min": 9, "digit_sum_max": 3}, "--digit-sum-max"),
         ({"curriculum_advance_at": 0.0}, "--curriculum-advance-at"),
         ({"curriculum_window": 0}, "--curriculum-window"),
+        ({"truncated_reward": float("inf")}, "--truncated-reward"),
     ],
 )
 def test_validation_names_the_field(overrides, field):
@@ -495,3 +496,14 @@ def test_curriculum_rewards_see_the_stage_and_a_resume_is_exact(tiny_llama_chat,
         assert record["pass_rate"] <= rate  # ...while pass_rate is the task's own (tolerance 0)
         replay.observe(rate)
     assert staged[-1][0] < 40, staged  # it did tighten
+
+
+def test_truncated_reward_replaces_the_reward_of_completions_cut_off(tiny_llama_chat, tiny_prompts, tmp_path):
+    reward = tmp_path / "half.py"
+    reward.write_text("def half(prompts, completions, **fields):\n    return [0.5] * len(completions)\n")
+    run = train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{reward}:half",),
+                        truncated_reward=-1.0, max_new_tokens=3, max_steps=3))  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "truncated" in line]
+    assert any(r["truncated"] > 0 for r in records)
+    for r in records:  # -1 for the rows cut off at 3 tokens, 0.5 for the rows that ended with EOS
+        assert r["reward_mean"] == pytest.approx(-1.0 * r["truncated"] + 0.5 * (1 - r["truncated"]))

@@ -55,6 +55,9 @@ class GRPOConfig:
     """prompts held out from training for evaluation (a fixed split of the source)"""
     rewards: tuple[str, ...] = ("shaped",)
     """reward functions, summed: binary, shaped, sharp, module:function or file.py:function, each with optional =weight"""
+    truncated_reward: float | None = None
+    """reward of a completion cut off at max_new_tokens (no EOS), replacing what the reward functions say; None:
+    score it like any other (a policy may then learn to fill the token budget, docs/results.md)"""
     curriculum_tolerance: int = 0
     """length_digits curriculum: the training rewards start with this length tolerance, halved toward
     length_tolerance each time the training pass rate reaches curriculum_advance_at (0: no curriculum)"""
@@ -186,6 +189,10 @@ class GRPOConfig:
         _require(bool(self.rewards), "--rewards", "give at least one reward function")
         _require(self.target_length >= 1, "--target-length", f"must be at least 1, got {self.target_length}")
         _require(self.length_tolerance >= 0, "--length-tolerance", f"must be >= 0, got {self.length_tolerance}")
+        if self.truncated_reward is not None:
+            _require(
+                math.isfinite(self.truncated_reward), "--truncated-reward", f"must be finite, got {self.truncated_reward}"
+            )
         _require(
             self.curriculum_tolerance >= 0, "--curriculum-tolerance", f"must be >= 0, got {self.curriculum_tolerance}"
         )

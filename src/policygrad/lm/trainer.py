@@ -869,6 +869,8 @@ def train(config: GRPOConfig) -> Path:
                     ) from err  # fmt: skip
                 _log_faults(log, step + 1, scores, rollout)
                 rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
+                if config.truncated_reward is not None:  # a reply must end itself, not be cut off by the budget
+                    rewards[rollout.truncated.cpu() & ~rewards.isnan()] = config.truncated_reward
                 ref_logprobs = _reference_logprobs(run.reference, rollout, config, run.autocast_dtype)  # (N, T)|None
 
                 # 3. advantages, and this batch's entropy weight

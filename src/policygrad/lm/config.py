@@ -190,9 +190,8 @@ class GRPOConfig:
         _require(self.target_length >= 1, "--target-length", f"must be at least 1, got {self.target_length}")
         _require(self.length_tolerance >= 0, "--length-tolerance", f"must be >= 0, got {self.length_tolerance}")
         if self.truncated_reward is not None:
-            _require(
-                math.isfinite(self.truncated_reward), "--truncated-reward", f"must be finite, got {self.truncated_reward}"
-            )
+            finite = math.isfinite(self.truncated_reward)
+            _require(finite, "--truncated-reward", f"must be finite, got {self.truncated_reward}")
         _require(
             self.curriculum_tolerance >= 0, "--curriculum-tolerance", f"must be >= 0, got {self.curriculum_tolerance}"
         )
@@ -201,7 +200,8 @@ class GRPOConfig:
             "--curriculum-advance-at",
             f"must be in (0, 1], got {self.curriculum_advance_at}",
         )
-        _require(self.curriculum_window >= 1, "--curriculum-window", f"must be at least 1, got {self.curriculum_window}")
+        window = self.curriculum_window
+        _require(window >= 1, "--curriculum-window", f"must be at least 1, got {window}")
         _require(self.digit_sum_min >= 0, "--digit-sum-min", f"must be >= 0, got {self.digit_sum_min}")
         _require(
             self.digit_sum_max >= self.digit_sum_min,

@@ -6,7 +6,7 @@ far more often, so a binary (or partly binary) reward fires, groups disagree, an
 rule wants; each time the training pass rate under the current tolerance reaches ``advance_at`` (averaged over the
 last ``window`` steps) the tolerance halves, until it reaches the task's own tolerance (0 by default):
 
-    t_0 = start;   t_{k+1} = max(final, floor(t_k / 2))   when   mean(pass_rate over the last `window` steps) >= advance_at
+    t_0 = start;   t_{k+1} = max(final, floor(t_k / 2))   when   mean(last `window` pass rates) >= advance_at
 
 The digit-sum rule is exact at every stage; held-out evaluation always uses the task's final tolerance, so the
 curriculum changes what training pays for, never what a pass means. Curriculum learning in this sense (easy examples

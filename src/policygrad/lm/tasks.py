@@ -30,6 +30,7 @@ __all__ = [
     "echoes_instruction",
     "instruction",
     "make_prompt",
+    "misses",
     "shaped",
     "shaped_reward",
     "sharp",
@@ -172,6 +173,17 @@ def _normalise(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def misses(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> tuple[int, int]:
+    """How far a completion is from each rule: (characters beyond the tolerance, |digit sum - target|), both 0 for a
+    pass. What the partial-credit modes below turn into credit.
+
+    >>> misses("  12345  ", 8, 12, tolerance=1)
+    (2, 3)
+    """
+    result = check(completion, target_length, target_digit_sum, tolerance)
+    return max(0, abs(result.length - target_length) - tolerance), abs(result.digit_sum - target_digit_sum)
+
+
 def binary(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
     """1.0 if both rules hold (:func:`check`), else 0.0: the task's own success criterion, nothing partial.
 
@@ -207,10 +219,9 @@ def shaped(completion: str, target_length: int, target_digit_sum: int, tolerance
     """
     if echoes_instruction(completion):
         return 0.0
-    result = check(completion, target_length, target_digit_sum, tolerance)
-    length_miss = max(0, abs(result.length - target_length) - tolerance)
+    length_miss, digits_miss = misses(completion, target_length, target_digit_sum, tolerance)
     length_credit = max(0.0, 1.0 - length_miss / max(target_length, 1))
-    digits_credit = max(0.0, 1.0 - abs(result.digit_sum - target_digit_sum) / max(target_digit_sum, 1))
+    digits_credit = max(0.0, 1.0 - digits_miss / max(target_digit_sum, 1))
     return 0.5 * length_credit + 0.5 * digits_credit
 
 
@@ -235,9 +246,8 @@ def sharp(completion: str, target_length: int, target_digit_sum: int, tolerance:
     """
     if echoes_instruction(completion):
         return 0.0
-    result = check(completion, target_length, target_digit_sum, tolerance)
-    length_miss = max(0, abs(result.length - target_length) - tolerance)
-    return 2.0 ** (-length_miss / 2) * 2.0 ** (-abs(result.digit_sum - target_digit_sum))
+    length_miss, digits_miss = misses(completion, target_length, target_digit_sum, tolerance)
+    return 2.0 ** (-length_miss / 2) * 2.0 ** (-digits_miss)
 
 
 REWARD_MODES: dict[str, Callable[[str, int, int, int], float]] = {"binary": binary, "shaped": shaped, "sharp": sharp}

@@ -891,7 +891,8 @@ def train(config: GRPOConfig) -> Path:
                 )  # fmt: skip
                 if run.curriculum is not None:
                     staged = task_rates(rollout.completions, fields)["pass_rate"]
-                    record.update({"curriculum/tolerance": float(run.curriculum.tolerance), "curriculum/pass_rate": staged})
+                    record["curriculum/tolerance"] = float(run.curriculum.tolerance)
+                    record["curriculum/pass_rate"] = staged
                     run.curriculum.observe(staged)
                 record.update(
                     baseline=run.baseline, lr=run.optimizer.param_groups[0]["lr"], epoch=step // run.steps_per_epoch,

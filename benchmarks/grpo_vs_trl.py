@@ -18,13 +18,25 @@ FLOPs / rate.
     python benchmarks/grpo_vs_trl.py                              # bf16, 2 warm-up + 6 timed steps each
     python benchmarks/grpo_vs_trl.py --precision fp32 --steps 4
     python benchmarks/grpo_vs_trl.py --only policygrad            # skip TRL
+    python benchmarks/grpo_vs_trl.py --end-to-end                 # training time to a held-out pass rate (~2 h)
 
 Writes the results as JSON to benchmarks/results/grpo_vs_trl-<precision>.json and a markdown table to stdout.
+
+``--end-to-end`` answers the question users ask of a trainer: how long until the model passes? Both trainers train on
+one recipe (default recipes/cpu-curve.yaml: its rewards, sampling, loss, optimiser, precision, thread count; seed 1
+for both) at the same time, each in its own process on its own core(s), for at most ``--max-steps`` steps or
+``--minutes`` of wall time, saving the weights every ``--save-every`` steps together with the training seconds spent
+so far (the sum of the step times; checkpoint writes are not counted). A reply cut off at the token budget scores the
+recipe's ``truncated_reward`` in both (TRL: from the completion's token ids). Then every checkpoint of both is scored
+by the same function, ``policygrad.lm.evaluate.evaluate_heldout`` (the recipe's 100 held-out prompts, greedy), and the
+script prints each curve and the training minutes at which each trainer first reached ``--target``. Results go to
+benchmarks/results/grpo_vs_trl-end-to-end.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -76,13 +88,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def write_prompts(path: Path) -> int:
-    """The training prompts (with their targets) as JSONL, for both trainers; returns how many."""
+def write_prompts(path: Path, config=None) -> int:
+    """The training prompts (with their targets) as JSONL, for TRL; returns how many. ``config``: a GRPOConfig whose
+    prompt source and task settings to use (default: the step benchmark's WORK)."""
     from policygrad.lm.data import load_prompts
     from policygrad.lm.models import load_model
 
     _, tokenizer = load_model("default")
-    prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20), 0)
+    if config is None:
+        prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20))
+    else:
+        prompts = load_prompts(
+            config.prompts, tokenizer, config.heldout_prompts, config.max_passage_tokens, config.target_length,
+            (config.digit_sum_min, config.digit_sum_max), config.length_tolerance,
+        )  # fmt: skip
     with path.open("w") as f:
         for record in prompts.train:
             f.write(json.dumps(record) + "\n")
@@ -293,21 +312,207 @@ def _summary(step_times, generation_times, completion_tokens) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# End to end: training time to a held-out pass rate (--end-to-end)
+# ----------------------------------------------------------------------------------------------------------------
+# Both trainers train with the same recipe (its rewards, sampling, loss, optimiser, precision, threads and seed), at the
+# same time, each on its own cores, saving the weights every --save-every steps with the training seconds spent so far
+# (the sum of step times: generation, scoring and update; checkpoint writes excluded), until --max-steps or until
+# --minutes of wall time. Afterwards every checkpoint of both is scored by the same function, policygrad's
+# evaluate_heldout (the recipe's held-out prompts, greedy, the recipe's max_new_tokens), so neither trainer's own
+# evaluation code enters the comparison.
+
+
+def e2e_policygrad(config, out: Path, minutes: float) -> list[dict]:
+    import signal
+    import threading
+
+    from policygrad.lm.trainer import checkpoint_folders, train
+
+    config = dataclasses.replace(config, output_dir=out, eval_decoding=(), keep_checkpoints=0, progress=False)
+    # at the wall-time budget, stop as a user would: SIGINT finishes the step, saves a checkpoint and returns
+    timer = threading.Timer(minutes * 60, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    run_dir = train(config)
+    timer.cancel()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds, spent = {0: 0.0}, 0.0
+    for record in records:
+        if "step_time" in record:
+            spent += record["step_time"]
+            seconds[record["step"]] = spent
+    checkpoints = {}
+    for folder in checkpoint_folders(run_dir):
+        state = folder / "trainer_state.pt"
+        if state.exists():
+            import torch
+
+            step = torch.load(state, weights_only=False)["step"]
+            checkpoints[step] = str(folder)
+    return [{"step": step, "train_s": seconds[step], "model": folder} for step, folder in sorted(checkpoints.items())]
+
+
+def e2e_trl(config, prompts: Path, out: Path, minutes: float) -> list[dict]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from policygrad.lm.models import default_model_path, load_model
+    from policygrad.lm.rewards import load_rewards
+
+    torch.set_num_threads(config.threads)
+    records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    dataset = Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in records])
+    reward_set = load_rewards(config.rewards)
+    _, tokenizer = load_model("default")
+
+    def recipe_reward(prompts, completions, completion_ids, **fields):
+        """The recipe's summed rewards; a reply cut off at max_new_tokens (no EOS) gets truncated_reward."""
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        names = ("target_length", "target_digit_sum", "tolerance")
+        scores = reward_set.score(prompts, texts, {k: fields[k] for k in names if k in fields}, "error", None)
+        rewards = list(scores.rewards)
+        if config.truncated_reward is not None:
+            rewards = [r if tokenizer.eos_token_id in ids else config.truncated_reward
+                       for r, ids in zip(rewards, completion_ids)]  # fmt: skip
+        return rewards
+
+    n = config.prompts_per_step * config.group_size
+    args = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1,
+        num_generations=config.group_size, max_completion_length=config.max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=0, repetition_penalty=1.0,
+        beta=config.kl_coef, num_iterations=config.updates_per_batch, scale_rewards=config.scale_rewards,
+        loss_type="dapo", epsilon=config.clip_eps_low, learning_rate=config.lr, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
+        num_train_epochs=config.epochs, max_steps=config.max_steps or -1, bf16=config.precision == "bfloat16",
+        use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=config.seed, disable_dropout=True,
+        dataloader_num_workers=0, log_completions=False,
+    )  # fmt: skip
+    trainer = GRPOTrainer(model=str(default_model_path()), reward_funcs=recipe_reward, args=args, train_dataset=dataset)
+    saved: list[dict] = []
+    began = time.perf_counter()
+
+    class SaveTimed(TrainerCallback):
+        spent = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.spent += time.perf_counter() - self.start
+            over = time.perf_counter() - began > minutes * 60
+            if over or state.global_step % config.save_every == 0 or state.global_step == state.max_steps:
+                folder = out / f"step-{state.global_step}"
+                model.save_pretrained(folder, safe_serialization=True)
+                tokenizer.save_pretrained(folder)
+                saved.append({"step": state.global_step, "train_s": self.spent, "model": str(folder)})
+            control.should_training_stop = control.should_training_stop or over
+
+    trainer.add_callback(SaveTimed())
+    trainer.train()
+    return saved
+
+
+def end_to_end(
+    recipe: Path, minutes: float, max_steps: int, save_every: int, seed: int, target: float, only, work
+) -> dict:
+    """Train both on the recipe at once (each its own child process), then score every checkpoint. ``work``: the
+    folder for the runs (checkpoints ~0.5 GB each), kept; None: a temporary one."""
+    import contextlib
+
+    from policygrad.lm.config import config_to_dict, load_config
+    from policygrad.lm.evaluate import evaluate_heldout
+
+    config = load_config(recipe, _e2e_overrides(max_steps, save_every, seed))
+    with tempfile.TemporaryDirectory() if work is None else contextlib.nullcontext(work) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        prompts = Path(tmp) / "prompts.jsonl"
+        write_prompts(prompts, config)
+        runs = {}
+        for name in only or list(RUNNERS):
+            print(f"training {name} for at most {max_steps} steps or {minutes} minutes ...", file=sys.stderr)
+            command = ["--child-e2e", name, "--recipe", str(recipe), "--prompts-file", str(prompts),
+                       "--out", str(Path(tmp) / name), "--minutes", str(minutes), "--max-steps", str(max_steps),
+                       "--save-every", str(save_every), "--seed", str(seed)]  # fmt: skip
+            runs[name] = _spawn(command, config.threads)
+        checkpoints = {name: _result(name, process) for name, process in runs.items()}
+        (Path(tmp) / "checkpoints.json").write_text(json.dumps(checkpoints, indent=2))
+        start = {"step": 0, "train_s": 0.0, "model": "default"}
+        curves: dict[str, list[dict]] = {}
+        scored: dict[str, dict] = {}  # the untrained model is the same for both: score it once
+        for name, saved in checkpoints.items():
+            curves[name] = []
+            for point in [start, *saved]:
+                print(f"evaluating {name} step {point['step']} ...", file=sys.stderr)
+                if point["model"] not in scored:
+                    evaluation = evaluate_heldout(dataclasses.replace(config, model=point["model"], threads=None))
+                    rates = evaluation["greedy"]
+                    scored[point["model"]] = {k: v for k, v in rates.items() if k != "examples"}
+                    scored[point["model"]]["example"] = rates["examples"][0]["completion"]
+                curves[name].append({"step": point["step"], "train_min": point["train_s"] / 60,
+                                     **scored[point["model"]]})  # fmt: skip
+    return {"recipe": str(recipe), "config": config_to_dict(config), "minutes": minutes, "target": target,
+            "curves": curves}  # fmt: skip
+
+
+def _e2e_overrides(max_steps: int, save_every: int, seed: int) -> dict:
+    return {"max_steps": max_steps, "save_every": save_every, "seed": seed, "save_optimizer": False}
+
+
+def time_to_target(curve: list[dict], target: float) -> dict | None:
+    """The first point of a curve whose held-out pass rate reaches ``target``."""
+    return next((point for point in curve if point["pass_rate"] >= target), None)
+
+
+def e2e_table(result: dict) -> str:
+    target = result["target"]
+    header = ("trainer", "step", "training min", "held-out pass rate", "digits rule", "length rule", "mean reward",
+              "cut off")  # fmt: skip
+    rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, curve in result["curves"].items():
+        for p in curve:
+            cells = (name, p["step"], f"{p['train_min']:.1f}", f"{p['pass_rate']:.2f}", f"{p['digits_rate']:.2f}",
+                     f"{p['length_rate']:.2f}", f"{p['mean_reward']:.3f}", f"{p['truncated_rate']:.2f}")  # fmt: skip
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+    rows.append("")
+    for name, curve in result["curves"].items():
+        hit, last = time_to_target(curve, target), curve[-1]
+        rows.append(f"{name}: held-out pass rate {target:.0%} "
+                    + (f"reached at step {hit['step']} after {hit['train_min']:.1f} training minutes" if hit else
+                       f"not reached in {last['step']} steps ({last['train_min']:.1f} training minutes)"))  # fmt: skip
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Parent: set up, run both children, print the table
 # ----------------------------------------------------------------------------------------------------------------
 
 RUNNERS = {"policygrad": run_policygrad, "trl": run_trl}
 
 
+def _spawn(arguments: list[str], threads: int | None) -> subprocess.Popen:
+    """This script in a fresh interpreter (its own peak memory, its own thread count)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, __file__, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+
+
+def _result(name: str, process: subprocess.Popen):
+    """A child's JSON result (its last line of stdout); its stderr's tail if it failed."""
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def child(name: str, prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
     """Run one trainer in a fresh interpreter and return its JSON result."""
-    command = [sys.executable, __file__, "--child", name, "--prompts-file", str(prompts), "--out", str(out),
-               "--precision", precision, "--threads", str(threads), "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--child", name, "--prompts-file", str(prompts), "--out", str(out), "--precision", precision,
+                 "--threads", str(threads), "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+    return _result(name, _spawn(arguments, threads))
 
 
 def table(results: dict, rates: dict, precision: str) -> str:
@@ -346,13 +551,40 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only", choices=list(RUNNERS), action="append")
+    end = parser.add_argument_group("end to end: training time to a held-out pass rate")
+    end.add_argument("--end-to-end", action="store_true", help="train both on --recipe and time them to --target")
+    end.add_argument("--recipe", type=Path, default=HERE.parent / "recipes" / "cpu-curve.yaml")
+    end.add_argument("--target", type=float, default=0.5, help="held-out greedy pass rate to reach")
+    end.add_argument("--minutes", type=float, default=100.0, help="wall-time budget of each trainer")
+    end.add_argument("--seed", type=int, default=1, help="for both (the recipe's documented run is seed 1)")
+    end.add_argument("--max-steps", type=int, default=400)
+    end.add_argument("--save-every", type=int, default=50)
+    end.add_argument("--work-dir", type=Path, help="keep the runs and checkpoints here (default: a temporary folder)")
     parser.add_argument("--child", choices=list(RUNNERS), help=argparse.SUPPRESS)
+    parser.add_argument("--child-e2e", choices=list(RUNNERS), help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         result = RUNNERS[args.child](args.prompts_file, args.out, args.precision, args.threads, args.warmup, args.steps)
         print(json.dumps(result))
+        return
+    if args.child_e2e:
+        from policygrad.lm.config import load_config
+
+        config = load_config(args.recipe, _e2e_overrides(args.max_steps, args.save_every, args.seed))
+        if args.child_e2e == "trl":
+            saved = e2e_trl(config, args.prompts_file, args.out, args.minutes)
+        else:
+            saved = e2e_policygrad(config, args.out, args.minutes)
+        print(json.dumps(saved))
+        return
+    if args.end_to_end:
+        result = end_to_end(args.recipe, args.minutes, args.max_steps, args.save_every, args.seed, args.target,
+                            args.only, args.work_dir)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "grpo_vs_trl-end-to-end.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(e2e_table(result))
         return
     rates = matmul_rates(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

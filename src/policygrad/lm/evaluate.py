@@ -124,9 +124,10 @@ def evaluate(
     return results
 
 
-def run_eval(config: GRPOConfig) -> int:
-    """``policygrad eval``: evaluate ``config.model`` (a checkpoint folder, say) on the held-out prompts and print
-    the rates as JSON on stdout. Returns the exit code."""
+def evaluate_heldout(config: GRPOConfig) -> dict[str, Any] | None:
+    """Evaluate ``config.model`` (a checkpoint folder, say) on the first ``eval_size`` held-out prompts of
+    ``config.prompts``, with the config's rewards, decodings and sampling settings: ``{"model", "prompts",
+    decoding: rates}`` (see :func:`evaluate`), or None when the source holds out no prompts."""
     from policygrad.lm.data import check_prompt_source, load_prompts
     from policygrad.lm.models import load_model
     from policygrad.lm.rewards import load_rewards
@@ -142,11 +143,19 @@ def run_eval(config: GRPOConfig) -> int:
     )  # fmt: skip
     records = prompts.heldout[: config.eval_size]
     if not records:
-        print("policygrad eval: no held-out prompts to evaluate (raise --heldout-prompts)", file=sys.stderr)
-        return 2
+        return None
     results = evaluate(
         model, tokenizer, records, reward_set, config.eval_decoding, config.max_new_tokens, config.temperature,
         config.top_p, config.micro_batch_size, autocast_dtype, config.seed,
     )  # fmt: skip
-    print(json.dumps({"model": config.model, "prompts": len(records), **results}, indent=2))
+    return {"model": config.model, "prompts": len(records), **results}
+
+
+def run_eval(config: GRPOConfig) -> int:
+    """``policygrad eval``: :func:`evaluate_heldout` printed as JSON on stdout. Returns the exit code."""
+    results = evaluate_heldout(config)
+    if results is None:
+        print("policygrad eval: no held-out prompts to evaluate (raise --heldout-prompts)", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2))
     return 0

@@ -456,6 +456,31 @@ def end_to_end(
             "curves": curves}  # fmt: skip
 
 
+def e2e_plot(result: dict, path: Path) -> None:
+    """Held-out pass rate (and mean reward) against training minutes, one line per trainer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, curve in result["curves"].items():
+        minutes = [p["train_min"] for p in curve]
+        axes[0].plot(minutes, [p["pass_rate"] for p in curve], marker="o", label=name)
+        axes[1].plot(minutes, [p["mean_reward"] for p in curve], marker="o", label=name)
+    axes[0].axhline(result["target"], color="grey", linestyle=":", label=f"target {result['target']:.0%}")
+    for ax, title in zip(axes, ("held-out pass rate (greedy)", "held-out mean reward")):
+        ax.set_xlabel("training minutes (sum of step times)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    config = result["config"]
+    fig.suptitle(f"{Path(result['recipe']).name}, seed {config['seed']}, {config['threads']} thread(s) each, side by side")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _e2e_overrides(max_steps: int, save_every: int, seed: int) -> dict:
     return {"max_steps": max_steps, "save_every": save_every, "seed": seed, "save_optimizer": False}
 
@@ -584,6 +609,7 @@ def main() -> None:
                             args.only, args.work_dir)
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "grpo_vs_trl-end-to-end.json").write_text(json.dumps(result, indent=2) + "\n")
+        e2e_plot(result, HERE / "results" / "grpo_vs_trl-end-to-end.png")
         print(e2e_table(result))
         return
     rates = matmul_rates(args.threads)

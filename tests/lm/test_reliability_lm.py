@@ -21,7 +21,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from lm_helpers import tiny_config, weights  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 from policygrad import checkpointing  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
@@ -39,21 +39,11 @@ NONFINITE_KINDS = ("nan_loss", "inf_loss", "nan_grad")
 
 
 def _config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfig:
-    values = dict(
-        model=str(model), prompts=str(prompts), heldout_prompts=2, prompts_per_step=2, group_size=3,
-        max_new_tokens=8, lr=1e-2, max_steps=4, micro_batch_size=8, output_dir=out, eval_size=2,
-        eval_decoding=(), progress=False, device="cpu", threads=1,
-    )  # fmt: skip
-    values.update(overrides)
-    return GRPOConfig(**values)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
+    return tiny_config(model, prompts, out, **{"max_steps": 4, "micro_batch_size": 8, **overrides})
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
-    left, right = _weights(a), _weights(b)
+    left, right = weights(a), weights(b)
     assert left.keys() == right.keys()
     for name in left:
         assert torch.equal(left[name], right[name]), name
@@ -143,10 +133,10 @@ def test_damaged_checkpoints_are_reported_and_passed_over(tiny_llama_chat, tiny_
     straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=4))
     out = tmp_path / "run"
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=3, save_every=1))
-    weights = out / "final" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    model_file = out / "final" / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
-    weights.write_bytes(bytes(data))
+    model_file.write_bytes(bytes(data))
     state = out / "checkpoints" / "step-000002" / trainer.TRAINER_STATE
     state.write_bytes(state.read_bytes()[:100])  # truncated
     capsys.readouterr()
@@ -479,7 +469,7 @@ def test_a_non_finite_update_is_skipped_and_logged(kind, tiny_llama_chat, tiny_p
     out = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", max_steps=3))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in records] == [0, 1, 0]
-    assert all(torch.isfinite(t).all() for t in _weights(out / "final").values())
+    assert all(torch.isfinite(t).all() for t in weights(out / "final").values())
 
 
 @pytest.mark.parametrize("kind", NONFINITE_KINDS)

@@ -17,6 +17,8 @@ from policygrad.lm.models import load_model
 from policygrad.lm.rollout import completion_mask, sample, sequence_logprobs
 from policygrad.lm.trainer import ADVANTAGES, ENTROPY_WEIGHTS, grpo_loss, micro_batch_share, train
 
+from lm_helpers import tiny_config, weights  # tests/lm, on sys.path under pytest's default import mode
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -204,26 +206,10 @@ def test_variant_names_match_the_config_choices():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfig:
-    values = dict(
-        model=str(model), prompts=str(prompts), heldout_prompts=2, prompts_per_step=2, group_size=3,
-        max_new_tokens=8, lr=1e-2, max_steps=2, micro_batch_size=4, output_dir=out, eval_size=2,
-        eval_decoding=(), progress=False, device="cpu", threads=1,
-    )  # fmt: skip
-    values.update(overrides)
-    return GRPOConfig(**values)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
-
-
 def test_train_end_to_end_changes_the_model_and_writes_the_run(tiny_llama_chat, tiny_prompts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = _config(tiny_llama_chat, tiny_prompts, tmp_path / "run", eval_decoding=("greedy",), save_every=1,
+    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", eval_decoding=("greedy",), save_every=1,
                      entropy_weight="dynamic", entropy_coef=1e-3)  # fmt: skip
     run_dir = train(config)
     assert sorted(p.name for p in run_dir.iterdir()) == [
@@ -239,7 +225,7 @@ def test_train_end_to_end_changes_the_model_and_writes_the_run(tiny_llama_chat, 
     assert len((run_dir / "completions.jsonl").read_text().splitlines()) == 2 * config.log_completions
     assert load_config(run_dir / "config.yaml") == config  # the resolved config reloads as itself
 
-    initial, final = _weights(tiny_llama_chat), _weights(run_dir / "final")
+    initial, final = weights(tiny_llama_chat), weights(run_dir / "final")
     assert any(not torch.equal(initial[name], final[name]) for name in final)
     # a plain transformers load of the checkpoint gives the same weights and a working tokenizer
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "final")
@@ -253,27 +239,27 @@ def test_train_end_to_end_changes_the_model_and_writes_the_run(tiny_llama_chat, 
 
 def test_existing_run_is_refused_then_overwritten_or_resumed(tiny_llama_chat, tiny_prompts, tmp_path):
     out = tmp_path / "run"
-    train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
+    train(tiny_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
     with pytest.raises(UsageError, match="already holds a run") as info:
-        train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
+        train(tiny_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
     assert str(info.value).startswith("--output-dir: ")
-    resumed = train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True))
+    resumed = train(tiny_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True))
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # continued from the step-1 checkpoint, log appended
-    train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1, overwrite=True))
+    train(tiny_config(tiny_llama_chat, tiny_prompts, out, max_steps=1, overwrite=True))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
     stranger = tmp_path / "not-a-run"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="holds no policygrad run"):
-        train(_config(tiny_llama_chat, tiny_prompts, stranger, overwrite=True))
+        train(tiny_config(tiny_llama_chat, tiny_prompts, stranger, overwrite=True))
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
 def test_train_variants_base_model_kl_clipping_bfloat16(tiny_qwen_base, tiny_prompts, tmp_path):
     run_dir = train(
-        _config(tiny_qwen_base, tiny_prompts, tmp_path / "run", advantage="reinforce", kl_coef=0.1,
+        tiny_config(tiny_qwen_base, tiny_prompts, tmp_path / "run", advantage="reinforce", kl_coef=0.1,
                 kl_estimator="k2", updates_per_batch=2, clip_eps_high=0.28, precision="bfloat16",
                 aggregation="sequence_mean", rewards=("binary", "shaped=0.5"))  # fmt: skip
     )
@@ -287,7 +273,7 @@ def test_reward_error_during_training_is_one_line(tiny_llama_chat, tiny_prompts,
     rewards_file = tmp_path / "bad.py"
     rewards_file.write_text("def bad(prompts, completions, **fields):\n    return [1.0]\n")
     with pytest.raises(UsageError, match=r"reward .*bad.py:bad: returned 1 rewards for 6 completions"):
-        train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{rewards_file}:bad",)))
+        train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{rewards_file}:bad",)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -380,7 +366,7 @@ def test_evaluation_counts_completions_cut_off_by_max_new_tokens(tiny_llama_chat
 def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts, tmp_path, capsys):
     from policygrad.lm.evaluate import run_eval
 
-    config = _config(tiny_llama_chat, tiny_prompts, tmp_path / "unused", heldout_prompts=3, eval_size=3,
+    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "unused", heldout_prompts=3, eval_size=3,
                      eval_decoding=("greedy", "sampled"), rewards=("binary",))  # fmt: skip
     assert run_eval(config) == 0
     report = json.loads(capsys.readouterr().out)
@@ -419,11 +405,11 @@ def test_update_with_micro_batches_equals_one_full_batch(eager_eos_model):
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tiny_llama_chat, tiny_prompts, tmp_path):
-    straight = train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=3, advantage="reinforce"))
+    straight = train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=3, advantage="reinforce"))
     split = tmp_path / "split"
-    train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=1, advantage="reinforce"))
-    train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=3, advantage="reinforce", resume=True))
-    expected, resumed = _weights(straight / "final"), _weights(split / "final")
+    train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=1, advantage="reinforce"))
+    train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=3, advantage="reinforce", resume=True))
+    expected, resumed = weights(straight / "final"), weights(split / "final")
     for name, tensor in expected.items():
         assert torch.allclose(resumed[name], tensor, atol=1e-6), name  # same prompts, samples, AdamW moments, baseline
     rewards = [[json.loads(line)["reward_mean"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -480,10 +466,10 @@ def test_curriculum_rewards_see_the_stage_and_a_resume_is_exact(tiny_llama_chat,
     ))  # fmt: skip
     settings = dict(rewards=("binary",), curriculum_tolerance=40, curriculum_advance_at=0.2, curriculum_window=2,
                     save_every=1, max_steps=6)  # fmt: skip
-    straight = train(_config(tiny_llama_chat, prompts, tmp_path / "straight", **settings))
+    straight = train(tiny_config(tiny_llama_chat, prompts, tmp_path / "straight", **settings))
     split = tmp_path / "split"
-    train(_config(tiny_llama_chat, prompts, split, **{**settings, "max_steps": 3}))
-    train(_config(tiny_llama_chat, prompts, split, resume=True, **settings))
+    train(tiny_config(tiny_llama_chat, prompts, split, **{**settings, "max_steps": 3}))
+    train(tiny_config(tiny_llama_chat, prompts, split, resume=True, **settings))
 
     logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, split)]
     staged = [(r["curriculum/tolerance"], r["curriculum/pass_rate"]) for r in logs[0]]
@@ -501,7 +487,7 @@ def test_curriculum_rewards_see_the_stage_and_a_resume_is_exact(tiny_llama_chat,
 def test_truncated_reward_replaces_the_reward_of_completions_cut_off(tiny_llama_chat, tiny_prompts, tmp_path):
     reward = tmp_path / "half.py"
     reward.write_text("def half(prompts, completions, **fields):\n    return [0.5] * len(completions)\n")
-    run = train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{reward}:half",),
+    run = train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{reward}:half",),
                         truncated_reward=-1.0, max_new_tokens=3, max_steps=3))  # fmt: skip
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "truncated" in line]
     assert any(r["truncated"] > 0 for r in records)

@@ -326,7 +326,7 @@ def e2e_policygrad(config, out: Path, minutes: float) -> list[dict]:
     import signal
     import threading
 
-    from policygrad.lm.trainer import checkpoint_folders, train
+    from policygrad.lm.trainer import TRAINER_STATE, checkpoint_folders, load_trainer_state, train
 
     config = dataclasses.replace(config, output_dir=out, eval_decoding=(), keep_checkpoints=0, progress=False)
     # at the wall-time budget, stop as a user would: SIGINT finishes the step, saves a checkpoint and returns
@@ -340,14 +340,11 @@ def e2e_policygrad(config, out: Path, minutes: float) -> list[dict]:
         if "step_time" in record:
             spent += record["step_time"]
             seconds[record["step"]] = spent
-    checkpoints = {}
-    for folder in checkpoint_folders(run_dir):
-        state = folder / "trainer_state.pt"
-        if state.exists():
-            import torch
-
-            step = torch.load(state, weights_only=False)["step"]
-            checkpoints[step] = str(folder)
+    checkpoints = {  # final/ and the periodic checkpoint of the last step are one point
+        load_trainer_state(folder)["step"]: str(folder)
+        for folder in checkpoint_folders(run_dir)
+        if (folder / TRAINER_STATE).exists()
+    }
     return [{"step": step, "train_s": seconds[step], "model": folder} for step, folder in sorted(checkpoints.items())]
 
 

@@ -354,14 +354,15 @@ def e2e_trl(config, prompts: Path, out: Path, minutes: float) -> list[dict]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from policygrad.lm.models import default_model_path, load_model
+    from policygrad.lm.models import default_model_path
     from policygrad.lm.rewards import load_rewards
+    from policygrad.lm.rollout import eos_token_ids
 
     torch.set_num_threads(config.threads)
     records = [json.loads(line) for line in prompts.read_text().splitlines()]
     dataset = Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in records])
     reward_set = load_rewards(config.rewards)
-    _, tokenizer = load_model("default")
+    ended_by: set[int] = set()  # the EOS ids of TRL's model and tokenizer, as policygrad's Rollout.truncated uses
 
     def recipe_reward(prompts, completions, completion_ids, **fields):
         """The recipe's summed rewards; a reply cut off at max_new_tokens (no EOS) gets truncated_reward."""
@@ -370,7 +371,7 @@ def e2e_trl(config, prompts: Path, out: Path, minutes: float) -> list[dict]:
         scores = reward_set.score(prompts, texts, {k: fields[k] for k in names if k in fields}, "error", None)
         rewards = list(scores.rewards)
         if config.truncated_reward is not None:
-            rewards = [r if tokenizer.eos_token_id in ids else config.truncated_reward
+            rewards = [r if ended_by & set(ids) else config.truncated_reward
                        for r, ids in zip(rewards, completion_ids)]  # fmt: skip
         return rewards
 
@@ -387,6 +388,8 @@ def e2e_trl(config, prompts: Path, out: Path, minutes: float) -> list[dict]:
         dataloader_num_workers=0, log_completions=False,
     )  # fmt: skip
     trainer = GRPOTrainer(model=str(default_model_path()), reward_funcs=recipe_reward, args=args, train_dataset=dataset)
+    tokenizer = trainer.processing_class
+    ended_by.update(eos_token_ids(trainer.model, tokenizer))
     saved: list[dict] = []
     began = time.perf_counter()
 

@@ -26,3 +26,18 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
+
+
+def whole_sequence_logprobs(model, rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference the fast paths are checked against: log pi(y_t) and the entropy H_t of every completion
+    position from ONE plain forward pass of each whole left-padded sequence (prompt + completion), (N, T) each.
+
+        logits_j = f(x)_j / temperature,  position j predicts token j + 1
+        log pi(y_t) = log_softmax(logits)[y_t],   H_t = - sum_v pi_v log pi_v
+    """
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                   position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
+    logits = logits[:, rollout.completion_start - 1 : -1] / temperature  # (N, T, V)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)

@@ -24,6 +24,8 @@ from policygrad.lm.rollout import (
 )
 from policygrad.lm.trainer import update
 
+from lm_helpers import whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
+
 
 def _eos_boosted(folder, boost_value):
     model, tokenizer = load_model(str(folder))
@@ -140,12 +142,7 @@ def test_update_gradient_equals_the_hand_written_grpo_loss(eos_prone):
     w_h = 0.05
 
     reference = copy.deepcopy(model)
-    logits = reference(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                       position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
-    logits = logits[:, rollout.completion_start - 1 : -1] / 0.9  # (N, T, V): position j predicts token j + 1
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    logp, ent = whole_sequence_logprobs(reference, rollout, 0.9)  # (N, T) each
     m = rollout.completion_mask.float()
     loss = -(advantages[:, None] * logp * m).sum() / m.sum() - w_h * (ent * m).sum() / m.sum()
     loss.backward()

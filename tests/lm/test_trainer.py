@@ -186,7 +186,14 @@ def test_advantage_variants_by_name():
     config = GRPOConfig(group_size=2, baseline_decay=0.5)
     rewards = torch.tensor([1.0, 0.0, 3.0, float("nan")])
     grpo, _ = ADVANTAGES["grpo"](rewards, config, 0.0)
-    assert torch.allclose(grpo, group_advantages(rewards, 2))
+    assert torch.allclose(grpo, torch.tensor([0.5 / (0.5**0.5 + 1e-4), -0.5 / (0.5**0.5 + 1e-4), 0, 0]))
+    # the options reach the formula: (r - group mean) / (std + eps), std over the group, the batch or nothing
+    four = torch.tensor([1.0, 0.0, 3.0, 1.0])  # batch std sqrt(19/12), group stds sqrt(1/2) and sqrt(2)
+    for scale, divisor in (("group", [0.5**0.5 + 0.5] * 2 + [2**0.5 + 0.5] * 2), ("batch", [(19 / 12) ** 0.5 + 0.5] * 4),
+                           ("none", [1.0] * 4)):  # fmt: skip
+        options = GRPOConfig(group_size=2, scale_rewards=scale, advantage_eps=0.5)
+        advantages, _ = ADVANTAGES["grpo"](four, options, 0.0)
+        assert torch.allclose(advantages, torch.tensor([0.5, -0.5, 1.0, -1.0]) / torch.tensor(divisor)), scale
     rloo, _ = ADVANTAGES["rloo"](rewards, config, 0.0)
     assert torch.allclose(rloo, torch.tensor([1.0, -1.0, 0.0, 0.0]))  # a group with one valid reward gives 0
     reinforce, baseline = ADVANTAGES["reinforce"](rewards, config, 1.0)

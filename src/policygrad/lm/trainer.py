@@ -1,4 +1,5 @@
 """The GRPO trainer of ``policygrad train``, in Spinning Up's order: sample, score, advantages, update, log.
+The update itself (variants, loss, optimiser steps) is :mod:`policygrad.lm.update`.
 
 For each step: take B prompts, sample G completions of each (N = B * G rows, see :mod:`policygrad.lm.rollout` for
 the letters), score them with the reward functions, turn the N rewards into N advantages (GRPO, RLOO or a REINFORCE
@@ -30,7 +31,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,13 @@ import torch
 from torch import Tensor
 
 from policygrad import checkpointing
-from policygrad.advantages import group_advantages, leave_one_out, moving_average
 from policygrad.errors import UsageError
-from policygrad.losses import aggregate, policy_loss
 from policygrad.lm.config import CONFIG_FILE, GRPOConfig, config_to_dict
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.evaluate import evaluate, group_fields, task_rates
-from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches, rollout_logprobs, sample
+from policygrad.lm.rollout import Rollout, rollout_logprobs, sample
 from policygrad.lm.rewards import RewardError
-from policygrad.regularizers import dynamic_entropy_weight, kl
+from policygrad.lm.update import ADVANTAGES, ENTROPY_WEIGHTS, grpo_loss, micro_batch_share, update
 from policygrad.stopping import EXIT_DIVERGED, Stopped, StopSignals
 
 __all__ = [
@@ -65,183 +64,6 @@ __all__ = [
 
 TRAINER_STATE = "trainer_state.pt"
 """Saved beside each checkpoint's weights: optimiser state, step and baseline, for ``--resume``."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Variants, chosen by name
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _grpo(rewards: Tensor, config: GRPOConfig, baseline: float) -> tuple[Tensor, float]:
-    return group_advantages(rewards, config.group_size, config.scale_rewards, config.advantage_eps), baseline
-
-
-def _rloo(rewards: Tensor, config: GRPOConfig, baseline: float) -> tuple[Tensor, float]:
-    return leave_one_out(rewards, config.group_size), baseline
-
-
-def _reinforce(rewards: Tensor, config: GRPOConfig, baseline: float) -> tuple[Tensor, float]:
-    # the baseline from PAST batches only (it starts at 0), so the estimate stays unbiased (Williams 1992)
-    advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal
-    if rewards.isnan().all():
-        return advantages, baseline
-    updated = moving_average(torch.tensor(baseline, dtype=rewards.dtype), rewards, config.baseline_decay)
-    return advantages, float(updated)
-
-
-ADVANTAGES: dict[str, Callable[[Tensor, GRPOConfig, float], tuple[Tensor, float]]] = {
-    "grpo": _grpo,
-    "rloo": _rloo,
-    "reinforce": _reinforce,
-}
-"""``(rewards (N,), config, baseline) -> (advantages (N,), new baseline)``; only reinforce uses the baseline."""
-
-
-def _constant_entropy_weight(rewards: Tensor, config: GRPOConfig) -> float:
-    return config.entropy_coef
-
-
-def _dynamic_entropy_weight(rewards: Tensor, config: GRPOConfig) -> float:
-    return float(
-        dynamic_entropy_weight(
-            rewards, config.entropy_coef, config.entropy_min_weight, config.entropy_max_weight, config.entropy_eps
-        )
-    )
-
-
-ENTROPY_WEIGHTS: dict[str, Callable[[Tensor, GRPOConfig], float]] = {
-    "constant": _constant_entropy_weight,
-    "dynamic": _dynamic_entropy_weight,
-}
-"""``(rewards (N,), config) -> w_H``, the weight of the entropy bonus for this batch."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The loss and the update
-# --------------------------------------------------------------------------------------------------------------
-
-
-def grpo_loss(
-    logprobs: Tensor,
-    entropies: Tensor,
-    mask: Tensor,
-    advantages: Tensor,
-    old_logprobs: Tensor | None = None,
-    ref_logprobs: Tensor | None = None,
-    entropy_weight: float = 0.0,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    aggregation: str = "token_mean",
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float | None = None,
-    max_len: int | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """The per-batch objective, to minimise:
-
-        loss = L_pg  -  w_H * agg(H)  +  beta * agg(KL_est(logprobs, ref_logprobs))
-
-    ``L_pg`` is :func:`policygrad.losses.policy_loss` (REINFORCE without ``old_logprobs``, the clipped surrogate
-    with them), ``agg`` the same token/sequence aggregation, ``KL_est`` one of the per-token estimators of
-    :func:`policygrad.regularizers.kl`. Pure: tensors in, ``(loss, metrics)`` out.
-
-    Args:
-        logprobs:     (N, T) log pi_theta of the completion tokens; carries the gradient.
-        entropies:    (N, T) entropy of pi_theta at each completion position (with grad if w_H > 0).
-        mask:         (N, T) completion mask.
-        advantages:   (N,) one per completion.
-        old_logprobs: (N, T) sampling-policy log-probs, or None for REINFORCE.
-        ref_logprobs: (N, T) reference-model log-probs, or None for no KL term.
-    Returns:
-        (loss, metrics) with metrics ``pg_loss``, ``entropy``, ``kl`` (when a reference is given) and the
-        clip/ratio metrics of policy_loss.
-    """
-    pg_loss, metrics = policy_loss(
-        logprobs, advantages, mask, old_logprobs, clip_eps_low, clip_eps_high, aggregation, max_len
-    )
-    mean_entropy = aggregate(entropies, mask, aggregation, max_len)
-    loss = pg_loss - entropy_weight * mean_entropy if entropy_weight else pg_loss
-    metrics = {**metrics, "pg_loss": pg_loss.item(), "entropy": mean_entropy.item()}
-    if ref_logprobs is not None:
-        mean_kl = aggregate(kl(logprobs, ref_logprobs, kl_estimator), mask, aggregation, max_len)
-        loss = loss + kl_coef * mean_kl
-        metrics["kl"] = mean_kl.item()
-    return loss, metrics
-
-
-def micro_batch_share(rows_mask: Tensor, batch_mask: Tensor, aggregation: str) -> float:
-    """The weight of one micro-batch's aggregated loss so that the weighted sum equals the full batch's loss.
-
-        token_mean:     tokens(micro) / tokens(batch)
-        sequence_mean:  non-empty rows(micro) / non-empty rows(batch)
-        constant:       rows(micro) / rows(batch)
-
-    Averaging micro-batch losses with equal weights would make a token's weight depend on which micro-batch it
-    landed in; with these weights gradient accumulation gives exactly the full-batch gradient.
-    """
-    if aggregation == "token_mean":
-        return rows_mask.sum().item() / max(batch_mask.sum().item(), 1)
-    if aggregation == "sequence_mean":
-        return (rows_mask.sum(-1) > 0).sum().item() / max((batch_mask.sum(-1) > 0).sum().item(), 1)
-    return rows_mask.shape[0] / batch_mask.shape[0]
-
-
-def update(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rollout: Rollout,
-    advantages: Tensor,
-    ref_logprobs: Tensor | None,
-    entropy_weight: float,
-    config: GRPOConfig,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """``config.updates_per_batch`` optimiser steps on one rollout, each accumulating gradients over micro-batches.
-
-    Returns the metrics of the LAST optimiser step (weighted over its micro-batches), plus ``grad_norm`` (before
-    clipping) and ``loss``; and ``skipped_updates`` = 1 when a non-finite loss or gradient norm stopped it before
-    ``optimizer.step`` (earlier, finite updates of the same batch stay applied).
-    """
-    device = rollout.completion_ids.device
-    mask = rollout.completion_mask  # (N, T)
-    n = mask.shape[0]
-    advantages = advantages.to(device=device, dtype=torch.float32)  # (N,)
-    clipped = config.updates_per_batch > 1  # one step on fresh samples: ratio is 1, REINFORCE is the same gradient
-    if clipped and rollout.logprobs is None:
-        raise ValueError("several updates per batch need the sampling log-probs: sample(..., score_tokens=True)")
-    metrics: dict[str, float] = {}
-    for _ in range(config.updates_per_batch):
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {}
-        for rows in micro_batches(n, config.micro_batch_size):
-            share = micro_batch_share(mask[rows], mask, config.aggregation)
-            if share == 0:
-                continue  # no tokens that count (all-empty completions): nothing to learn from these rows
-            with autocast_context(device, autocast_dtype):
-                logprobs, entropies = completion_logprobs(
-                    model, temperature=config.temperature, **rollout.rows(rows)
-                )  # (M, T) each, M rows in this micro-batch
-            loss, micro = grpo_loss(
-                logprobs, entropies, mask[rows], advantages[rows],
-                old_logprobs=rollout.logprobs[rows] if clipped else None,
-                ref_logprobs=ref_logprobs[rows] if ref_logprobs is not None else None,
-                entropy_weight=entropy_weight, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
-                aggregation=config.aggregation, clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
-                max_len=config.max_new_tokens,
-            )  # fmt: skip
-            (loss * share).backward()
-            micro["loss"] = loss.item()
-            for key, value in micro.items():
-                metrics[key] = metrics.get(key, 0.0) + share * value
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        # reliability (issue 6, docs/reliability.md): a non-finite loss or gradient never reaches the weights or
-        # AdamW's moments; the loop counts skipped updates and stops after max_bad_steps in a row
-        if not (math.isfinite(metrics["grad_norm"]) and math.isfinite(metrics.get("loss", 0.0))):
-            optimizer.zero_grad(set_to_none=True)
-            metrics["skipped_updates"] = 1.0
-            break
-        optimizer.step()
-    return metrics
 
 
 # --------------------------------------------------------------------------------------------------------------

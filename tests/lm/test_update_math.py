@@ -1,0 +1,356 @@
+"""Every path the GRPO update joins, checked against the objective written out here from its formulas (issue 12).
+
+The reference below is deliberately written differently from the library: the clipped surrogate as PPO's two cases
+(``A >= 0``: the ratio is capped above; ``A < 0``: capped below), the aggregations and KL estimators from their
+definitions, log-probs from one plain forward pass of each whole sequence, gradients by autograd, optimiser steps by
+hand. ``update`` must move the weights exactly as that reference does: through several updates per batch (where the
+clip acts on both sides), a KL term to a frozen reference model, an entropy bonus, and micro-batches that split a
+group. The second half trains for real (``train``) and checks what the run logged against the same formulas: the
+advantages of every variant, the moving-average baseline, the dynamic entropy weight and the KL reaching the loss.
+Each test names, in its docstring, the wrong programs it was seen to fail on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from policygrad.lm.config import GRPOConfig
+from policygrad.lm.models import load_model
+from policygrad.lm.rollout import sample
+from policygrad.lm.trainer import train
+from policygrad.lm.update import update
+
+from lm_helpers import tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
+
+TEMPERATURE = 0.9
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The reference objective
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def reference_aggregate(values, mask, aggregation, max_len):
+    """sum(v m)/sum(m); mean over non-empty rows of sum_t(v m)/sum_t m; sum(v m)/(N max_len)."""
+    m = mask.to(values.dtype)
+    if aggregation == "token_mean":
+        return (values * m).sum() / m.sum()
+    if aggregation == "sequence_mean":
+        rows = m.sum(1) > 0
+        return ((values * m).sum(1)[rows] / m.sum(1)[rows]).mean()
+    assert aggregation == "constant"
+    return (values * m).sum() / (values.shape[0] * max_len)
+
+
+def reference_objective(
+    logp, entropy, mask, advantages, *, old=None, ref=None, entropy_weight=0.0, kl_coef=0.0, estimator="k3",
+    eps_low=0.2, eps_high=0.2, aggregation="token_mean", max_len=None,
+):  # fmt: skip
+    """loss = agg(l_pg) - w_H agg(H) + beta agg(KL_est), and the clip counts, from the definitions:
+
+        REINFORCE           l_t = - A log pi_t
+        clipped (PPO eq. 7) l_t = - min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+                                = - A min(r, 1 + eps_high)  if A >= 0,   - A max(r, 1 - eps_low)  if A < 0
+        d = log pi - log pi_ref:  k1 = d,  k2 = d^2 / 2,  k3 = e^{-d} - 1 + d
+    """
+    m = mask.bool()
+    A = advantages[:, None].expand_as(logp)
+    if old is None:
+        per_token = -A * logp
+        clip_low = clip_high = None
+    else:
+        r = torch.exp(torch.where(m, logp - old, torch.zeros_like(logp)))
+        per_token = -torch.where(A >= 0, A * torch.clamp(r, max=1 + eps_high), A * torch.clamp(r, min=1 - eps_low))
+        clip_low = ((r < 1 - eps_low) & (A < 0) & m).sum().item()
+        clip_high = ((r > 1 + eps_high) & (A > 0) & m).sum().item()
+    loss = reference_aggregate(per_token, mask, aggregation, max_len)
+    loss = loss - entropy_weight * reference_aggregate(entropy, mask, aggregation, max_len)
+    kl_value = None
+    if ref is not None:
+        d = torch.where(m, logp - ref, torch.zeros_like(logp))
+        per_kl = {"k1": d, "k2": d**2 / 2, "k3": torch.exp(-d) - 1 + d}[estimator]
+        kl_value = reference_aggregate(per_kl, mask, aggregation, max_len)
+        loss = loss + kl_coef * kl_value
+    return loss, {"clip_low": clip_low, "clip_high": clip_high, "kl": kl_value}
+
+
+def sgd_step_by_hand(model, loss):
+    """theta <- theta - grad(loss): what ``update`` does with SGD at lr 1 and no gradient clipping."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= p.grad
+    model.zero_grad(set_to_none=True)
+
+
+def assert_same_weights(model, expected, atol=2e-6, rtol=1e-4):
+    for (name, a), b in zip(model.named_parameters(), expected.parameters()):
+        assert torch.allclose(a, b, atol=atol, rtol=rtol), (name, (a - b).abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fixtures: a policy that ends its completions at different lengths, and a reference model that differs from it
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _with_eos_boost(model, tokenizer, value):
+    boost = torch.zeros(len(tokenizer))
+    boost[tokenizer.eos_token_id] = value
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
+    return model.eval()
+
+
+@pytest.fixture
+def policy_and_reference(tiny_llama_chat):
+    """(policy, reference, tokenizer): the tiny chat Llama with +3 on the EOS logit as the reference, and the same
+    model with Gaussian noise of std 0.1 on every weight as the policy, so log pi - log pi_ref is far from 0 (the
+    per-token KL estimates are 0.15 to 0.2 nats)."""
+    reference, tokenizer = load_model(str(tiny_llama_chat))
+    reference = _with_eos_boost(reference, tokenizer, 3.0).requires_grad_(False)
+    policy, _ = load_model(str(tiny_llama_chat))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return _with_eos_boost(policy, tokenizer, 3.0), reference, tokenizer
+
+
+def _rollout(policy, tokenizer, score_tokens, seed=0):
+    torch.manual_seed(seed)
+    rollout = sample(policy, tokenizer, ["hi", "a much longer prompt"], group_size=3, max_new_tokens=12,
+                     temperature=TEMPERATURE, score_tokens=score_tokens)  # fmt: skip
+    assert len(set(rollout.completion_lengths.tolist())) > 1  # unequal lengths: the aggregations differ
+    return rollout
+
+
+ADVANTAGES = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9, 0.4])  # (N,) arbitrary, both signs
+
+
+def _config(**overrides) -> GRPOConfig:
+    values = dict(group_size=3, temperature=TEMPERATURE, max_grad_norm=0.0, max_new_tokens=12, micro_batch_size=4)
+    return GRPOConfig(**{**values, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# update() against the reference
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient(
+    policy_and_reference, aggregation, estimator
+):
+    """One optimiser step on ``L_pg - w_H agg(H) + beta agg(KL_est(pi, pi_ref))``, micro-batches of 4 rows out of 6
+    (the second micro-batch starts inside a group), equals the reference's gradient step for every aggregation and
+    KL estimator; the logged loss, policy loss, entropy and KL are the reference's values.
+
+    Fails on: the wrong sign or a detached KL term, k2 and k3 swapped, the KL aggregated with another mode than the
+    policy term, equal (instead of token- or row-weighted) micro-batch shares, a halved entropy weight."""
+    policy, reference, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    mask = rollout.completion_mask
+    with torch.no_grad():
+        ref_logp, _ = whole_sequence_logprobs(reference, rollout, TEMPERATURE)
+    ref_logp = ref_logp * mask  # what the trainer hands over: 0 where masked
+    w_h, beta = 0.05, 0.3
+
+    expected = copy.deepcopy(policy)
+    logp, entropy = whole_sequence_logprobs(expected, rollout, TEMPERATURE)
+    loss, parts = reference_objective(
+        logp, entropy, mask, ADVANTAGES, ref=ref_logp, entropy_weight=w_h, kl_coef=beta, estimator=estimator,
+        aggregation=aggregation, max_len=12,
+    )  # fmt: skip
+    pg_only, _ = reference_objective(logp, entropy, mask, ADVANTAGES, aggregation=aggregation, max_len=12)
+    assert abs(parts["kl"].item()) > 0.05  # the policy really differs from the reference
+    sgd_step_by_hand(expected, loss)
+
+    config = _config(aggregation=aggregation, kl_coef=beta, kl_estimator=estimator)
+    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, ref_logp, w_h, config)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    assert metrics["pg_loss"] == pytest.approx(pg_only.item(), rel=1e-5, abs=1e-6)
+    assert metrics["kl"] == pytest.approx(parts["kl"].item(), rel=1e-5, abs=1e-6)
+    assert metrics["entropy"] == pytest.approx(
+        reference_aggregate(entropy, mask, aggregation, 12).item(), rel=1e-5
+    )
+    assert_same_weights(policy, expected)
+
+
+def test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts(policy_and_reference):
+    """``updates_per_batch=2``: the first step is at ratio 1 against the SAMPLING log-probs, the second at
+    r = pi_new / pi_old, and there the clip removes the gradient of tokens on both sides (eps_low = 0.1 and
+    eps_high = 0.3 differ, so swapping them shows). Weights after both steps, the second step's loss, ratio and
+    clip fractions all equal the reference's.
+
+    Fails on: the clip removed, eps_low and eps_high swapped, the ratio pinned at 1 (old log-probs = current ones),
+    old log-probs re-computed after the first step, one update instead of two."""
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=True)
+    mask, old = rollout.completion_mask, rollout.logprobs
+    lr, eps_low, eps_high = 4.0, 0.1, 0.3
+
+    expected = copy.deepcopy(policy)
+    for _ in range(2):
+        logp, entropy = whole_sequence_logprobs(expected, rollout, TEMPERATURE)
+        loss, parts = reference_objective(logp, entropy, mask, ADVANTAGES, old=old, eps_low=eps_low, eps_high=eps_high)
+        ratio = torch.exp((logp - old) * mask).detach()
+        sgd_step_by_hand(expected, lr * loss)
+    assert parts["clip_low"] > 0 and parts["clip_high"] > 0  # the clip acts on both sides in the second update
+    tokens = mask.sum().item()
+
+    config = _config(updates_per_batch=2, clip_eps_low=eps_low, clip_eps_high=eps_high, micro_batch_size=6)
+    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=lr), rollout, ADVANTAGES, None, 0.0, config)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+    assert metrics["ratio_mean"] == pytest.approx((ratio * mask).sum().item() / tokens, rel=1e-5)
+    assert metrics["clip_fraction_low"] == pytest.approx(parts["clip_low"] / tokens)
+    assert metrics["clip_fraction_high"] == pytest.approx(parts["clip_high"] / tokens)
+    assert_same_weights(policy, expected, atol=2e-5, rtol=1e-3)
+
+
+def test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32(policy_and_reference):
+    """The same batch, the same weights, one SGD step under bfloat16 autocast and in float32 (the trainer's two
+    precisions; on a CPU without bf16 matrix products ``precision: auto`` picks float32, so without this test the
+    two are never compared). Stated bound, measured with margin on the tiny model: the loss within 2% (relative),
+    the step (minus the gradient) within 0.99 cosine and 10% in norm of the float32 one.
+
+    Fails on: autocast applied to the float32 path too (the two are then identical, which this test refuses), a
+    loss computed in bf16 from bf16 log-probs without float32 accumulation beyond the bound, a missing cast."""
+    policy, reference, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    steps, losses = [], []
+    for dtype in (None, torch.bfloat16):
+        model = copy.deepcopy(policy)
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        config = _config(entropy_coef=0.05)
+        metrics = update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.05,
+                         config, autocast_dtype=dtype)  # fmt: skip
+        steps.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach() - before)
+        losses.append(metrics["loss"])
+    fp32, bf16 = steps
+    assert not torch.equal(fp32, bf16)  # autocast really ran in bfloat16
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.99
+    assert (bf16.norm() / fp32.norm()).item() == pytest.approx(1.0, abs=0.1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# train(): what a real run logged, against the formulas
+# ------------------------------------------------------------------------------------------------------------------
+
+REWARDS_FILE = '''
+def spread(prompts, completions, **fields):
+    """Spread-out rewards from a random model's text: its character codes' sum modulo 7, scaled to [0, 1]."""
+    return [(sum(map(ord, text)) % 7) / 6 for text in completions]
+'''
+
+
+def _logged_run(run_dir):
+    """(metrics records of the training steps, rewards of each step in row order) from a run folder."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "reward_mean" in r]  # training steps, not evaluation-only lines
+    rewards: dict[int, list[float]] = {}
+    for line in (run_dir / "completions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rewards.setdefault(row["step"], []).append(row["reward"])
+    return records, [torch.tensor(rewards[r["step"]], dtype=torch.float64) for r in records]
+
+
+def _train_logged(tiny_llama_chat, tiny_prompts, tmp_path, **overrides):
+    (tmp_path / "spread.py").write_text(REWARDS_FILE)
+    config = tiny_config(
+        tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{tmp_path / 'spread.py'}:spread",),
+        log_completions=6, precision="float32", **overrides,
+    )  # fmt: skip
+    records, rewards = _logged_run(train(config))
+    for r in rewards:
+        assert r.numel() == 6 and len(set(r.tolist())) > 2  # every reward logged, and spread out
+    return records, rewards
+
+
+def _stats(advantages):
+    a = advantages.to(torch.float64)
+    return [a.mean().item(), a.std().item(), a.min().item(), a.max().item()]
+
+
+def _group_formula(r, scale, eps, G=3):
+    """(r - mean_group) / (std + eps), std over the group, the batch, or no division (Bessel-corrected std)."""
+    groups = r.view(-1, G)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale == "none":
+        return centred.flatten()
+    std = groups.std(1, keepdim=True) if scale == "group" else r.std()
+    return (centred / (std + eps)).flatten()
+
+
+def _rloo_formula(r, G=3):
+    groups = r.view(-1, G)
+    return (groups - (groups.sum(1, keepdim=True) - groups) / (G - 1)).flatten()
+
+
+@pytest.mark.parametrize(
+    "advantage,scale_rewards",
+    [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("rloo", "group"), ("reinforce", "group")],
+)
+def test_logged_advantages_of_a_real_run_follow_the_variant(advantage, scale_rewards, tiny_llama_chat, tiny_prompts,
+                                                            tmp_path):  # fmt: skip
+    """A three-step run logs every reward and the advantages' mean, std, min and max; recomputed here from the
+    rewards with the variant's formula, with ``advantage_eps = 0.5`` (large, so ignoring it shows), and for reinforce
+    the moving-average baseline ``b_k = decay b_{k-1} + (1 - decay) mean(r_k)`` from ``b_0 = 0``, each batch's
+    advantages against the baseline from BEFORE it. The reinforce run takes two clipped updates per batch: the
+    second sees a ratio that is not 1 (the sampling log-probs are the old policy's).
+
+    Fails on: an advantage function that ignores scale_rewards or advantage_eps, RLOO replaced by the group mean, a
+    baseline updated before the advantages are taken (biased), a baseline that is not carried from step to step, the
+    ratio pinned at 1 in the trainer."""
+    records, rewards = _train_logged(
+        tiny_llama_chat, tiny_prompts, tmp_path, max_steps=3, advantage=advantage, scale_rewards=scale_rewards,
+        advantage_eps=0.5, baseline_decay=0.6, updates_per_batch=2 if advantage == "reinforce" else 1,
+    )  # fmt: skip
+    baseline = 0.0
+    for record, r in zip(records, rewards):
+        if advantage == "grpo":
+            expected = _group_formula(r, scale_rewards, 0.5)
+        elif advantage == "rloo":
+            expected = _rloo_formula(r)
+        else:
+            expected = r - baseline
+            baseline = 0.6 * baseline + 0.4 * r.mean().item()
+            assert record["baseline"] == pytest.approx(baseline, rel=1e-6)
+            assert record["ratio_mean"] != 1.0
+        logged = [record[k] for k in ("advantage_mean", "advantage_std", "advantage_min", "advantage_max")]
+        assert logged == pytest.approx(_stats(expected), rel=1e-5, abs=1e-6)
+
+
+def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl(tiny_llama_chat, tiny_prompts,
+                                                                                     tmp_path):  # fmt: skip
+    """A two-step run with the dynamic entropy weight and a KL term. Every step:
+
+        entropy_weight = clip(coef / (Var(r) + eps), min, max)     from the step's logged rewards
+        loss           = pg_loss - entropy_weight * entropy + beta * kl
+
+    so this holds only if the weight the loss used is the logged, dynamic one; the KL to the frozen initial model is
+    0 at the first update (the policy is the reference then) and positive at the second.
+
+    Fails on: ``update`` given the constant entropy_coef instead of the batch's weight, the reference replaced by
+    the current policy or refreshed at each step (KL always 0), a KL coefficient that never reaches the loss."""
+    coef, eps, beta = 1e-3, 0.01, 0.5
+    records, rewards = _train_logged(
+        tiny_llama_chat, tiny_prompts, tmp_path, max_steps=2, entropy_weight="dynamic", entropy_coef=coef,
+        entropy_eps=eps, entropy_max_weight=1.0, kl_coef=beta, lr=3e-2,
+    )  # fmt: skip
+    for record, r in zip(records, rewards):
+        weight = min(max(coef / (r.var().item() + eps), 0.0), 1.0)
+        assert record["entropy_weight"] == pytest.approx(weight, rel=1e-5)
+        assert weight > 2 * coef  # so the constant coefficient in its place would show in the loss
+        expected_loss = record["pg_loss"] - weight * record["entropy"] + beta * record["kl"]
+        assert record["loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-7)
+    first, second = records
+    assert abs(first["kl"]) < 1e-6  # the first update: policy and reference are the same weights
+    assert second["kl"] > 1e-3

@@ -1,0 +1,181 @@
+"""The wrong programs of issue 12, each run against the tests that must now fail on it.
+
+A reviewer broke the code on purpose in a copy and found that the suite passed: the clip removed, the ratio pinned
+at 1, the KL measured against the policy itself, a constant entropy weight where the dynamic one belongs, ... This
+script makes each of those edits (and a few of their relatives) in a fresh copy of ``src/``, runs the named tests
+against the copy, and prints whether they failed (the mutant is killed) or passed (it survived). Exit status 1 if
+any survived. ``make mutation`` runs it after the mutation tool's random mutants; alone:
+
+    .venv/bin/python tests/named_mutants.py            # all
+    .venv/bin/python tests/named_mutants.py clip ratio # those whose name contains a word
+
+Not part of the suite: each mutant costs a pytest start (about 10 s of CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # under src/policygrad/
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or files) that must fail
+
+
+UPDATE_MATH = "tests/lm/test_update_math.py"
+MUTANTS = [
+    Mutant(
+        "clip removed from policy_loss", "losses.py",
+        "clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages",
+        "clipped = ratio * advantages",
+        ("tests/test_losses.py", f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts"),
+    ),
+    Mutant(
+        "clip eps_low and eps_high swapped", "losses.py",
+        "clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages",
+        "clipped = ratio.clamp(1.0 - eps_high, 1.0 + clip_eps_low) * advantages",
+        ("tests/test_losses.py", f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts"),
+    ),
+    Mutant(
+        "ratio pinned at 1 in the update", "lm/update.py",
+        "old_logprobs=rollout.logprobs[rows] if clipped else None,",
+        "old_logprobs=logprobs.detach() if clipped else None,",
+        (f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts",
+         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+    ),
+    Mutant(
+        "KL against the current policy instead of the frozen reference", "lm/trainer.py",
+        "ref_logprobs = _reference_logprobs(run.reference, rollout, config, run.autocast_dtype)",
+        "ref_logprobs = _reference_logprobs(run.reference and run.model, rollout, config, run.autocast_dtype)",
+        (f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl",),
+    ),
+    Mutant(
+        "KL term with the wrong sign", "lm/update.py",
+        "loss = loss + kl_coef * mean_kl",
+        "loss = loss - kl_coef * mean_kl",
+        (f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",),
+    ),
+    Mutant(
+        "k2 and k3 swapped", "regularizers.py",
+        'KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}',
+        'KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k3, "k3": _k2}',
+        ("tests/test_regularizers.py",
+         f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient"),
+    ),
+    Mutant(
+        "update given the constant entropy_coef instead of the batch's dynamic weight", "lm/trainer.py",
+        "run.model, run.optimizer, rollout, advantages, ref_logprobs, entropy_weight, config,",
+        "run.model, run.optimizer, rollout, advantages, ref_logprobs, config.entropy_coef, config,",
+        (f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl",),
+    ),
+    Mutant(
+        "entropy bonus halved", "lm/update.py",
+        "loss = pg_loss - entropy_weight * mean_entropy if entropy_weight else pg_loss",
+        "loss = pg_loss - 0.5 * entropy_weight * mean_entropy if entropy_weight else pg_loss",
+        (f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",
+         "tests/lm/test_fast_paths.py::test_update_gradient_equals_the_hand_written_grpo_loss"),
+    ),
+    Mutant(
+        "GRPO advantages ignore scale_rewards and advantage_eps", "lm/update.py",
+        "return group_advantages(rewards, config.group_size, config.scale_rewards, config.advantage_eps), baseline",
+        "return group_advantages(rewards, config.group_size), baseline",
+        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
+         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+    ),
+    Mutant(
+        "RLOO replaced by the plain group mean", "lm/update.py",
+        "return leave_one_out(rewards, config.group_size), baseline",
+        'return group_advantages(rewards, config.group_size, "none"), baseline',
+        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
+         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+    ),
+    Mutant(
+        "moving-average baseline updated before the advantages are taken", "lm/update.py",
+        "advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal",
+        "advantages = (rewards - rewards.nanmean()).nan_to_num(0.0)",
+        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
+         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+    ),
+    Mutant(
+        "dynamic entropy weight replaced by the constant", "lm/update.py",
+        '    "dynamic": _dynamic_entropy_weight,',
+        '    "dynamic": _constant_entropy_weight,',
+        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
+         f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl"),
+    ),
+    Mutant(
+        "micro-batches weighted equally instead of by their tokens", "lm/update.py",
+        "return rows_mask.sum().item() / max(batch_mask.sum().item(), 1)",
+        "return rows_mask.shape[0] / batch_mask.shape[0]",
+        (f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",),
+    ),
+    Mutant(
+        "bf16 autocast never enabled", "lm/rollout.py",
+        "return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)",
+        "return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=False)",
+        (f"{UPDATE_MATH}::test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32",),
+    ),
+]
+
+
+def run(mutant: Mutant, workdir: Path) -> tuple[list[str], float, str]:
+    """Apply ``mutant`` to a fresh copy of src/ and run its tests there: (the tests that failed, seconds, pytest's
+    last line)."""
+    src = workdir / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    shutil.copytree(ROOT / "src", src)
+    path = src / "policygrad" / mutant.file
+    text = path.read_text()
+    if mutant.old and text.count(mutant.old) != 1:
+        raise SystemExit(f"named_mutants: {mutant.name!r}: the text to replace occurs {text.count(mutant.old)} times "
+                         f"in {mutant.file}, not once; update this script")
+    path.write_text(text.replace(mutant.old, mutant.new))
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *mutant.tests],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if result.returncode not in (0, 1) or " error" in last:  # a mutant that does not import proves nothing
+        raise SystemExit(f"named_mutants: {mutant.name!r}: pytest could not run the tests: {last}")
+    failed = [line.split()[1].split("::", 1)[-1] for line in lines if line.startswith("FAILED ")]
+    return failed, time.perf_counter() - started, last
+
+
+def main(words: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not words or any(w.lower() in m.name.lower() for w in words)]
+    survivors = 0
+    with tempfile.TemporaryDirectory(prefix="policygrad-mutant-") as tmp:
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        unchanged, seconds, last = run(Mutant("the code as it is", "losses.py", "", "", tests), Path(tmp))
+        if unchanged:
+            raise SystemExit(f"named_mutants: the tests fail on the code as it is ({last}); fix them first")
+        print(f"passed   {seconds:5.1f}s  the code as it is  [{last}]", flush=True)
+        for mutant in chosen:
+            failed, seconds, last = run(mutant, Path(tmp))
+            survivors += not failed
+            print(f"{'killed  ' if failed else 'SURVIVED'} {seconds:5.1f}s  {mutant.name}", flush=True)
+            for test in failed:
+                print(f"                 fails: {test}", flush=True)
+    print(f"{len(chosen) - survivors} of {len(chosen)} named mutants killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -11,11 +11,14 @@ from policygrad.lm.config import GRPOConfig
 
 def tiny_config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfig:
     """A run of the tiny local model (conftest.py) that takes seconds: 2 prompts x 3 completions of at most 8 tokens,
-    2 steps, one thread on CPU, no evaluation or progress bar; ``overrides`` replace any field."""
+    2 steps, one thread on CPU, no evaluation or progress bar; ``overrides`` replace any field.
+
+    Float32, so the suite runs the same arithmetic on every CPU (``precision: auto`` would pick bfloat16 on a CPU
+    with bf16 matrix products and float32 elsewhere); the bfloat16 path has tests of its own that ask for it."""
     values = dict(
         model=str(model), prompts=str(prompts), heldout_prompts=2, prompts_per_step=2, group_size=3,
         max_new_tokens=8, lr=1e-2, max_steps=2, micro_batch_size=4, output_dir=out, eval_size=2,
-        eval_decoding=(), progress=False, device="cpu", threads=1,
+        eval_decoding=(), progress=False, device="cpu", threads=1, precision="float32",
     )  # fmt: skip
     values.update(overrides)
     return GRPOConfig(**values)

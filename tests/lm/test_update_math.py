@@ -266,7 +266,7 @@ def _train_logged(tiny_llama_chat, tiny_prompts, tmp_path, **overrides):
     (tmp_path / "spread.py").write_text(REWARDS_FILE)
     config = tiny_config(
         tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{tmp_path / 'spread.py'}:spread",),
-        log_completions=6, precision="float32", **overrides,
+        log_completions=6, **overrides,
     )  # fmt: skip
     records, rewards = _logged_run(train(config))
     for r in rewards:

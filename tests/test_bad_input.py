@@ -554,16 +554,18 @@ def test_broken_model_folders_are_one_line(how, tiny_model, good_prompts, tmp_pa
                       st.dictionaries(ARG_TEXT, _yaml_scalar(), max_size=4).map(lambda d: json.dumps(d).encode())),
 )  # fmt: skip
 def test_random_bytes_in_a_model_folder(part, content, tiny_model, tmp_path, monkeypatch, sandbox):
+    """None of these contents is a config, weights or tokenizer a model can be built from: loading must refuse in one
+    line naming the folder. A model that loads from garbage fails the test."""
     from policygrad.lm.models import load_model
 
+    assume(content != (tiny_model / part).read_bytes())
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / "model"
         shutil.copytree(tiny_model, folder)
         (folder / part).write_bytes(content)
-        try:
+        with pytest.raises(UsageError) as info:
             load_model(str(folder))
-        except UsageError as err:
-            assert "\n" not in str(err) and str(folder) in str(err)
+        assert "\n" not in str(info.value) and str(folder) in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -615,21 +617,29 @@ def _break_checkpoint(folder: Path, what: str) -> None:
         _break_model(folder, what)
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "after:weights-truncated",  # the manifest catches it: skipped with a warning
-        "after:state-garbage",
-        "before:weights-truncated",  # the manifest agrees: load_model's own checks catch it
-        "before:config-not-json",
-        "before:weights-pickle",
-        "before:state-garbage",  # the manifest agrees: the trainer state's own checks catch these
-        "before:state-empty",
-        "before:state-pickle",
-        "before:state-no-step",
-        "before:state-step-text",
-    ],
-)
+# what each broken checkpoint is refused with (docs/reliability.md's fault table counts these)
+DAMAGED_AFTER_SAVE = {  # the manifest catches it: skipped with a warning, and then nothing is left to resume
+    "weights-truncated": "holds no intact checkpoint", "state-garbage": "holds no intact checkpoint",
+}  # fmt: skip
+BAD_MODEL_FILES = {  # the manifest agrees: load_model's own checks catch these, naming the file or the folder
+    "weights-truncated": "model.safetensors is not a complete safetensors file",
+    "config-not-json": "config.json is not a readable JSON file",
+    "weights-pickle": "policygrad never unpickles code",
+}
+BAD_STATES = {  # the manifest agrees: the trainer state's own checks catch these, naming trainer_state.pt
+    "state-garbage": "trainer_state.pt cannot be read safely: ",
+    "state-empty": "trainer_state.pt cannot be read safely: ",
+    "state-pickle": "trainer_state.pt cannot be read safely: ",
+    "state-no-step": 'trainer_state.pt is not a policygrad trainer state: no "step"',
+    "state-step-text": 'trainer_state.pt is not a policygrad trainer state: "step" must be a whole number',
+}
+BROKEN_CHECKPOINTS = {
+    **{f"after:{what}": said for what, said in DAMAGED_AFTER_SAVE.items()},
+    **{f"before:{what}": said for what, said in {**BAD_MODEL_FILES, **BAD_STATES}.items()},
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN_CHECKPOINTS))
 def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_path, capsys, monkeypatch, sandbox):
     """A broken checkpoint ends in one error line (warnings about skipped checkpoints may come first); it never ends
     in a traceback, never runs code, and the refused resume leaves the run folder as it was. With the run's only
@@ -643,11 +653,17 @@ def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_p
     lines = [line for line in err.splitlines() if not line.startswith("policygrad: skipping checkpoint")]
     assert_usage_line(code, "\n".join(lines), "train")
     assert tree(run) == before  # nothing in the run was changed
+    assert BROKEN_CHECKPOINTS[how] in lines[0], lines[0]
     if how.startswith("after:"):
         assert "skipping checkpoint" in err
         assert f"{run} holds no intact checkpoint" in lines[0] and "--overwrite" in lines[0]
-    elif "state" in how:
-        assert str(run / "final" / "trainer_state.pt") in lines[0]
+    else:
+        assert str(run / "final") in lines[0]
+        if how.removeprefix("before:") in BAD_STATES:
+            assert str(run / "final" / "trainer_state.pt") in lines[0]
+
+
+BUILTIN_REWARDS = ("shaped", "binary")  # each refused on prompts without its fields, then one run under skip
 
 
 def test_rewards_that_need_fields_the_prompts_lack(tiny_model, tmp_path, capsys, monkeypatch, sandbox):
@@ -659,7 +675,7 @@ def test_rewards_that_need_fields_the_prompts_lack(tiny_model, tmp_path, capsys,
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(8)))
     run = tmp_path / "run"
     argv = ["train", "--model", str(tiny_model), "--prompts", str(prompts), "--output-dir", str(run), *TINY_RUN]
-    for reward in ("shaped", "binary"):
+    for reward in BUILTIN_REWARDS:
         code, _, err = call([*argv, "--rewards", reward], capsys)
         assert_usage_line(code, err, "train", "--rewards", str(prompts), "target_length", "fields: none")
         assert not run.exists()
@@ -738,31 +754,35 @@ def test_reward_outputs_are_numbers_of_the_right_count_or_a_clear_error(data, n,
         assert scores.nan_count == sum(math.isnan(r) for r in scores.rewards)
 
 
-@pytest.mark.parametrize("on_fault", ["error", "skip"])
-@pytest.mark.parametrize(
-    "outputs, weights",
-    [
-        ([[10**400]], [1.0]),  # an int beyond float's range: float() raises OverflowError
-        ([[1e308], [1e308]], [1.0, 1.0]),  # finite rewards whose weighted sum is inf
-        ([[1e300]], [1e10]),  # finite reward times a finite weight: inf
-        ([_BadIterable()], [1.0]),  # iterating what the function returned raises (not TypeError)
-    ],
-    ids=["int-beyond-float", "sum-overflows", "weight-overflows", "iteration-raises"],
-)
-def test_rewards_past_float_range_or_unreadable_are_faults(outputs, weights, on_fault):
-    """Each is a reward fault like NaN or inf: one line under "error", the sample's reward NaN under "skip"."""
+REWARD_POLICIES = ("error", "skip")
+UNREADABLE_REWARDS = {  # id: (what each function returns, the weights, the function the error line names)
+    "int-beyond-float": ([[10**400]], [1.0], "r0"),  # an int beyond float's range: float() raises OverflowError
+    "sum-overflows": ([[1e308], [1e308]], [1.0, 1.0], "r0+r1"),  # finite rewards whose weighted sum is inf
+    "weight-overflows": ([[1e300]], [1e10], "r0"),  # finite reward times a finite weight: inf
+    "iteration-raises": ([_BadIterable()], [1.0], "r0"),  # iterating what the function returned raises
+}
+
+
+@pytest.mark.parametrize("on_fault", REWARD_POLICIES)
+@pytest.mark.parametrize("outputs, weights, name", list(UNREADABLE_REWARDS.values()), ids=list(UNREADABLE_REWARDS))
+def test_rewards_past_float_range_or_unreadable_are_faults(outputs, weights, name, on_fault):
+    """Each is a reward fault like NaN or inf: one line under "error" naming the function (the sum of them when the
+    sum overflows) and the sample, the sample's reward NaN under "skip"."""
     from policygrad.lm.rewards import RewardError, RewardFunction, RewardSet
 
-    functions = [RewardFunction(f"r{k}", lambda p, c, _o=o, **f: _o, w) for k, (o, w) in enumerate(zip(outputs, weights))]
+    functions = [RewardFunction(f"r{k}", lambda p, c, _o=o, **f: _o, w)
+                 for k, (o, w) in enumerate(zip(outputs, weights))]  # fmt: skip
     reward_set = RewardSet(functions)
     if on_fault == "error":
         with pytest.raises(RewardError) as info:
             reward_set.score(["p"], ["c"], {}, on_fault="error")
-        assert "\n" not in str(info.value) and str(info.value).startswith("reward r0")
+        assert "\n" not in str(info.value) and str(info.value).startswith(f"reward {name}: ")
+        assert "sample 0 (prompt 'p'" in str(info.value) or "first prompt 'p'" in str(info.value)
     else:
         scores = reward_set.score(["p"], ["c"], {}, on_fault="skip")
         assert math.isnan(scores.rewards[0]) and scores.faulted_samples == 1 and scores.nan_count == 1
         assert len(scores.faults) == 1 and scores.faults[0].kind in ("inf", "type")
+        assert scores.faults[0].function == name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -786,3 +806,45 @@ def test_broken_recipe_in_a_real_shell(name, content, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# docs/reliability.md
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fault_table_rows() -> list:
+    """This file's rows of docs/reliability.md's fault table, from the constants the tests above inject."""
+    import fault_table  # tests/fault_table.py: this folder is on sys.path under pytest
+
+    Row = fault_table.Row
+    ((huge,),), _, _ = UNREADABLE_REWARDS["int-beyond-float"]  # 10**400, written so in the table
+    summed = [f"{r:g}".replace("e+", "e") for (r,) in UNREADABLE_REWARDS["sum-overflows"][0]]  # 1e308 + 1e308
+    ((reward,),), (weight,), _ = UNREADABLE_REWARDS["weight-overflows"]  # 1e10 * 1e300
+    product = [f"{weight:g}".replace("e+", "e"), f"{reward:g}".replace("e+", "e")]
+    return [
+        Row("The run's only checkpoint damaged after its manifest was written", "train", f"{len(DAMAGED_AFTER_SAVE)}",
+            [], "nothing"),
+        Row("A `trainer_state.pt` written badly but with a matching manifest", "train", f"{len(BAD_STATES)} (one each)",
+            [], "nothing"),
+        Row("A checkpoint's weights or `config.json` written badly", "train", f"{len(BAD_MODEL_FILES)} (one each)", [],
+            "nothing"),
+        Row("A reward of `10**400`", "train", f"{len(UNREADABLE_REWARDS)} x {len(REWARD_POLICIES)}",
+            [10, len(str(huge)) - 1, *summed, *product], "that sample's learning signal only"),
+        Row("Built-in rewards (`shaped`, `binary`)", "train", f"{len(BUILTIN_REWARDS)} + 1", [],
+            "nothing (refused before writing)"),
+    ]  # fmt: skip
+
+
+def test_the_fault_table_rows_are_these_tests():
+    """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
+    import fault_table
+
+    fault_table.check("test_bad_input.py", _fault_table_rows())
+
+
+def test_the_fault_table_check_fails_on_any_changed_number():
+    """Each number of this file's rows, changed alone in a copy of the page, fails the check above."""
+    import fault_table
+
+    assert fault_table.check_catches_every_change("test_bad_input.py", _fault_table_rows()) >= 10

@@ -49,11 +49,60 @@ def test_live_view_without_a_terminal_prints_the_final_state():
     assert "step 30/30" in result.stdout and "policy probability" in result.stdout
 
 
-def test_plot_writes_a_png(tmp_path):
-    path = tmp_path / "bandit.png"
-    result = run("bandit", "--steps", "60", "--plot-seeds", "8", "--delay", "0", "--plot", str(path))
-    assert result.returncode == 0, result.stderr
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """Every matplotlib figure saved while the test runs, kept for inspection (the file is still written)."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return saved
+
+
+def test_plot_draws_the_runs_it_compares(tmp_path, figures, capsys):
+    """The figure is drawn from the runs it names: the median J of each baseline's 8 seeds, their gradient variance
+    averaged over 10 steps, the last run's policy; checked against the same runs made here (not just "a PNG")."""
+    import torch
+
+    from policygrad.bandit.core import run_bandit
+    from policygrad.cli import main
+
+    path, steps, seeds, means = tmp_path / "bandit.png", 60, 8, (3.2, 4.0, 3.6, 3.0)
+    assert main(["bandit", "--steps", str(steps), "--plot-seeds", str(seeds), "--json", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {path}" in capsys.readouterr().err
+    (figure,) = figures
+    learning, variance, policy = figure.axes
+    assert figure.get_suptitle() == f"{seeds} seeds, N=4 samples per update, lr=0.3, noise=0.5"  # the defaults
+
+    runs = {name: run_bandit(torch.tensor(means, dtype=torch.float64), noise=0.5, baseline=name, samples=4, lr=0.3,
+                             steps=steps, seed=0, seeds=seeds) for name in ("none", "loo")}  # fmt: skip
+    assert (learning.get_xlabel(), learning.get_ylabel()) == ("update step", "expected reward J")
+    assert [line.get_label() for line in learning.lines] == ["baseline: none", "baseline: loo", "best arm"]
+    for line, run in zip(learning.lines, runs.values()):
+        assert list(line.get_xdata()) == list(range(steps + 1))
+        medians = [sorted(row)[seeds // 2 - 1 : seeds // 2 + 1] for row in run.expected_reward.tolist()]
+        assert line.get_ydata() == pytest.approx([sum(pair) / 2 for pair in medians], abs=1e-12)  # median of 8
+    assert list(learning.lines[2].get_ydata()) == [max(means)] * 2
+    assert learning.lines[0].get_ydata()[-1] < learning.lines[1].get_ydata()[-1]  # the baseline learns faster
+
+    assert variance.get_yscale() == "log" and variance.get_xlabel() == "update step"
+    for line, run in zip(variance.lines, runs.values()):
+        g, e = run.gradient_estimates.tolist(), run.exact_gradients.tolist()  # (steps, seeds, arms)
+        per_step = [sum(sum((a - b) ** 2 for a, b in zip(gs, es)) for gs, es in zip(g[t], e[t])) / seeds
+                    for t in range(steps)]  # mean over seeds of ||g - grad J||^2  # fmt: skip
+        assert list(line.get_xdata()) == list(range(10, steps + 1))
+        assert line.get_ydata() == pytest.approx([sum(per_step[t - 10 : t]) / 10 for t in range(10, steps + 1)])
+
+    assert policy.get_title() == "Policy, one seed (baseline: loo)" and policy.get_ylim() == (0, 1)
+    bands = policy.collections  # one stacked band per arm
+    assert [band.get_label() for band in bands] == [f"arm {k} (mean {m:g})" for k, m in enumerate(means)]
+    top = bands[-1].get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx(1.0)  # the stacked probabilities of the first seed sum to 1
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 """Issue 6, "Nothing lost", for the control trainer: a run stopped by a signal, or killed while it saves, resumes to
 bit-identical weights and metrics; a changed config is refused; checkpoints load without unpickling.
 
-The counts of docs/reliability.md are the constants here.
+The counts of docs/reliability.md are the constants here: ``_fault_table_rows`` at the end declares this file's rows
+of its table from them, and a test compares the two cell by cell.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -31,6 +33,16 @@ from policygrad.stopping import EXIT_DIVERGED  # noqa: E402
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
 KILLS_DURING_SAVE = 3  # SIGKILLs of `policygrad control` while it writes a checkpoint
+BAD_UPDATES = (4, 5, 6)  # non-finite updates in a row, with --max-bad-updates len(BAD_UPDATES)
+
+
+def _fault_table():
+    """tests/fault_table.py, loaded by its path once (tests/ itself is not on sys.path)."""
+    if "fault_table" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fault_table", Path(__file__).parents[1] / "fault_table.py")
+        sys.modules["fault_table"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["fault_table"]
 
 
 @pytest.fixture(autouse=True)
@@ -157,27 +169,30 @@ def test_killed_while_saving_resumes_to_the_same_run(tmp_path):
             str(24 * 64), "--seed", "9", "--eval-episodes", "0", "--save-every", "1", "--keep-checkpoints", "2",
             "--no-progress"]  # fmt: skip
     root = tmp_path / "run"
-    rng, kills, cut_short = random.Random(7), 0, 0
-    child = subprocess.Popen([POLICYGRAD, "control", *args, "--run-dir", str(root)], stderr=subprocess.PIPE)
+    rng, table, kills, cut_short = random.Random(7), _fault_table(), 0, 0
+    child = subprocess.Popen([POLICYGRAD, "control", *args, "--run-dir", str(root)], stderr=subprocess.DEVNULL)
     while kills < KILLS_DURING_SAVE:
+
+        def saving(pid=child.pid) -> bool:  # this process's save is under way (a leftover has another pid)
+            return bool(list(root.glob(f"*/checkpoints/.*.tmp-{pid}")))
+
         deadline = time.monotonic() + 120
         while child.poll() is None and time.monotonic() < deadline:
-            if list(root.glob("*/checkpoints/.*.tmp-*")):
+            if saving():  # stopped at a random moment of the save; killed only if it is still saving then
                 time.sleep(rng.uniform(0.0, 0.003))
-                child.send_signal(signal.SIGKILL)
-                kills += 1
-                break
+                if table.kill_inside_a_save(child, saving):
+                    kills += 1
+                    break
             time.sleep(0.0005)
-        assert child.wait() != 0, "the run finished before it could be killed"
-        cut_short += bool(list(root.glob("*/checkpoints/.*")))  # a save was left half done
+        assert child.returncode == -signal.SIGKILL, f"the run ended (exit {child.returncode}) after {kills} kills"
+        cut_short += saving(child.pid)  # the save it was killed in is left half done
         child = subprocess.Popen([POLICYGRAD, "control", "--resume", str(_only_run_dir(root)), "--no-progress"],
                                  stderr=subprocess.PIPE)  # fmt: skip
     _, err = child.communicate(timeout=300)
     assert child.returncode == 0, err.decode()
+    assert kills == cut_short == KILLS_DURING_SAVE
     assert run(ControlConfig(**_flags(args), run_dir=tmp_path / "straight")) == 0
     _assert_same_run(_only_run_dir(tmp_path / "straight"), _only_run_dir(root))
-    assert cut_short >= 1, "no kill landed inside a save"
-    print(f"control: {kills} kills, {cut_short} inside a save")
 
 
 def test_environment_state_is_saved_only_when_it_can_be_seen():
@@ -231,6 +246,13 @@ def _poison_rewards(patch: pytest.MonkeyPatch, bad_updates: set[int]) -> None:
     patch.setattr(train_module, "Collector", Poisoned)
 
 
+def _optimiser_steps(algo: str) -> int:
+    """The optimiser steps of one update of the CartPole case: the policy's (one per minibatch of each epoch for
+    PPO, one for A2C and NPG) plus the value network's (one per minibatch of each epoch)."""
+    cfg = ControlConfig(**dict(CASES["cartpole-ppo"], algo=algo))
+    return (cfg.epochs * cfg.minibatches if algo == "ppo" else 1) + cfg.epochs * cfg.minibatches
+
+
 @pytest.mark.parametrize("algo", NONFINITE_ALGOS)
 def test_a_non_finite_update_is_skipped_and_counted(algo, tmp_path, capsys):
     settings = dict(CASES["cartpole-ppo"], algo=algo, total_steps=5 * 128, progress=False, eval_episodes=0)
@@ -239,9 +261,7 @@ def test_a_non_finite_update_is_skipped_and_counted(algo, tmp_path, capsys):
         assert run(ControlConfig(run_dir=tmp_path, **settings)) == 0
     run_dir = _only_run_dir(tmp_path)
     skipped = [record["skipped_steps"] for record in _metrics(run_dir)]
-    cfg = ControlConfig(**settings)
-    policy_steps = cfg.epochs * cfg.minibatches if algo == "ppo" else 1
-    assert skipped == [0, 0, policy_steps + cfg.epochs * cfg.minibatches, 0, 0]  # every step of update 3, no other
+    assert skipped == [0, 0, _optimiser_steps(algo), 0, 0]  # every step of update 3, no other
     assert "update 3: non-finite loss or gradient norm" in capsys.readouterr().err
     assert all(torch.isfinite(t).all() for t in _policy(run_dir).values())
 
@@ -251,23 +271,51 @@ def test_non_finite_updates_in_a_row_stop_with_the_state_from_before_the_first(a
     """Updates 4, 5 and 6 go bad: the run stops with exit 3 and the checkpoint of the state after update 3, which a
     resume (the environment mended) continues into exactly the run that never went wrong."""
     settings = dict(CASES["cartpole-ppo"], algo=algo, seed=4, progress=False, eval_episodes=0)
+    good = BAD_UPDATES[0] - 1  # the last good update
     assert run(ControlConfig(run_dir=tmp_path / "straight", **settings)) == 0
     with pytest.MonkeyPatch.context() as patch:
-        _poison_rewards(patch, {4, 5, 6, 7})
-        code = run(ControlConfig(run_dir=tmp_path / "split", save_every=1, max_bad_updates=3, **settings))
-    assert code == EXIT_DIVERGED == 3
+        _poison_rewards(patch, {*BAD_UPDATES, BAD_UPDATES[-1] + 1})
+        config = ControlConfig(run_dir=tmp_path / "split", save_every=1, max_bad_updates=len(BAD_UPDATES), **settings)
+        code = run(config)
+    assert code == EXIT_DIVERGED
     split = _only_run_dir(tmp_path / "split")
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("policygrad control: stopped: 3 updates in a row had a non-finite loss or gradient norm; "
-                           f"saved the state from before the first of them (after update 3) in "
-                           f"{split / 'checkpoints' / 'update-000003'}")  # fmt: skip
+    assert line.startswith(f"policygrad control: stopped: {len(BAD_UPDATES)} updates in a row had a non-finite loss "
+                           f"or gradient norm; saved the state from before the first of them (after update {good}) in "
+                           f"{split / 'checkpoints' / f'update-{good:06d}'}")  # fmt: skip
     assert line.endswith(f"resume with: policygrad control --resume {shlex.quote(str(split))}")
-    assert checkpointing.latest_good(checkpointing.folders_in(split / "checkpoints")).name == "update-000003"
+    assert [record["update"] for record in _metrics(split)][-1] == BAD_UPDATES[-1]  # stopped after the last bad one
+    assert checkpointing.latest_good(checkpointing.folders_in(split / "checkpoints")).name == f"update-{good:06d}"
     assert run(ControlConfig(resume=split, progress=False, eval_episodes=0)) == 0
     _assert_same_run(_only_run_dir(tmp_path / "straight"), split)
 
 
-def test_the_fault_table_has_these_counts():
-    """docs/reliability.md reports what the non-finite tests above inject; keep the two in step."""
-    text = (SRC.parent / "docs" / "reliability.md").read_text()
-    assert text.count(f"| control | {len(NONFINITE_ALGOS)} (one each) |") == 2
+def _fault_table_rows() -> list:
+    """This file's rows of docs/reliability.md's fault table, from the constants the tests above inject."""
+    Row = _fault_table().Row
+    ppo, a2c, npg = (_optimiser_steps(algo) for algo in NONFINITE_ALGOS)
+    cfg = ControlConfig(**CASES["cartpole-ppo"])
+    assert a2c == npg  # the table gives them one number
+    return [
+        Row("Resume with changed flags (`lr`, `gamma`)", "control", "1", [], "nothing"),
+        Row("SIGKILL of `policygrad control` while it writes a checkpoint", "control", f"{KILLS_DURING_SAVE}",
+            [KILLS_DURING_SAVE, KILLS_DURING_SAVE], "nothing"),
+        Row("SIGINT during an update (CartPole PPO, Pendulum A2C)", "control", f"{len(CASES)}", [128 + signal.SIGINT],
+            "nothing"),
+        Row("SIGTERM to `policygrad control`", "control", "1", [128 + signal.SIGTERM], "nothing"),
+        Row("NaN rewards in every step of one update", "control", f"{len(NONFINITE_ALGOS)} (one each)",
+            [ppo, a2c, cfg.epochs, cfg.minibatches], "that one batch"),
+        Row("The same on updates", "control", f"{len(NONFINITE_ALGOS)} (one each)",
+            [*BAD_UPDATES, len(BAD_UPDATES), EXIT_DIVERGED, f"{BAD_UPDATES[0] - 1:06d}", BAD_UPDATES[0] - 1],
+            "nothing"),
+    ]  # fmt: skip
+
+
+def test_the_fault_table_rows_are_these_tests():
+    """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
+    _fault_table().check("control/test_reliability_control.py", _fault_table_rows())
+
+
+def test_the_fault_table_check_fails_on_any_changed_number():
+    """Each number of this file's rows, changed alone in a copy of the page, fails the check above."""
+    assert _fault_table().check_catches_every_change("control/test_reliability_control.py", _fault_table_rows()) >= 15

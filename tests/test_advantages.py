@@ -1,5 +1,6 @@
 """Exact values (by hand) and properties of policygrad.advantages."""
 
+import math
 import statistics
 
 import pytest
@@ -204,3 +205,116 @@ def test_gae_batched_last_value_has_the_leading_shape():
     last_value = t([0.0, 1.0, 2.0])  # (N,), one per row
     advantages, _ = gae(rewards, values, dones, last_value, gamma=1.0, lam=1.0)
     assert advantages[:, -1].tolist() == [1.0, 2.0, 3.0] and advantages[:, 0].tolist() == [4.0, 5.0, 6.0]
+
+
+# --- dtypes, devices and leading dimensions ------------------------------------------------------------------------
+def test_dones_may_be_bool_int_or_float():
+    rewards, values = t([1.0, 2.0, 3.0, 4.0]), t([0.5, 0.0, 1.0, 2.0])
+    expected = returns_to_go(rewards, t([0.0, 1.0, 0.0, 0.0]), 0.5)
+    expected_gae = gae(rewards, values, t([0.0, 1.0, 0.0, 0.0]), 3.0, 0.5, 0.9)
+    for dones in (t([False, True, False, False]), t([0, 1, 0, 0]), t([0.0, 1.0, 0.0, 0.0], dtype=torch.float32)):
+        assert torch.equal(returns_to_go(rewards, dones, 0.5), expected)
+        advantages, returns = gae(rewards, values, dones, 3.0, 0.5, 0.9)
+        assert torch.equal(advantages, expected_gae[0]) and torch.equal(returns, expected_gae[1])
+
+
+def test_float32_stays_float32():
+    # the tests' default dtype is float64: a Python last_value or int dones must not promote float32 inputs
+    rewards, values = t([1.0, 0.5, 2.0], dtype=torch.float32), t([0.1, 0.2, 0.3], dtype=torch.float32)
+    advantages, returns = gae(rewards, values, t([0, 0, 0]), 0.7, 0.9, 0.95)
+    assert advantages.dtype == torch.float32 and returns.dtype == torch.float32
+    assert returns_to_go(rewards, t([0, 1, 0]), 0.9).dtype == torch.float32
+
+
+def test_gae_keeps_everything_on_the_device_of_values():
+    # the meta device has no data, so it checks placement without an accelerator: a tensor made on the CPU by
+    # mistake (the bootstrap value, the not-done mask) would fail to combine with the others
+    rewards, values, dones = (torch.zeros(2, 3, device="meta") for _ in range(3))
+    advantages, returns = gae(rewards, values, dones, 1.0, 0.9, 0.95)
+    assert advantages.device.type == "meta" and returns.device.type == "meta"
+    assert returns_to_go(rewards, dones, 0.9).device.type == "meta"
+
+
+def test_gae_with_two_leading_dimensions_equals_row_by_row():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    dones = (torch.rand(2, 3, 5) > 0.7).double()
+    last_value = torch.randn(2, 3)  # (...) one per row
+    advantages, returns = gae(rewards, values, dones, last_value, 0.9, 0.8)
+    for i in range(2):
+        for j in range(3):
+            a, r = gae(rewards[i, j], values[i, j], dones[i, j], last_value[i, j].item(), 0.9, 0.8)
+            torch.testing.assert_close(advantages[i, j], a, rtol=0, atol=1e-14)
+            torch.testing.assert_close(returns[i, j], r, rtol=0, atol=1e-14)
+
+
+def test_moving_average_is_per_row():
+    previous = t([1.0, -1.0])
+    rewards = t([[2.0, 4.0, NAN], [0.0, 1.0, 2.0]])
+    out = moving_average(previous, rewards, 0.75)
+    torch.testing.assert_close(out, t([0.75 * 1 + 0.25 * 3, 0.75 * -1 + 0.25 * 1]), rtol=0, atol=1e-15)
+
+
+# --- groups --------------------------------------------------------------------------------------------------------
+def test_group_of_one_is_allowed_and_carries_no_preference():
+    r = t([1.0, 5.0, -2.0])
+    for scale in ("group", "batch", "none"):
+        assert group_advantages(r, 1, scale).tolist() == [0.0, 0.0, 0.0]
+    assert leave_one_out(r, 1).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, 0)
+
+
+def test_batched_rewards_are_independent_rows():
+    # (2, 3, 6): two leading dimensions; each row of 6 rewards (two groups of 3) is normalised on its own, also by
+    # the "batch" std, which is over the last dimension only
+    torch.manual_seed(3)
+    r = torch.randn(2, 3, 6)
+    r[0, 1, 4] = NAN
+    for scale in ("group", "batch", "none"):
+        out = group_advantages(r, 3, scale, eps=1e-3)
+        for i in range(2):
+            for j in range(3):
+                torch.testing.assert_close(out[i, j], group_advantages(r[i, j], 3, scale, eps=1e-3), rtol=0, atol=1e-14)
+    out = leave_one_out(r, 3)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(out[i, j], leave_one_out(r[i, j], 3), rtol=0, atol=1e-14)
+
+
+def test_group_advantages_eps_and_scales_exactly():
+    # one group [0, 1, 2, 5]: mean 2, sample std sqrt(14/3); a second [4, 4, 4, 8]: mean 5, std 2
+    r = t([0.0, 1.0, 2.0, 5.0, 4.0, 4.0, 4.0, 8.0])
+    centred = [-2.0, -1.0, 0.0, 3.0, -1.0, -1.0, -1.0, 3.0]
+    s1, s2 = math.sqrt(14 / 3), 2.0
+    sb = statistics.stdev(r.tolist())
+    for eps in (0.0, 0.25):
+        group = [c / ((s1 if i < 4 else s2) + eps) for i, c in enumerate(centred)]
+        torch.testing.assert_close(group_advantages(r, 4, "group", eps), t(group), rtol=0, atol=1e-15)
+        batch = [c / (sb + eps) for c in centred]
+        torch.testing.assert_close(group_advantages(r, 4, "batch", eps), t(batch), rtol=0, atol=1e-15)
+        # eps is not added without a std to protect
+        torch.testing.assert_close(group_advantages(r, 4, "none", eps), t(centred), rtol=0, atol=1e-15)
+    # the default eps is 1e-4 (TRL's)
+    torch.testing.assert_close(group_advantages(r, 4), t([c / ((s1 if i < 4 else s2) + 1e-4)
+                                                          for i, c in enumerate(centred)]), rtol=0, atol=1e-15)  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_zero_variance_group_with_a_failed_reward_gets_exact_zeros(scale):
+    # the mean of three 0.1s is 0.10000000000000002: without the explicit zeroing, eps=0 would blow the residue up;
+    # the NaN must not count as a value when deciding that the group is flat (either sign)
+    r = t([0.1, 0.1, NAN, 0.1, -0.1, NAN, -0.1, -0.1, 1.0, 0.0, 1.0, 0.0])
+    out = group_advantages(r, 4, scale, eps=0.0)
+    assert out[:8].tolist() == [0.0] * 8 and not out.isnan().any()
+
+
+def test_nanstd_is_the_sample_std_of_the_valid_values():
+    from policygrad.advantages import _nanstd
+
+    x = t([[1.0, NAN, 4.0, 6.0], [NAN, NAN, 2.0, NAN], [NAN, NAN, NAN, NAN]])
+    out = _nanstd(x, dim=-1, keepdim=False)
+    assert out.shape == (3,)
+    torch.testing.assert_close(out, t([statistics.stdev([1.0, 4.0, 6.0]), 0.0, 0.0]), rtol=0, atol=1e-15)
+    assert _nanstd(x, dim=-1, keepdim=True).shape == (3, 1)
+    assert _nanstd(x, dim=0, keepdim=False).tolist() == [0.0, 0.0, statistics.stdev([4.0, 2.0]), 0.0]

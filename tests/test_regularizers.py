@@ -86,3 +86,52 @@ def test_dynamic_entropy_weight_by_hand():
     assert dynamic_entropy_weight(t([-100.0, 100.0]), coef=1e-3, min_weight=1e-4).item() == 1e-4
     # NaN rewards are ignored
     assert dynamic_entropy_weight(t([0.0, float("nan"), 1.0, 1.0, 0.0]), 0.01).item() == pytest.approx(w.item())
+
+
+def test_entropy_over_the_last_dimension_of_any_shape():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 4)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(entropy(logits), -(p * p.log()).sum(-1), rtol=0, atol=1e-14)
+    for row in range(2):  # each (3, 4) slice alone gives the same entropies
+        torch.testing.assert_close(entropy(logits[row]), entropy(logits)[row], rtol=0, atol=0)
+
+
+def test_kl_estimators_by_hand_on_several_tokens_and_their_gradients():
+    # d = log pi - log pi_ref per token; per-token gradients w.r.t. log pi: k1 -> 1, k2 -> d, k3 -> 1 - exp(-d)
+    d = [-1.0, -0.25, 0.0, 0.5, 2.0]
+    ref = t([-1.5, -0.5, -2.0, -1.0, -3.0])
+    for name, value, slope in (
+        ("k1", lambda x: x, lambda x: 1.0),
+        ("k2", lambda x: x * x / 2, lambda x: x),
+        ("k3", lambda x: math.exp(-x) - 1 + x, lambda x: 1 - math.exp(-x)),
+    ):
+        logprobs = (ref + t(d)).requires_grad_(True)
+        out = kl(logprobs, ref, name)
+        torch.testing.assert_close(out, t([value(x) for x in d]), rtol=0, atol=1e-15)
+        (grad,) = torch.autograd.grad(out.sum(), logprobs)
+        torch.testing.assert_close(grad, t([slope(x) for x in d]), rtol=0, atol=1e-15)
+    # k2 and k3 are >= 0 and 0 only where the policies agree; k1 takes either sign
+    assert kl(ref + t(d), ref, "k1").tolist()[0] < 0 and (kl(ref + t(d), ref, "k2") >= 0).all()
+    # the default estimator is k3
+    assert torch.equal(kl(ref + t(d), ref), kl(ref + t(d), ref, "k3"))
+
+
+def test_dynamic_entropy_weight_bounds_eps_and_defaults():
+    # sample variance of [0, 2] is 2: w = coef / (2 + eps), inside the bounds
+    assert dynamic_entropy_weight(t([0.0, 2.0]), coef=0.3, eps=0.5).item() == pytest.approx(0.3 / 2.5, abs=1e-15)
+    # the default bounds are [0, 1]: a flat batch with a large coef is capped at 1
+    assert dynamic_entropy_weight(t([1.0, 1.0, 1.0]), coef=5.0).item() == 1.0
+    # default eps is 1e-2: a flat batch gives coef / 1e-2
+    assert dynamic_entropy_weight(t([1.0, 1.0]), coef=1e-3).item() == pytest.approx(0.1, abs=1e-15)
+    # a single valid reward has no variance: coef / eps, not NaN
+    for rewards in (t([0.7]), t([0.7, float("nan")])):
+        assert dynamic_entropy_weight(rewards, coef=0.02, eps=0.1).item() == pytest.approx(0.2, abs=1e-15)
+    # min_weight binds from below, max_weight from above, exactly
+    assert dynamic_entropy_weight(t([0.0, 10.0]), coef=1.0, min_weight=0.25).item() == 0.25
+    assert dynamic_entropy_weight(t([0.0, 0.0]), coef=1.0, max_weight=0.75).item() == 0.75
+    # the variance is over all rewards of the batch, whatever the shape; the result is detached, rewards' dtype
+    rewards = t([[0.0, 1.0], [3.0, 2.0]], dtype=torch.float32, requires_grad=True)
+    w = dynamic_entropy_weight(rewards, coef=0.1)
+    assert w.dtype == torch.float32 and not w.requires_grad
+    assert w.item() == pytest.approx(0.1 / (5 / 3 + 1e-2), rel=1e-6)

@@ -113,3 +113,91 @@ def test_backtracking_line_search_shrinks_until_the_kl_fits():
 def test_backtracking_line_search_rejects_steps_that_do_not_improve():
     step, fraction = backtracking_line_search(lambda s: (-1.0, 0.0), torch.ones(2), 1.0, 0.01, max_backtracks=4)
     assert fraction == 0.0 and torch.equal(step, torch.zeros(2))
+
+
+def test_flat_grad_layout_unused_parameters_and_graph():
+    a = torch.tensor([1.0, 2.0], requires_grad=True)
+    unused = torch.zeros(2, 2, requires_grad=True)
+    b = torch.tensor(3.0, requires_grad=True)
+    output = (a**2).sum() * b
+    grad = flat_grad(output, [a, unused, b], retain_graph=True)
+    assert grad.tolist() == [6.0, 12.0, 0.0, 0.0, 0.0, 0.0, 5.0]  # d/da = 2ab, zeros for the unused, d/db = |a|^2
+    assert not grad.requires_grad  # no graph unless asked for
+    assert flat_grad(output, [a, unused, b], create_graph=True).requires_grad
+
+
+def test_fisher_vector_product_has_no_damping_by_default():
+    torch.manual_seed(4)
+    policy = Policy(obs_size=2, action_size=3, hidden=(3,), family="categorical")
+    obs = torch.randn(4, 2)
+    params = list(policy.parameters())
+    with torch.no_grad():
+        old = policy(obs)
+    kl = policy.family.kl(old, policy(obs)).mean()
+    vector = torch.randn(sum(p.numel() for p in params))
+    torch.testing.assert_close(fisher_vector_product(kl, params)(vector), _fvp_matrix(policy, obs) @ vector,
+                               rtol=0, atol=1e-12)  # fmt: skip
+
+
+def test_conjugate_gradient_defaults_ten_iterations_and_a_tolerance_of_1e_10():
+    a = torch.diag(torch.arange(1.0, 13.0))  # twelve distinct eigenvalues: not solved exactly in ten steps
+    b = torch.ones(12)
+    x = conjugate_gradient(lambda v: a @ v, b)
+    assert torch.equal(x, conjugate_gradient(lambda v: a @ v, b, iters=10, residual_tol=1e-10))
+    assert not torch.equal(x, conjugate_gradient(lambda v: a @ v, b, iters=11, residual_tol=1e-10))
+    # a small right-hand side (|b|^2 = 1e-4) is still solved: the default tolerance is tiny
+    small = torch.tensor([0.01, 0.0])
+    torch.testing.assert_close(conjugate_gradient(lambda v: 2 * v, small), small / 2, rtol=0, atol=1e-15)
+
+
+def test_conjugate_gradient_stops_only_below_the_tolerance():
+    b = torch.tensor([1.0, 0.0])  # r.r = 1 exactly
+    assert conjugate_gradient(lambda v: 4 * v, b, residual_tol=1.0).tolist() == [0.25, 0.0]  # 1 < 1 is false: a step
+    assert conjugate_gradient(lambda v: 4 * v, b, residual_tol=1.0 + 1e-9).tolist() == [0.0, 0.0]
+
+
+def test_trust_region_step_with_small_curvature_and_degenerate_cases():
+    direction = torch.tensor([0.1, 0.2])
+    fisher = torch.eye(2)  # x^T F x = 0.05 < 1: a small but positive curvature still gives a step
+    step = trust_region_step(direction, fisher @ direction, max_kl=0.01)
+    assert torch.allclose(step, (2 * 0.01 / 0.05) ** 0.5 * direction, rtol=0, atol=1e-15)
+    assert torch.equal(trust_region_step(direction, -direction, 0.01), torch.zeros(2))  # negative curvature
+    assert torch.equal(trust_region_step(direction, torch.tensor([float("nan"), 0.0]), 0.01), torch.zeros(2))
+
+
+def test_backtracking_line_search_accepts_the_full_step_and_scales_it():
+    full = torch.tensor([2.0, 4.0])
+    step, fraction = backtracking_line_search(lambda s: (1.0, 0.0), full, expected_improvement=1.0, max_kl=0.01)
+    assert fraction == 1.0 and torch.equal(step, full)
+    calls = []
+
+    def evaluate(step):
+        calls.append(step.clone())
+        return (1.0, 1.0) if len(calls) < 3 else (1.0, 0.0)  # the KL fits from the third candidate on
+
+    step, fraction = backtracking_line_search(evaluate, full, 1.0, 0.01)
+    assert fraction == 0.25 and torch.equal(step, 0.25 * full)
+    assert [c.tolist() for c in calls] == [[2.0, 4.0], [1.0, 2.0], [0.5, 1.0]]
+
+
+def test_backtracking_line_search_kl_bound_is_one_and_a_half_radii_inclusive():
+    full = torch.ones(1)
+    assert backtracking_line_search(lambda s: (1.0, 1.5), full, 1.0, max_kl=1.0)[1] == 1.0  # on the bound
+    kls = iter([2.0, 1.0])  # twice the radius is refused, the half step accepted
+    assert backtracking_line_search(lambda s: (1.0, next(kls)), full, 1.0, max_kl=1.0)[1] == 0.5
+
+
+def test_backtracking_line_search_improvement_ratio():
+    full = torch.ones(1)
+    # the gain must be at least accept_ratio of the linear prediction fraction * expected_improvement, inclusive
+    assert backtracking_line_search(lambda s: (0.25, 0.0), full, 1.0, 1.0, accept_ratio=0.25)[1] == 1.0
+    # prediction 4: a gain of 0.3 is 7.5% at the full step (refused), 15% at the half step (accepted)
+    assert backtracking_line_search(lambda s: (0.3, 0.0), full, 4.0, 1.0)[1] == 0.5
+    # a small prediction (0.5) does not waive the check: a gain of 2% of it at every fraction is refused ten times
+    calls = []
+    step, fraction = backtracking_line_search(lambda s: calls.append(s) or (0.01 * s.item(), 0.0), full, 0.5, 1.0)
+    assert fraction == 0.0 and torch.equal(step, torch.zeros(1)) and len(calls) == 10  # ten candidates by default
+    # no predicted gain (expected_improvement <= 0): any real gain is accepted, none is not
+    assert backtracking_line_search(lambda s: (1e-6, 0.0), full, 0.0, 1.0)[1] == 1.0
+    assert backtracking_line_search(lambda s: (0.0, 0.0), full, 0.0, 1.0)[1] == 0.0
+    assert backtracking_line_search(lambda s: (0.0, 0.0), full, -1.0, 1.0)[1] == 0.0

@@ -85,7 +85,8 @@ def _step(optimizer: torch.optim.Optimizer, loss: Tensor, module: nn.Module, max
 
 
 def _minibatches(size: int, count: int, generator: torch.Generator) -> list[Tensor]:
-    return list(torch.randperm(size, generator=generator).tensor_split(count))  # count parts, even when count does not divide size
+    # exactly ``count`` parts, also when count does not divide size (``chunk`` may return fewer)
+    return list(torch.randperm(size, generator=generator).tensor_split(count))
 
 
 def fit_value(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:

@@ -27,7 +27,7 @@ test: $(STAMP)
 # Mutation testing of the estimator math and the GRPO update (docs/testing.md): mutmut changes one operator or
 # constant at a time and runs the fast tests of that function against it; the report prints the score per module and
 # every mutant no test killed; then tests/named_mutants.py makes the issue's named wrong programs and fails if one
-# survives. Slow (tens of minutes on 2 cores), so neither `make test` nor CI runs it. Each run starts afresh
+# survives. Slow (about 15 minutes on 2 cores), so neither `make test` nor CI runs it. Each run starts afresh
 # (mutants/ is rebuilt). Narrow it with MUTANTS, mutmut's name globs, e.g.
 #   make mutation MUTANTS="policygrad.losses.*"
 MUTANTS       ?=

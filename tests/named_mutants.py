@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Mutant:
 
 
 UPDATE_MATH = "tests/lm/test_update_math.py"
+ALGORITHMS = "tests/control/test_algorithms.py"
 MUTANTS = [
     Mutant(
         "clip removed from policy_loss", "losses.py",
@@ -128,6 +130,32 @@ MUTANTS = [
         "return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=False)",
         (f"{UPDATE_MATH}::test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32",),
     ),
+    # control/: the issue found PPO, NPG and REINFORCE checked only for a `value_loss` key and a saved file
+    Mutant(
+        "PPO without old log-probs (REINFORCE's gradient, no clip)", "control/algorithms.py",
+        "old_logprobs=mb.old_logprobs, clip_eps_low=cfg.clip_eps)",
+        "old_logprobs=None, clip_eps_low=cfg.clip_eps)",
+        (f"{ALGORITHMS}::test_ppo_one_minibatch_step_clips_on_both_sides",),
+    ),
+    Mutant(
+        "REINFORCE/A2C ascend the loss (advantage sign flipped)", "control/algorithms.py",
+        "loss, _ = policy_loss(family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages))",
+        "loss, _ = policy_loss(family.log_prob(params, batch.actions), -_normalized(batch.advantages, cfg.normalize_advantages))",
+        (f"{ALGORITHMS}::test_vanilla_step_is_the_score_function_gradient_with_entropy",
+         f"{ALGORITHMS}::test_each_algorithm_learns_cartpole"),
+    ),
+    Mutant(
+        "NPG takes the full step without its line search", "control/algorithms.py",
+        "step, fraction = backtracking_line_search(evaluate, full_step, float(gradient @ full_step), cfg.max_kl)",
+        "step, fraction = full_step, 1.0",
+        (f"{ALGORITHMS}::test_npg_line_search_backtracks_to_the_first_step_that_passes",),
+    ),
+    Mutant(
+        "NPG's step twice the KL radius", "control/algorithms.py",
+        "full_step = trust_region_step(direction, fvp(direction), cfg.max_kl)",
+        "full_step = trust_region_step(direction, fvp(direction), 2 * cfg.max_kl)",
+        (f"{ALGORITHMS}::test_npg_takes_the_natural_gradient_step_on_the_kl_radius",),
+    ),
 ]
 
 
@@ -171,8 +199,9 @@ def main(words: list[str]) -> int:
             failed, seconds, last = run(mutant, Path(tmp))
             survivors += not failed
             print(f"{'killed  ' if failed else 'SURVIVED'} {seconds:5.1f}s  {mutant.name}", flush=True)
-            for test in failed:
-                print(f"                 fails: {test}", flush=True)
+            cases = Counter(test.split("[", 1)[0] for test in failed)  # parametrised cases counted, not listed
+            for test, count in cases.items():
+                print(f"                 fails: {test}" + (f" ({count} cases)" if count > 1 else ""), flush=True)
     print(f"{len(chosen) - survivors} of {len(chosen)} named mutants killed")
     return 1 if survivors else 0
 

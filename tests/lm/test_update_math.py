@@ -13,6 +13,7 @@ Each test names, in its docstring, the wrong programs it was seen to fail on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -354,3 +355,179 @@ def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the
     first, second = records
     assert abs(first["kl"]) < 1e-6  # the first update: policy and reference are the same weights
     assert second["kl"] > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The edges of update() and of its variants (what mutation testing found untested, docs/testing.md)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_update_uses_every_row_when_tokens_are_fewer_than_rows_and_skips_empty_micro_batches(policy_and_reference):
+    """Completions of at most 2 tokens for 6 rows (T < N), the first micro-batch's rows emptied (no token counts):
+    the step is the reference's over the other rows, and no forward pass sees more than ``micro_batch_size`` rows.
+
+    Fails on: rows counted along the token axis (``mask.shape[1]``), stopping at an empty micro-batch instead of
+    skipping it, the whole batch in one forward pass."""
+    policy, _, tokenizer = policy_and_reference
+    torch.manual_seed(3)
+    rollout = sample(policy, tokenizer, ["hi", "a much longer prompt"], group_size=3, max_new_tokens=2,
+                     temperature=TEMPERATURE, score_tokens=False)  # fmt: skip
+    mask = rollout.completion_mask.clone()
+    mask[:2] = 0
+    rollout = dataclasses.replace(rollout, completion_mask=mask)
+    assert mask.shape[1] < mask.shape[0] and mask[2:].sum() > 0
+
+    expected = copy.deepcopy(policy)
+    logp, entropy = whole_sequence_logprobs(expected, rollout, TEMPERATURE)
+    loss, _ = reference_objective(logp, entropy, mask, ADVANTAGES, entropy_weight=0.05)
+    sgd_step_by_hand(expected, loss)
+
+    rows_seen = []
+    hook = policy.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(output.shape[0]))
+    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.05,
+                     _config(micro_batch_size=2, max_new_tokens=2))  # fmt: skip
+    hook.remove()
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert_same_weights(policy, expected)
+    assert rows_seen and max(rows_seen) <= 2
+
+
+def test_update_clips_the_gradient_norm_and_logs_it_before_clipping(policy_and_reference):
+    """With ``max_grad_norm = c`` below the gradient's norm (and below 1): the step is ``-g c / (|g| + 1e-6)``
+    (torch's clip_grad_norm_), and ``grad_norm`` is |g| before clipping.
+
+    Fails on: no clipping, clipping only when c > 1, the clipped norm logged."""
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    expected = copy.deepcopy(policy)
+    logp, entropy = whole_sequence_logprobs(expected, rollout, TEMPERATURE)
+    loss, _ = reference_objective(logp, entropy, rollout.completion_mask, ADVANTAGES)
+    grads = torch.autograd.grad(loss, list(expected.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+    c = min(0.5, norm / 2)
+    with torch.no_grad():
+        for p, g in zip(expected.parameters(), grads):
+            p -= g * c / (norm + 1e-6)
+
+    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.0,
+                     _config(max_grad_norm=c))  # fmt: skip
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert_same_weights(policy, expected)
+
+
+def test_update_casts_the_advantages_to_float32(policy_and_reference):
+    """float64 advantages (a reward function's numbers often are) give bit for bit the step of float32 ones."""
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    steps = []
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(policy)
+        update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, ADVANTAGES.to(dtype), None, 0.0, _config())
+        steps.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    assert torch.equal(*steps)
+
+
+def test_several_updates_without_sampling_logprobs_is_one_clear_error(policy_and_reference):
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    with pytest.raises(ValueError, match=r"^several updates per batch need the sampling log-probs: "
+                                         r"sample\(\.\.\., score_tokens=True\)$"):  # fmt: skip
+        update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.0,
+               _config(updates_per_batch=2))  # fmt: skip
+
+
+@pytest.mark.parametrize("poison", ["nan_loss_finite_gradient", "finite_loss_nan_gradient", "inf_loss"])
+def test_a_non_finite_loss_or_gradient_never_reaches_the_weights_or_adamw(poison, policy_and_reference, monkeypatch):
+    """The loss poisoned three ways (a NaN added as a constant, so the gradient stays finite; a NaN gradient under a
+    finite loss; an infinite loss): ``skipped_updates`` is 1, the weights, AdamW's moments and the gradients hold
+    nothing of the bad step.
+
+    Fails on: a check of the gradient norm only or of the loss only (``or`` for ``and``), the loss looked up under
+    another name or with another default, ``skipped_updates`` not reported."""
+    from policygrad.lm import update as update_module
+
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    original = update_module.grpo_loss
+
+    def poisoned(logprobs, *args, **kwargs):
+        loss, metrics = original(logprobs, *args, **kwargs)
+        if poison == "nan_loss_finite_gradient":
+            return loss + torch.tensor(math.nan), metrics
+        if poison == "finite_loss_nan_gradient":  # d sqrt(x)/dx at 0 is inf, times 0: NaN
+            return loss + torch.sqrt(logprobs.sum() * 0.0), metrics
+        return loss * math.inf, metrics
+
+    monkeypatch.setattr(update_module, "grpo_loss", poisoned)
+    before = [p.detach().clone() for p in policy.parameters()]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    metrics = update(policy, optimizer, rollout, ADVANTAGES, None, 0.0, _config())
+    assert metrics["skipped_updates"] == 1.0
+    assert all(torch.equal(p, b) for p, b in zip(policy.parameters(), before))
+    assert not optimizer.state  # AdamW never stepped: no moments
+    assert all(p.grad is None for p in policy.parameters())
+
+
+def test_grpo_loss_defaults_are_reinforce_without_bonus_or_penalty():
+    """``grpo_loss(logprobs, entropies, mask, advantages)`` alone is REINFORCE's token mean; a reference given
+    without ``kl_coef`` is measured (the k3 estimate) but not added; old log-probs alone clip at 1 -/+ 0.2."""
+    from policygrad.lm.update import grpo_loss
+
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    ent = torch.tensor([[2.0, 1.0], [0.5, 1.5]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    reinforce = -(1.0 * -1.0 + 1.0 * -2.0 + -2.0 * -0.5) / 3
+    loss, metrics = grpo_loss(logp, ent, mask, adv)
+    assert loss.item() == pytest.approx(reinforce) and metrics["entropy"] == pytest.approx(3.5 / 3)
+    ref = torch.tensor([[-1.5, -2.0], [-0.5, 0.0]])
+    loss, metrics = grpo_loss(logp, ent, mask, adv, ref_logprobs=ref)
+    assert loss.item() == pytest.approx(reinforce)
+    assert metrics["kl"] == pytest.approx((math.exp(-0.5) - 1 + 0.5) / 3)  # k3 of d = 0.5, 0, 0
+    old = logp.detach() + torch.tensor([[0.0, 0.0], [math.log(1 / 0.7), 0.0]])  # ratio 0.7 on a negative advantage
+    loss, metrics = grpo_loss(logp, ent, mask, adv, old_logprobs=old)
+    assert loss.item() == pytest.approx((-1.0 - 1.0 + 2.0 * 0.8) / 3)  # -r A per token, r = 0.7 clipped up to 0.8
+    assert metrics["clip_fraction_low"] == pytest.approx(1 / 3)
+
+
+def test_micro_batch_share_of_a_batch_with_one_token_or_one_row():
+    from policygrad.lm.update import micro_batch_share
+
+    mask = torch.tensor([[1, 0], [0, 0]])
+    for aggregation in ("token_mean", "sequence_mean"):
+        assert micro_batch_share(mask[:1], mask, aggregation) == 1.0, aggregation
+        assert micro_batch_share(mask[1:], mask, aggregation) == 0.0, aggregation
+    assert micro_batch_share(mask[:1], mask, "constant") == 0.5
+
+
+def test_dynamic_entropy_weight_takes_its_bounds_and_eps_from_the_config():
+    """w = clip(coef / (Var(r) + eps), min, max) with the config's min, max and eps: Var([0, 1]) = 1/2."""
+    from policygrad.lm.update import ENTROPY_WEIGHTS
+
+    rewards = torch.tensor([0.0, 1.0])
+    for coef, expected in ((0.1, 0.2), (0.3, 0.3), (1.0, 0.5)):  # below the lower bound, inside, above the upper
+        config = GRPOConfig(entropy_weight="dynamic", entropy_coef=coef, entropy_min_weight=0.2,
+                            entropy_max_weight=0.5, entropy_eps=0.5)  # fmt: skip
+        assert ENTROPY_WEIGHTS["dynamic"](rewards, config) == pytest.approx(expected), coef
+
+
+def test_moving_average_baseline_keeps_float64_rewards_exact():
+    """b' = decay b + (1 - decay) mean(r) in the rewards' own precision (a float32 baseline would round 0.1)."""
+    from policygrad.lm.update import ADVANTAGES
+
+    rewards = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    advantages, baseline = ADVANTAGES["reinforce"](rewards, GRPOConfig(baseline_decay=0.5), 0.1)
+    assert baseline == 0.5 * 0.1 + 0.5 * ((0.3 + 0.7) / 2)
+    assert advantages.tolist() == [0.3 - 0.1, 0.7 - 0.1]
+
+
+def test_an_update_on_a_batch_with_no_token_that_counts_changes_nothing(policy_and_reference):
+    """Every completion mask emptied: no micro-batch has a share of the loss, so there is no loss, a gradient norm of
+    0, no skipped update and no change to the weights (and no error from looking up a loss that was never made)."""
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    rollout = dataclasses.replace(rollout, completion_mask=torch.zeros_like(rollout.completion_mask))
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.05, _config())
+    assert metrics == {"grad_norm": 0.0}
+    assert all(torch.equal(p, b) for p, b in zip(policy.parameters(), before))

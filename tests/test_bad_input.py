@@ -10,12 +10,10 @@ test is about what happens BEFORE a model loads, so no case ever trains, downloa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import inspect
-import io
 import json
 import math
 import os

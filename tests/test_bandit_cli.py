@@ -49,21 +49,6 @@ def test_live_view_without_a_terminal_prints_the_final_state():
     assert "step 30/30" in result.stdout and "policy probability" in result.stdout
 
 
-@pytest.fixture
-def figures(monkeypatch) -> list:
-    """Every matplotlib figure saved while the test runs, kept for inspection (the file is still written)."""
-    from matplotlib.figure import Figure
-
-    saved, original = [], Figure.savefig
-
-    def spy(self, *args, **kwargs):
-        saved.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
-    return saved
-
-
 def test_plot_draws_the_runs_it_compares(tmp_path, figures, capsys):
     """The figure is drawn from the runs it names: the median J of each baseline's 8 seeds, their gradient variance
     averaged over 10 steps, the last run's policy; checked against the same runs made here (not just "a PNG")."""

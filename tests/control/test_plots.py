@@ -14,21 +14,6 @@ from policygrad.control.config import ControlConfig  # noqa: E402
 from policygrad.control.train import run  # noqa: E402
 
 
-@pytest.fixture
-def figures(monkeypatch) -> list:
-    """Every matplotlib figure saved while the test runs, kept for inspection (the file is still written)."""
-    from matplotlib.figure import Figure
-
-    saved, original = [], Figure.savefig
-
-    def spy(self, *args, **kwargs):
-        saved.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
-    return saved
-
-
 def _flat(points) -> list[float]:
     return [float(v) for point in points for v in point]
 

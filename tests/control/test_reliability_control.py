@@ -7,7 +7,6 @@ of its table from them, and a test compares the two cell by cell.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -30,19 +29,12 @@ from policygrad.control.train import run  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
 from policygrad.stopping import EXIT_DIVERGED  # noqa: E402
 
+import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
+
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
 KILLS_DURING_SAVE = 3  # SIGKILLs of `policygrad control` while it writes a checkpoint
 BAD_UPDATES = (4, 5, 6)  # non-finite updates in a row, with --max-bad-updates len(BAD_UPDATES)
-
-
-def _fault_table():
-    """tests/fault_table.py, loaded by its path once (tests/ itself is not on sys.path)."""
-    if "fault_table" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fault_table", Path(__file__).parents[1] / "fault_table.py")
-        sys.modules["fault_table"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["fault_table"]
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +161,7 @@ def test_killed_while_saving_resumes_to_the_same_run(tmp_path):
             str(24 * 64), "--seed", "9", "--eval-episodes", "0", "--save-every", "1", "--keep-checkpoints", "2",
             "--no-progress"]  # fmt: skip
     root = tmp_path / "run"
-    rng, table, kills, cut_short = random.Random(7), _fault_table(), 0, 0
+    rng, table, kills, cut_short = random.Random(7), fault_table, 0, 0
     child = subprocess.Popen([POLICYGRAD, "control", *args, "--run-dir", str(root)], stderr=subprocess.DEVNULL)
     while kills < KILLS_DURING_SAVE:
 
@@ -292,7 +284,7 @@ def test_non_finite_updates_in_a_row_stop_with_the_state_from_before_the_first(a
 
 def _fault_table_rows() -> list:
     """This file's rows of docs/reliability.md's fault table, from the constants the tests above inject."""
-    Row = _fault_table().Row
+    Row = fault_table.Row
     ppo, a2c, npg = (_optimiser_steps(algo) for algo in NONFINITE_ALGOS)
     cfg = ControlConfig(**CASES["cartpole-ppo"])
     assert a2c == npg  # the table gives them one number
@@ -313,9 +305,9 @@ def _fault_table_rows() -> list:
 
 def test_the_fault_table_rows_are_these_tests():
     """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
-    _fault_table().check("control/test_reliability_control.py", _fault_table_rows())
+    fault_table.check("control/test_reliability_control.py", _fault_table_rows())
 
 
 def test_the_fault_table_check_fails_on_any_changed_number():
     """Each number of this file's rows, changed alone in a copy of the page, fails the check above."""
-    assert _fault_table().check_catches_every_change("control/test_reliability_control.py", _fault_table_rows()) >= 15
+    assert fault_table.check_catches_every_change("control/test_reliability_control.py", _fault_table_rows()) >= 15

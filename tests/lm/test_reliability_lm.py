@@ -7,7 +7,6 @@ Every run is a tiny local model (conftest.py) on CPU with one thread, so "exact"
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -33,6 +32,8 @@ from policygrad.lm.config import GRPOConfig, config_to_dict  # noqa: E402
 from policygrad.lm.rewards import RewardError  # noqa: E402
 from policygrad.stopping import Stopped  # noqa: E402
 
+import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
+
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -44,15 +45,6 @@ UPDATES_PER_BATCH = 2  # clipped updates per batch in the exact-resume test
 CHANGED_CONFIG = "group_size 3 -> 2; lr 0.01 -> 0.03"  # what a resume with a changed config names
 DAMAGED_STEP, TRUNCATED_TO = 2, 100  # the periodic checkpoint whose trainer state is cut to 100 bytes
 BAD_STEPS = (3, 4, 5)  # non-finite steps in a row, each with max_bad_steps = len(BAD_STEPS)
-
-
-def _fault_table():
-    """tests/fault_table.py, loaded by its path once (tests/ itself is not on sys.path)."""
-    if "fault_table" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fault_table", Path(__file__).parents[1] / "fault_table.py")
-        sys.modules["fault_table"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["fault_table"]
 
 
 def _config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfig:
@@ -239,7 +231,7 @@ SAVE_KILLS = 25  # SIGKILLs of a process that does nothing but save checkpoints
 def test_sigkill_at_random_points_of_a_save_never_loses_the_last_checkpoint(tmp_path):
     """A process saving in a loop is killed at random moments inside a save; each time the newest complete checkpoint
     is intact, the save that was cut off is the only thing lost, and the next process goes on from it."""
-    rng, table = random.Random(6), _fault_table()
+    rng, table = random.Random(6), fault_table
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     start, outcomes, cut_short = 0, [], 0
 
@@ -300,7 +292,7 @@ def test_training_killed_during_saves_resumes_to_the_same_weights(tiny_llama_cha
 
     recipe.write_text(yaml.safe_dump(config_to_dict(_config(tiny_llama_chat, tiny_prompts, out, **settings))))
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    rng, table = random.Random(66), _fault_table()
+    rng, table = random.Random(66), fault_table
     kills, cut_short = 0, 0
     while kills < KILLS_DURING_SAVE:
         mode = "resume" if (out / "config.yaml").exists() else "fresh"
@@ -572,7 +564,7 @@ def _fault_table_rows() -> list:
     """This file's rows of docs/reliability.md's fault table, from the constants the tests above inject."""
     from policygrad.lm.rewards import MAX_ABANDONED_CALLS
 
-    Row, numbers = _fault_table().Row, _fault_table().numbers
+    Row, numbers = fault_table.Row, fault_table.numbers
     faulted = sorted(set(FAULTED_SAMPLES.values()))  # one sample, or the whole batch
     return [
         Row("Stop after N steps, resume to 2N", "train", "1", [2, UPDATES_PER_BATCH, 2], "nothing"),
@@ -603,9 +595,9 @@ def _fault_table_rows() -> list:
 
 def test_the_fault_table_rows_are_these_tests():
     """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
-    _fault_table().check("lm/test_reliability_lm.py", _fault_table_rows())
+    fault_table.check("lm/test_reliability_lm.py", _fault_table_rows())
 
 
 def test_the_fault_table_check_fails_on_any_changed_number():
     """Each number of this file's rows, changed alone in a copy of the page, fails the check above."""
-    assert _fault_table().check_catches_every_change("lm/test_reliability_lm.py", _fault_table_rows()) >= 30
+    assert fault_table.check_catches_every_change("lm/test_reliability_lm.py", _fault_table_rows()) >= 30

@@ -157,21 +157,6 @@ def is_png(path: Path) -> bool:
     return len(data) > 1000 and data.startswith(PNG_MAGIC)
 
 
-@pytest.fixture
-def figures(monkeypatch) -> list:
-    """Every matplotlib figure saved while the test runs, kept for inspection (the file is still written)."""
-    from matplotlib.figure import Figure
-
-    saved, original = [], Figure.savefig
-
-    def spy(self, *args, **kwargs):
-        saved.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
-    return saved
-
-
 def panels(figure) -> dict:
     """title -> (x label, y label, [(label, xs, ys) of each drawn line]) of every panel of ``figure``."""
     return {

@@ -8,8 +8,8 @@ side alone fails; so does a row that no test file declares. :func:`check_catches
 itself: it changes each number of a file's rows, one at a time, in a copy of the page, and expects the check to fail.
 :func:`kill_inside_a_save` makes the table's "N of N landed mid-save" true by construction rather than by timing.
 
-Not a test module (no ``test_`` prefix); the test files load it by its path, since tests/lm and tests/control are
-on sys.path under pytest but tests/ is not.
+Not a test module (no ``test_`` prefix); the test files ``import fault_table``: pytest puts tests/ on sys.path
+with tests/conftest.py.
 """
 
 from __future__ import annotations

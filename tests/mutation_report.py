@@ -60,6 +60,17 @@ def _changed_line(diff: str, def_line: int) -> tuple[int, str, str]:
     return def_line + (first or 1) - 1, " / ".join(old), " / ".join(new)
 
 
+def _source_line(source_lines: list[str], def_line: int, old: str, guess: int) -> int:
+    """The line of ``source_lines`` (1-based) at or after ``def_line`` that reads ``old`` (the first line the mutant
+    removed): mutmut renders a function in its own layout (a signature on one line, say), so the offset inside its
+    diff can be a few lines off the source's. ``guess`` when no line matches."""
+    first = old.split(" / ")[0]
+    for number in range(def_line, len(source_lines) + 1):
+        if source_lines[number - 1].strip() == first:
+            return number
+    return guess
+
+
 def main(argv: list[str]) -> int:
     metas = sorted((ROOT / "mutants" / "src").rglob("*.py.meta"))
     if not metas:
@@ -74,14 +85,15 @@ def main(argv: list[str]) -> int:
         caught = counts["killed"] + counts["timeout"]
         rows.append((str(source), len(codes), caught, counts, 100.0 * caught / tested if tested else float("nan")))
         def_lines = _function_lines(ROOT / source)
+        source_lines = (ROOT / source).read_text().splitlines()
         for name, code in codes.items():
             if status_by_exit_code[code] in ("killed", "timeout", "skipped", "not checked"):
                 continue
             diff = get_diff_for_mutant(name, path=source)
             function = name.rpartition(".")[2].partition("__mutmut_")[0]
-            survivors.append(
-                (str(source), name, status_by_exit_code[code], *_changed_line(diff, def_lines[function]), diff)
-            )
+            guess, old, new = _changed_line(diff, def_lines[function])
+            line = _source_line(source_lines, def_lines[function], old, guess)
+            survivors.append((str(source), name, status_by_exit_code[code], line, old, new, diff))
 
     header = (
         f"{'module':36} {'mutants':>7} {'killed':>6} {'survived':>8} {'no tests':>8} {'other':>5} {'unrun':>5}  score"

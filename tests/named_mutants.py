@@ -38,25 +38,25 @@ class Mutant:
 
 UPDATE_MATH = "tests/lm/test_update_math.py"
 ALGORITHMS = "tests/control/test_algorithms.py"
+TWO_UPDATES = f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts"
 MUTANTS = [
     Mutant(
         "clip removed from policy_loss", "losses.py",
         "clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages",
         "clipped = ratio * advantages",
-        ("tests/test_losses.py", f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts"),
+        ("tests/test_losses.py", TWO_UPDATES),
     ),
     Mutant(
         "clip eps_low and eps_high swapped", "losses.py",
         "clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages",
         "clipped = ratio.clamp(1.0 - eps_high, 1.0 + clip_eps_low) * advantages",
-        ("tests/test_losses.py", f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts"),
+        ("tests/test_losses.py", TWO_UPDATES),
     ),
     Mutant(
         "ratio pinned at 1 in the update", "lm/update.py",
         "old_logprobs=rollout.logprobs[rows] if clipped else None,",
         "old_logprobs=logprobs.detach() if clipped else None,",
-        (f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts",
-         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+        (TWO_UPDATES, f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
     ),
     Mutant(
         "KL against the current policy instead of the frozen reference", "lm/trainer.py",
@@ -105,9 +105,17 @@ MUTANTS = [
          f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
     ),
     Mutant(
-        "moving-average baseline updated before the advantages are taken", "lm/update.py",
+        "moving-average baseline replaced by the batch's own mean", "lm/update.py",
         "advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal",
         "advantages = (rewards - rewards.nanmean()).nan_to_num(0.0)",
+        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
+         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+    ),
+    Mutant(
+        "moving-average baseline updated before the advantages are taken (biased)", "lm/update.py",
+        "advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal",
+        "advantages = (rewards - float(moving_average(torch.tensor(baseline, dtype=rewards.dtype), rewards, "
+        "config.baseline_decay))).nan_to_num(0.0)",
         ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
          f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
     ),
@@ -117,6 +125,12 @@ MUTANTS = [
         '    "dynamic": _constant_entropy_weight,',
         ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
          f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl"),
+    ),
+    Mutant(
+        "gradients zeroed instead of dropped before each update", "lm/update.py",
+        "    for _ in range(config.updates_per_batch):\n        optimizer.zero_grad(set_to_none=True)",
+        "    for _ in range(config.updates_per_batch):\n        optimizer.zero_grad(set_to_none=False)",
+        (f"{UPDATE_MATH}::test_an_update_on_a_batch_with_no_token_that_counts_changes_nothing",),
     ),
     Mutant(
         "micro-batches weighted equally instead of by their tokens", "lm/update.py",
@@ -139,8 +153,8 @@ MUTANTS = [
     ),
     Mutant(
         "REINFORCE/A2C ascend the loss (advantage sign flipped)", "control/algorithms.py",
-        "loss, _ = policy_loss(family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages))",
-        "loss, _ = policy_loss(family.log_prob(params, batch.actions), -_normalized(batch.advantages, cfg.normalize_advantages))",
+        "_normalized(batch.advantages, cfg.normalize_advantages))",
+        "-_normalized(batch.advantages, cfg.normalize_advantages))",
         (f"{ALGORITHMS}::test_vanilla_step_is_the_score_function_gradient_with_entropy",
          f"{ALGORITHMS}::test_each_algorithm_learns_cartpole"),
     ),

@@ -275,7 +275,7 @@ def test_train_variants_base_model_kl_clipping_bfloat16(tiny_qwen_base, tiny_pro
         assert key in record and math.isfinite(record[key]), key
     assert record["baseline"] != 0.0
     # the last of two updates: off the sampling policy and off the reference (the exact values: test_update_math.py)
-    assert record["ratio_mean"] != 1.0 and record["kl"] > 0
+    assert abs(record["ratio_mean"] - 1.0) > 1e-3 and record["kl"] > 1e-3  # more than rounding
 
 
 def test_reward_error_during_training_is_one_line(tiny_llama_chat, tiny_prompts, tmp_path):

@@ -182,6 +182,18 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The name ``forward`` takes the key/value cache under: ``cache`` since transformers 5.24 (which warns on the
+    old name and drops it in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    """The key/value cache a forward pass returned, under either name (see :func:`_cache_argument`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device | str
 ) -> tuple[Tensor, Tensor]:
@@ -227,7 +239,7 @@ def _prefill(
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     inputs = {"input_ids": prompt_ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds}
     out = model(**inputs, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True, **kwargs)
-    cache = out.past_key_values
+    cache = _returned_cache(out)
     cache.reorder_cache(prompt_index)  # (U, ...) -> (M, ...); autograd flows back to the shared prompt states
     return out.logits[:, -1].index_select(0, prompt_index), cache  # (M, V)
 
@@ -276,8 +288,8 @@ def completion_logprobs(
             inputs_embeds=fed_embeds.view(*fed.shape, -1),
             attention_mask=attention,
             position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_argument(model): cache},
         ).logits  # (M, T - 1, V)
         logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
     return _token_logprobs(logits, completion_ids, temperature)
@@ -357,6 +369,7 @@ def generate(
     n = prompt_ids.shape[0] * group_size
     prompt_index = torch.arange(n, device=device) // group_size  # (N,)
     logits, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (N, V)
+    cache_argument = _cache_argument(model)
     attention = prompt_mask.index_select(0, prompt_index)  # (A, P + t) for the A active rows
     next_position = attention.sum(-1)  # (A,) the position of each active row's next token
     eos = torch.as_tensor(list(eos_ids), device=device)
@@ -379,8 +392,8 @@ def generate(
             input_ids=chosen[:, None],
             attention_mask=attention,
             position_ids=next_position[:, None],
-            past_key_values=cache,
             use_cache=True,
+            **{cache_argument: cache},
         ).logits[:, -1]  # (A, V)
         next_position = next_position + 1
     return tokens[:, :steps]

@@ -180,7 +180,7 @@ def _policygrad_update_profile(precision: str, threads: int) -> dict:
     from policygrad.lm.data import load_prompts
     from policygrad.lm.models import load_model
     from policygrad.lm.rollout import sample
-    from policygrad.lm.trainer import update
+    from policygrad.lm.update import update
 
     class RecordMatmuls(TorchDispatchMode):
         def __init__(self):

@@ -44,3 +44,15 @@ def whole_sequence_logprobs(model, rollout, temperature: float) -> tuple[torch.T
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def eos_boosted(folder, value: float):
+    """(model, tokenizer) of the tiny model in ``folder`` with ``value`` added to the EOS logit (a forward hook), so
+    sampled completions end early and at different lengths; in eval mode."""
+    from policygrad.lm.models import load_model
+
+    model, tokenizer = load_model(str(folder))
+    boost = torch.zeros(len(tokenizer))
+    boost[tokenizer.eos_token_id] = value
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
+    return model.eval(), tokenizer

@@ -22,23 +22,15 @@ from policygrad.lm.rollout import (
     sequence_logprobs,
     top_p_filter,
 )
-from policygrad.lm.trainer import update
+from policygrad.lm.update import update
 
-from lm_helpers import whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
-
-
-def _eos_boosted(folder, boost_value):
-    model, tokenizer = load_model(str(folder))
-    boost = torch.zeros(len(tokenizer))
-    boost[tokenizer.eos_token_id] = boost_value
-    model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
-    return model.eval(), tokenizer
+from lm_helpers import eos_boosted, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 
 @pytest.fixture
 def eos_prone(tiny_llama_chat):
     """The tiny chat Llama with +3 on the EOS logit, so sampled completions end at different lengths."""
-    return _eos_boosted(tiny_llama_chat, 3.0)
+    return eos_boosted(tiny_llama_chat, 3.0)
 
 
 def _rollout(model, tokenizer, seed=0):
@@ -105,7 +97,7 @@ def test_greedy_decoding_equals_transformers_generate(tiny_qwen_base, group_size
 def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_llama_chat):
     """Rows are dropped from the cache when they end; the rows that go on must decode exactly as ``generate`` does
     with every row kept to the end."""
-    model, tokenizer = _eos_boosted(tiny_llama_chat, 0.5)  # with this boost greedy rows end after 1 to 8 tokens
+    model, tokenizer = eos_boosted(tiny_llama_chat, 0.5)  # with this boost greedy rows end after 1 to 8 tokens
     texts = ["<|user|>" + t + "<|assistant|>" for t in ("hi", "a b", "zz top", "what is it", "7", "longer one here")]
     tokenizer.padding_side = "left"
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -15,9 +15,10 @@ from policygrad.lm import config as config_module
 from policygrad.lm.config import GRPOConfig, load_config
 from policygrad.lm.models import load_model
 from policygrad.lm.rollout import completion_mask, sample, sequence_logprobs
-from policygrad.lm.trainer import ADVANTAGES, ENTROPY_WEIGHTS, grpo_loss, micro_batch_share, train
+from policygrad.lm.trainer import train
+from policygrad.lm.update import ADVANTAGES, ENTROPY_WEIGHTS, grpo_loss, micro_batch_share
 
-from lm_helpers import tiny_config, weights  # tests/lm, on sys.path under pytest's default import mode
+from lm_helpers import eos_boosted, tiny_config, weights  # tests/lm, on sys.path under pytest's default import mode
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -46,11 +47,7 @@ def test_completion_mask_ends_at_and_includes_the_first_eos():
 @pytest.fixture
 def eager_eos_model(tiny_llama_chat):
     """The tiny Llama with +2 on the EOS logit, so sampled completions end early and at different lengths."""
-    model, tokenizer = load_model(str(tiny_llama_chat))
-    boost = torch.zeros(len(tokenizer))
-    boost[tokenizer.eos_token_id] = 2.0
-    model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
-    return model.eval(), tokenizer
+    return eos_boosted(tiny_llama_chat, 2.0)
 
 
 def test_sample_layout_masks_and_logprobs(eager_eos_model):
@@ -390,7 +387,7 @@ def test_update_with_micro_batches_equals_one_full_batch(eager_eos_model):
     """Gradient accumulation in the trainer's update gives the full-batch step, for every aggregation."""
     import copy
 
-    from policygrad.lm.trainer import update
+    from policygrad.lm.update import update
 
     model, tokenizer = eager_eos_model
     torch.manual_seed(1)

@@ -21,12 +21,11 @@ import pytest
 import torch
 
 from policygrad.lm.config import GRPOConfig
-from policygrad.lm.models import load_model
 from policygrad.lm.rollout import sample
 from policygrad.lm.trainer import train
 from policygrad.lm.update import update
 
-from lm_helpers import tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
+from lm_helpers import eos_boosted, tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 TEMPERATURE = 0.9
 
@@ -110,26 +109,19 @@ def snapshot(model) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _with_eos_boost(model, tokenizer, value):
-    boost = torch.zeros(len(tokenizer))
-    boost[tokenizer.eos_token_id] = value
-    model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
-    return model.eval()
-
-
 @pytest.fixture
 def policy_and_reference(tiny_llama_chat):
     """(policy, reference, tokenizer): the tiny chat Llama with +3 on the EOS logit as the reference, and the same
     model with Gaussian noise of std 0.1 on every weight as the policy, so log pi - log pi_ref is far from 0 (the
     per-token KL estimates are 0.15 to 0.2 nats)."""
-    reference, tokenizer = load_model(str(tiny_llama_chat))
-    reference = _with_eos_boost(reference, tokenizer, 3.0).requires_grad_(False)
-    policy, _ = load_model(str(tiny_llama_chat))
+    reference, tokenizer = eos_boosted(tiny_llama_chat, 3.0)
+    reference.requires_grad_(False)
+    policy, _ = eos_boosted(tiny_llama_chat, 3.0)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    return _with_eos_boost(policy, tokenizer, 3.0), reference, tokenizer
+    return policy, reference, tokenizer
 
 
 def _rollout(policy, tokenizer, score_tokens, seed=0):

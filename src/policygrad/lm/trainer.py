@@ -46,20 +46,15 @@ from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.evaluate import evaluate, group_fields, task_rates
 from policygrad.lm.rollout import Rollout, rollout_logprobs, sample
 from policygrad.lm.rewards import RewardError
-from policygrad.lm.update import ADVANTAGES, ENTROPY_WEIGHTS, grpo_loss, micro_batch_share, update
+from policygrad.lm.update import ADVANTAGES, ENTROPY_WEIGHTS, update
 from policygrad.stopping import EXIT_DIVERGED, Stopped, StopSignals
 
 __all__ = [
-    "ADVANTAGES",
-    "ENTROPY_WEIGHTS",
     "EXIT_DIVERGED",
-    "grpo_loss",
-    "micro_batch_share",
     "prepare_run_dir",
     "resolve_device",
     "run_train",
     "train",
-    "update",
 ]
 
 TRAINER_STATE = "trainer_state.pt"

@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo bandit test mutation install clean
+.PHONY: demo bandit test lint format mutation install clean
 
 demo: $(STAMP)
 	$(BIN)/policygrad train --recipe recipes/default-cpu.yaml --overwrite
@@ -25,6 +25,16 @@ bandit: $(STAMP)
 # tests/conftest.py fails the run (a dependency that failed to install must not read as a pass)
 test: $(STAMP)
 	POLICYGRAD_NO_SKIPS=1 $(BIN)/python -m pytest -q
+
+# ruff (configured in pyproject.toml): the layout is the formatter's, the lint rules catch unused names and bugbears.
+# `make format` rewrites the files; `make lint` only checks (CI runs it before the tests).
+lint: $(STAMP)
+	$(BIN)/ruff format --check --quiet src tests benchmarks
+	$(BIN)/ruff check --quiet src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format --quiet src tests benchmarks
+	$(BIN)/ruff check --quiet --fix src tests benchmarks
 
 # Mutation testing of the estimator math and the GRPO update (docs/testing.md): mutmut changes one operator or
 # constant at a time and runs the fast tests of that function against it; the report prints the score per module and

@@ -45,8 +45,14 @@ def run_policygrad(algo: str, seed: int, steps: int) -> dict:
 
     cfg = ControlConfig(env="CartPole-v1", algo=algo, total_steps=steps, seed=seed, progress=False, eval_episodes=10)
     result = train(cfg, on_update=watch)
-    return {"steps_to_solve": hit.get("steps"), "time_to_solve": hit.get("time"), "final_recent": curve[-1][2],
-            "eval_return": statistics.fmean(result.eval_returns), "total_time": result.records[-1]["time"], "curve": curve}
+    return {
+        "steps_to_solve": hit.get("steps"),
+        "time_to_solve": hit.get("time"),
+        "final_recent": curve[-1][2],
+        "eval_return": statistics.fmean(result.eval_returns),
+        "total_time": result.records[-1]["time"],
+        "curve": curve,
+    }
 
 
 def run_sb3(algo: str, seed: int, steps: int) -> dict:
@@ -74,9 +80,17 @@ def run_sb3(algo: str, seed: int, steps: int) -> dict:
     watch = Watch()
     model.learn(total_timesteps=steps, callback=watch)
     total = time.perf_counter() - watch.start
-    eval_returns, _ = evaluate_policy(model, model.get_env(), n_eval_episodes=10, deterministic=True, return_episode_rewards=True)
-    return {"steps_to_solve": watch.hit.get("steps"), "time_to_solve": watch.hit.get("time"), "final_recent": watch.curve[-1][2],
-            "eval_return": statistics.fmean(eval_returns), "total_time": total, "curve": watch.curve}
+    eval_returns, _ = evaluate_policy(
+        model, model.get_env(), n_eval_episodes=10, deterministic=True, return_episode_rewards=True
+    )
+    return {
+        "steps_to_solve": watch.hit.get("steps"),
+        "time_to_solve": watch.hit.get("time"),
+        "final_recent": watch.curve[-1][2],
+        "eval_return": statistics.fmean(eval_returns),
+        "total_time": total,
+        "curve": watch.curve,
+    }
 
 
 def _median(values: list) -> float | None:
@@ -88,16 +102,21 @@ def _median(values: list) -> float | None:
 
 def table(results: dict[str, list[dict]]) -> str:
     """Markdown table of the medians over seeds, with wall-time ratios against SB3's PPO and A2C."""
-    medians = {algo: (_median([r["steps_to_solve"] for r in runs]), _median([r["time_to_solve"] for r in runs]))
-               for algo, runs in results.items()}
+    medians = {
+        algo: (_median([r["steps_to_solve"] for r in runs]), _median([r["time_to_solve"] for r in runs]))
+        for algo, runs in results.items()
+    }
 
     def ratio(algo: str, ref: str) -> str:
         if ref not in medians or medians[algo][1] is None or medians[ref][1] is None:
             return "-"
         return f"{medians[algo][1] / medians[ref][1]:.2f}"
 
-    lines = ["| algorithm | solved seeds | median steps to 475 | median wall s to 475 | final mean return (last 10) | "
-             "eval return | total wall s | time / SB3 PPO | time / SB3 A2C |", "|" + "---|" * 9]
+    lines = [
+        "| algorithm | solved seeds | median steps to 475 | median wall s to 475 | final mean return (last 10) | "
+        "eval return | total wall s | time / SB3 PPO | time / SB3 A2C |",
+        "|" + "---|" * 9,
+    ]
     for algo, runs in results.items():
         steps, secs = medians[algo]
         solved = sum(r["steps_to_solve"] is not None for r in runs)
@@ -105,7 +124,8 @@ def table(results: dict[str, list[dict]]) -> str:
             f"| {algo} | {solved}/{len(runs)} | {'-' if steps is None else f'{steps:,.0f}'} | "
             f"{'-' if secs is None else f'{secs:.1f}'} | {statistics.fmean(r['final_recent'] for r in runs):.1f} | "
             f"{statistics.fmean(r['eval_return'] for r in runs):.1f} | {statistics.fmean(r['total_time'] for r in runs):.1f} | "
-            f"{ratio(algo, 'sb3-ppo')} | {ratio(algo, 'sb3-a2c')} |")
+            f"{ratio(algo, 'sb3-ppo')} | {ratio(algo, 'sb3-a2c')} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,11 +179,16 @@ def main() -> None:
         for algo in args.algos:
             run = (run_sb3 if algo in SB3 else run_policygrad)(algo, seed, args.steps)
             results[algo].append(run)
-            print(f"seed {seed} {algo:9s} steps to 475: {run['steps_to_solve']}  time to 475: "
-                  f"{'-' if run['time_to_solve'] is None else round(run['time_to_solve'], 1)} s  "
-                  f"final: {run['final_recent']:.1f}  eval: {run['eval_return']:.1f}  total: {run['total_time']:.1f} s", flush=True)
+            print(
+                f"seed {seed} {algo:9s} steps to 475: {run['steps_to_solve']}  time to 475: "
+                f"{'-' if run['time_to_solve'] is None else round(run['time_to_solve'], 1)} s  "
+                f"final: {run['final_recent']:.1f}  eval: {run['eval_return']:.1f}  total: {run['total_time']:.1f} s",
+                flush=True,
+            )
     print()
-    print(f"CartPole-v1, {args.seeds} seeds, {args.steps:,} environment steps per run (unless --from-json), medians over seeds:")
+    print(
+        f"CartPole-v1, {args.seeds} seeds, {args.steps:,} environment steps per run (unless --from-json), medians over seeds:"
+    )
     print(table(results))
     if args.json and not args.from_json:
         args.json.write_text(json.dumps(results))

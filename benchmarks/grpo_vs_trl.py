@@ -77,7 +77,7 @@ def matmul_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, 
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b  # warm-up
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(repeats))
         rates[name] = 2 * size**3 / best / 1e9
     return rates
 
@@ -99,9 +99,14 @@ def write_prompts(path: Path, config=None) -> int:
         prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20))
     else:
         prompts = load_prompts(
-            config.prompts, tokenizer, config.heldout_prompts, config.max_passage_tokens, config.target_length,
-            (config.digit_sum_min, config.digit_sum_max), config.length_tolerance,
-        )  # fmt: skip
+            config.prompts,
+            tokenizer,
+            config.heldout_prompts,
+            config.max_passage_tokens,
+            config.target_length,
+            (config.digit_sum_min, config.digit_sum_max),
+            config.length_tolerance,
+        )
     with path.open("w") as f:
         for record in prompts.train:
             f.write(json.dumps(record) + "\n")
@@ -118,23 +123,45 @@ def peak_rss_mb() -> float:
 
 
 def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
-    import torch
 
     from policygrad.lm.config import GRPOConfig
     from policygrad.lm.trainer import train
 
     config = GRPOConfig(
-        model="default", prompts=str(prompts), heldout_prompts=0, rewards=("shaped",),
-        prompts_per_step=WORK["prompts_per_step"], group_size=WORK["group_size"],
-        max_new_tokens=WORK["max_new_tokens"], temperature=WORK["temperature"], top_p=1.0,
-        target_length=WORK["target_length"], max_passage_tokens=WORK["max_passage_tokens"],
-        advantage="grpo", scale_rewards="group", aggregation="token_mean", updates_per_batch=1,
-        entropy_weight="constant", entropy_coef=0.0, kl_coef=0.0, lr=WORK["lr"], weight_decay=0.0,
-        max_grad_norm=WORK["max_grad_norm"], micro_batch_size=WORK["prompts_per_step"] * WORK["group_size"],
-        max_steps=warmup + steps, precision="bfloat16" if precision == "bf16" else "float32", device="cpu",
-        threads=threads, seed=WORK["seed"], eval_decoding=(), eval_every=0, save_every=0, save_optimizer=False,
-        output_dir=out, progress=False,
-    )  # fmt: skip
+        model="default",
+        prompts=str(prompts),
+        heldout_prompts=0,
+        rewards=("shaped",),
+        prompts_per_step=WORK["prompts_per_step"],
+        group_size=WORK["group_size"],
+        max_new_tokens=WORK["max_new_tokens"],
+        temperature=WORK["temperature"],
+        top_p=1.0,
+        target_length=WORK["target_length"],
+        max_passage_tokens=WORK["max_passage_tokens"],
+        advantage="grpo",
+        scale_rewards="group",
+        aggregation="token_mean",
+        updates_per_batch=1,
+        entropy_weight="constant",
+        entropy_coef=0.0,
+        kl_coef=0.0,
+        lr=WORK["lr"],
+        weight_decay=0.0,
+        max_grad_norm=WORK["max_grad_norm"],
+        micro_batch_size=WORK["prompts_per_step"] * WORK["group_size"],
+        max_steps=warmup + steps,
+        precision="bfloat16" if precision == "bf16" else "float32",
+        device="cpu",
+        threads=threads,
+        seed=WORK["seed"],
+        eval_decoding=(),
+        eval_every=0,
+        save_every=0,
+        save_optimizer=False,
+        output_dir=out,
+        progress=False,
+    )
     run_dir = train(config)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "step_time" in r][warmup:]
@@ -199,8 +226,15 @@ def _policygrad_update_profile(precision: str, threads: int) -> dict:
     prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20), 0)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    rollout = sample(model, tokenizer, [r["prompt"] for r in prompts.train[:2]], WORK["group_size"],
-                     WORK["max_new_tokens"], autocast_dtype=dtype, score_tokens=False)  # fmt: skip
+    rollout = sample(
+        model,
+        tokenizer,
+        [r["prompt"] for r in prompts.train[:2]],
+        WORK["group_size"],
+        WORK["max_new_tokens"],
+        autocast_dtype=dtype,
+        score_tokens=False,
+    )
     config = GRPOConfig(group_size=WORK["group_size"], micro_batch_size=16, max_new_tokens=WORK["max_new_tokens"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     advantages = torch.randn(16)
@@ -247,9 +281,7 @@ def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int,
     torch.manual_seed(WORK["seed"])
     records = [json.loads(line) for line in prompts.read_text().splitlines()]
     # conversational prompts, so TRL applies the same chat template policygrad applies
-    dataset = Dataset.from_list(
-        [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in records]
-    )
+    dataset = Dataset.from_list([{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in records])
 
     def shaped(prompts, completions, target_length, target_digit_sum, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -257,15 +289,36 @@ def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int,
 
     n = WORK["prompts_per_step"] * WORK["group_size"]
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1,
-        num_generations=WORK["group_size"], max_completion_length=WORK["max_new_tokens"],
-        temperature=WORK["temperature"], top_p=1.0, top_k=0, repetition_penalty=1.0,
-        beta=0.0, num_iterations=1, scale_rewards="group", loss_type="dapo", epsilon=0.2,
-        learning_rate=WORK["lr"], weight_decay=0.0, max_grad_norm=WORK["max_grad_norm"], lr_scheduler_type="constant",
-        warmup_steps=0, max_steps=warmup + steps, bf16=precision == "bf16", use_cpu=True,
-        logging_steps=1, report_to=[], save_strategy="no", seed=WORK["seed"], disable_dropout=True,
-        dataloader_num_workers=0, log_completions=False,
-    )  # fmt: skip
+        output_dir=str(out),
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        num_generations=WORK["group_size"],
+        max_completion_length=WORK["max_new_tokens"],
+        temperature=WORK["temperature"],
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        beta=0.0,
+        num_iterations=1,
+        scale_rewards="group",
+        loss_type="dapo",
+        epsilon=0.2,
+        learning_rate=WORK["lr"],
+        weight_decay=0.0,
+        max_grad_norm=WORK["max_grad_norm"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=warmup + steps,
+        bf16=precision == "bf16",
+        use_cpu=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=WORK["seed"],
+        disable_dropout=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
     trainer = GRPOTrainer(model=str(default_model_path()), reward_funcs=shaped, args=args, train_dataset=dataset)
 
     generation_times: list[float] = []
@@ -371,22 +424,42 @@ def e2e_trl(config, prompts: Path, out: Path, minutes: float) -> list[dict]:
         scores = reward_set.score(prompts, texts, {k: fields[k] for k in names if k in fields}, "error", None)
         rewards = list(scores.rewards)
         if config.truncated_reward is not None:
-            rewards = [r if ended_by & set(ids) else config.truncated_reward
-                       for r, ids in zip(rewards, completion_ids)]  # fmt: skip
+            rewards = [r if ended_by & set(ids) else config.truncated_reward for r, ids in zip(rewards, completion_ids)]
         return rewards
 
     n = config.prompts_per_step * config.group_size
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1,
-        num_generations=config.group_size, max_completion_length=config.max_new_tokens,
-        temperature=config.temperature, top_p=config.top_p, top_k=0, repetition_penalty=1.0,
-        beta=config.kl_coef, num_iterations=config.updates_per_batch, scale_rewards=config.scale_rewards,
-        loss_type="dapo", epsilon=config.clip_eps_low, learning_rate=config.lr, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
-        num_train_epochs=config.epochs, max_steps=config.max_steps or -1, bf16=config.precision == "bfloat16",
-        use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=config.seed, disable_dropout=True,
-        dataloader_num_workers=0, log_completions=False,
-    )  # fmt: skip
+        output_dir=str(out),
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        num_generations=config.group_size,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=0,
+        repetition_penalty=1.0,
+        beta=config.kl_coef,
+        num_iterations=config.updates_per_batch,
+        scale_rewards=config.scale_rewards,
+        loss_type="dapo",
+        epsilon=config.clip_eps_low,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        bf16=config.precision == "bfloat16",
+        use_cpu=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=config.seed,
+        disable_dropout=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
     trainer = GRPOTrainer(model=str(default_model_path()), reward_funcs=recipe_reward, args=args, train_dataset=dataset)
     tokenizer = trainer.processing_class
     ended_by.update(eos_token_ids(trainer.model, tokenizer))
@@ -432,9 +505,24 @@ def end_to_end(
         runs = {}
         for name in only or list(RUNNERS):
             print(f"training {name} for at most {max_steps} steps or {minutes} minutes ...", file=sys.stderr)
-            command = ["--child-e2e", name, "--recipe", str(recipe), "--prompts-file", str(prompts),
-                       "--out", str(Path(tmp) / name), "--minutes", str(minutes), "--max-steps", str(max_steps),
-                       "--save-every", str(save_every), "--seed", str(seed)]  # fmt: skip
+            command = [
+                "--child-e2e",
+                name,
+                "--recipe",
+                str(recipe),
+                "--prompts-file",
+                str(prompts),
+                "--out",
+                str(Path(tmp) / name),
+                "--minutes",
+                str(minutes),
+                "--max-steps",
+                str(max_steps),
+                "--save-every",
+                str(save_every),
+                "--seed",
+                str(seed),
+            ]
             runs[name] = _spawn(command, config.threads)
         checkpoints = {name: _result(name, process) for name, process in runs.items()}
         (Path(tmp) / "checkpoints.json").write_text(json.dumps(checkpoints, indent=2))
@@ -450,10 +538,16 @@ def end_to_end(
                     rates = evaluation["greedy"]
                     scored[point["model"]] = {k: v for k, v in rates.items() if k != "examples"}
                     scored[point["model"]]["example"] = rates["examples"][0]["completion"]
-                curves[name].append({"step": point["step"], "train_min": point["train_s"] / 60,
-                                     **scored[point["model"]]})  # fmt: skip
-    return {"recipe": str(recipe), "config": config_to_dict(config), "minutes": minutes, "target": target,
-            "curves": curves}  # fmt: skip
+                curves[name].append(
+                    {"step": point["step"], "train_min": point["train_s"] / 60, **scored[point["model"]]}
+                )
+    return {
+        "recipe": str(recipe),
+        "config": config_to_dict(config),
+        "minutes": minutes,
+        "target": target,
+        "curves": curves,
+    }
 
 
 def e2e_plot(result: dict, path: Path) -> None:
@@ -475,7 +569,9 @@ def e2e_plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     config = result["config"]
-    fig.suptitle(f"{Path(result['recipe']).name}, seed {config['seed']}, {config['threads']} thread(s) each, side by side")
+    fig.suptitle(
+        f"{Path(result['recipe']).name}, seed {config['seed']}, {config['threads']} thread(s) each, side by side"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -492,20 +588,41 @@ def time_to_target(curve: list[dict], target: float) -> dict | None:
 
 def e2e_table(result: dict) -> str:
     target = result["target"]
-    header = ("trainer", "step", "training min", "held-out pass rate", "digits rule", "length rule", "mean reward",
-              "cut off")  # fmt: skip
+    header = (
+        "trainer",
+        "step",
+        "training min",
+        "held-out pass rate",
+        "digits rule",
+        "length rule",
+        "mean reward",
+        "cut off",
+    )
     rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, curve in result["curves"].items():
         for p in curve:
-            cells = (name, p["step"], f"{p['train_min']:.1f}", f"{p['pass_rate']:.2f}", f"{p['digits_rate']:.2f}",
-                     f"{p['length_rate']:.2f}", f"{p['mean_reward']:.3f}", f"{p['truncated_rate']:.2f}")  # fmt: skip
+            cells = (
+                name,
+                p["step"],
+                f"{p['train_min']:.1f}",
+                f"{p['pass_rate']:.2f}",
+                f"{p['digits_rate']:.2f}",
+                f"{p['length_rate']:.2f}",
+                f"{p['mean_reward']:.3f}",
+                f"{p['truncated_rate']:.2f}",
+            )
             rows.append("| " + " | ".join(map(str, cells)) + " |")
     rows.append("")
     for name, curve in result["curves"].items():
         hit, last = time_to_target(curve, target), curve[-1]
-        rows.append(f"{name}: held-out pass rate {target:.0%} "
-                    + (f"reached at step {hit['step']} after {hit['train_min']:.1f} training minutes" if hit else
-                       f"not reached in {last['step']} steps ({last['train_min']:.1f} training minutes)"))  # fmt: skip
+        rows.append(
+            f"{name}: held-out pass rate {target:.0%} "
+            + (
+                f"reached at step {hit['step']} after {hit['train_min']:.1f} training minutes"
+                if hit
+                else f"not reached in {last['step']} steps ({last['train_min']:.1f} training minutes)"
+            )
+        )
     return "\n".join(rows)
 
 
@@ -521,8 +638,9 @@ def _spawn(arguments: list[str], threads: int | None) -> subprocess.Popen:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.Popen([sys.executable, __file__, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, __file__, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _result(name: str, process: subprocess.Popen):
@@ -535,8 +653,22 @@ def _result(name: str, process: subprocess.Popen):
 
 def child(name: str, prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
     """Run one trainer in a fresh interpreter and return its JSON result."""
-    arguments = ["--child", name, "--prompts-file", str(prompts), "--out", str(out), "--precision", precision,
-                 "--threads", str(threads), "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+    arguments = [
+        "--child",
+        name,
+        "--prompts-file",
+        str(prompts),
+        "--out",
+        str(out),
+        "--precision",
+        precision,
+        "--threads",
+        str(threads),
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+    ]
     return _result(name, _spawn(arguments, threads))
 
 
@@ -548,7 +680,9 @@ def table(results: dict, rates: dict, precision: str) -> str:
     ]
     for name, r in results.items():
         flop = r.get("update_flop")
-        flops = (f"{flop / 1e9:.0f}", f"{flop / 1e9 / r['update_s']:.0f} ({flop / 1e9 / rate:.2f})") if flop else ("-", "-")
+        flops = (
+            (f"{flop / 1e9:.0f}", f"{flop / 1e9 / r['update_s']:.0f} ({flop / 1e9 / rate:.2f})") if flop else ("-", "-")
+        )
         rows.append(
             f"| {name} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['generation_tokens_per_s']:.0f} | "
             f"{r['update_s']:.2f} | {flops[0]} | {flops[1]} | {r['peak_rss_mb']:.0f} |"
@@ -605,8 +739,9 @@ def main() -> None:
         print(json.dumps(saved))
         return
     if args.end_to_end:
-        result = end_to_end(args.recipe, args.minutes, args.max_steps, args.save_every, args.seed, args.target,
-                            args.only, args.work_dir)
+        result = end_to_end(
+            args.recipe, args.minutes, args.max_steps, args.save_every, args.seed, args.target, args.only, args.work_dir
+        )
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "grpo_vs_trl-end-to-end.json").write_text(json.dumps(result, indent=2) + "\n")
         e2e_plot(result, HERE / "results" / "grpo_vs_trl-end-to-end.png")
@@ -619,9 +754,19 @@ def main() -> None:
         results = {}
         for name in args.only or list(RUNNERS):
             print(f"running {name} ...", file=sys.stderr)
-            results[name] = child(name, prompts, Path(tmp) / name, args.precision, args.threads, args.warmup, args.steps)
-    summary = {"work": WORK, "precision": args.precision, "threads": args.threads, "warmup": args.warmup,
-               "steps": args.steps, "training_prompts": count, "matmul_gflops": rates, "results": results}  # fmt: skip
+            results[name] = child(
+                name, prompts, Path(tmp) / name, args.precision, args.threads, args.warmup, args.steps
+            )
+    summary = {
+        "work": WORK,
+        "precision": args.precision,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "training_prompts": count,
+        "matmul_gflops": rates,
+        "results": results,
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"grpo_vs_trl-{args.precision}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table(results, rates, args.precision))

@@ -34,11 +34,15 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if os.environ.get("POLICYGRAD_NO_SKIPS") != "1" or reporter is None:
         return
-    reasons = [str(r.longrepr[2]) if isinstance(r.longrepr, tuple) else str(r.longrepr)
-               for r in reporter.stats.get("skipped", [])]  # fmt: skip
+    reasons = [
+        str(r.longrepr[2]) if isinstance(r.longrepr, tuple) else str(r.longrepr)
+        for r in reporter.stats.get("skipped", [])
+    ]
     unexpected = [r for r in reasons if not any(allowed in r for allowed in ALLOWED_SKIPS)]
     if unexpected:
         reporter.ensure_newline()
-        reporter.write_line(f"POLICYGRAD_NO_SKIPS: {len(unexpected)} tests skipped without an allowed reason, e.g. "
-                            f"{unexpected[0]}", red=True)  # fmt: skip
+        reporter.write_line(
+            f"POLICYGRAD_NO_SKIPS: {len(unexpected)} tests skipped without an allowed reason, e.g. {unexpected[0]}",
+            red=True,
+        )
         session.exitstatus = 1

@@ -81,10 +81,20 @@ def check(test_file: str, rows: Sequence[Row], text: str | None = None) -> None:
         assert len(matches) == 1, f"{len(matches)} rows of the fault table start with {row.fault!r}, expected 1"
         cells = matches[0]
         claimed.append(cells[0])
-        said = {"Tested in": cells[5].strip("`"), "Trainer": cells[1], "Times": cells[2],
-                "numbers": numbers(cells[0] + " " + cells[3]), "Lost": cells[4]}  # fmt: skip
-        meant = {"Tested in": test_file, "Trainer": row.trainer, "Times": row.times,
-                 "numbers": [str(n) for n in row.numbers], "Lost": row.lost}  # fmt: skip
+        said = {
+            "Tested in": cells[5].strip("`"),
+            "Trainer": cells[1],
+            "Times": cells[2],
+            "numbers": numbers(cells[0] + " " + cells[3]),
+            "Lost": cells[4],
+        }
+        meant = {
+            "Tested in": test_file,
+            "Trainer": row.trainer,
+            "Times": row.times,
+            "numbers": [str(n) for n in row.numbers],
+            "Lost": row.lost,
+        }
         for cell, value in said.items():
             assert value == meant[cell], f"fault table row {row.fault!r}: {cell} says {value!r}, tests {meant[cell]!r}"
     undeclared = [cells[0] for cells in parsed if cells[5].strip("`") == test_file and cells[0] not in claimed]

@@ -41,131 +41,167 @@ ALGORITHMS = "tests/control/test_algorithms.py"
 TWO_UPDATES = f"{UPDATE_MATH}::test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts"
 MUTANTS = [
     Mutant(
-        "clip removed from policy_loss", "losses.py",
+        "clip removed from policy_loss",
+        "losses.py",
         "clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages",
         "clipped = ratio * advantages",
         ("tests/test_losses.py", TWO_UPDATES),
     ),
     Mutant(
-        "clip eps_low and eps_high swapped", "losses.py",
+        "clip eps_low and eps_high swapped",
+        "losses.py",
         "clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages",
         "clipped = ratio.clamp(1.0 - eps_high, 1.0 + clip_eps_low) * advantages",
         ("tests/test_losses.py", TWO_UPDATES),
     ),
     Mutant(
-        "ratio pinned at 1 in the update", "lm/update.py",
+        "ratio pinned at 1 in the update",
+        "lm/update.py",
         "old_logprobs=rollout.logprobs[rows] if clipped else None,",
         "old_logprobs=logprobs.detach() if clipped else None,",
         (TWO_UPDATES, f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
     ),
     Mutant(
-        "KL against the current policy instead of the frozen reference", "lm/trainer.py",
+        "KL against the current policy instead of the frozen reference",
+        "lm/trainer.py",
         "ref_logprobs = _reference_logprobs(run.reference, rollout, config, run.autocast_dtype)",
         "ref_logprobs = _reference_logprobs(run.reference and run.model, rollout, config, run.autocast_dtype)",
         (f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl",),
     ),
     Mutant(
-        "KL term with the wrong sign", "lm/update.py",
+        "KL term with the wrong sign",
+        "lm/update.py",
         "loss = loss + kl_coef * mean_kl",
         "loss = loss - kl_coef * mean_kl",
         (f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",),
     ),
     Mutant(
-        "k2 and k3 swapped", "regularizers.py",
+        "k2 and k3 swapped",
+        "regularizers.py",
         'KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}',
         'KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k3, "k3": _k2}',
-        ("tests/test_regularizers.py",
-         f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient"),
+        (
+            "tests/test_regularizers.py",
+            f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",
+        ),
     ),
     Mutant(
-        "update given the constant entropy_coef instead of the batch's dynamic weight", "lm/trainer.py",
+        "update given the constant entropy_coef instead of the batch's dynamic weight",
+        "lm/trainer.py",
         "run.model, run.optimizer, rollout, advantages, ref_logprobs, entropy_weight, config,",
         "run.model, run.optimizer, rollout, advantages, ref_logprobs, config.entropy_coef, config,",
         (f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl",),
     ),
     Mutant(
-        "entropy bonus halved", "lm/update.py",
+        "entropy bonus halved",
+        "lm/update.py",
         "loss = pg_loss - entropy_weight * mean_entropy if entropy_weight else pg_loss",
         "loss = pg_loss - 0.5 * entropy_weight * mean_entropy if entropy_weight else pg_loss",
-        (f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",
-         "tests/lm/test_fast_paths.py::test_update_gradient_equals_the_hand_written_grpo_loss"),
+        (
+            f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",
+            "tests/lm/test_fast_paths.py::test_update_gradient_equals_the_hand_written_grpo_loss",
+        ),
     ),
     Mutant(
-        "GRPO advantages ignore scale_rewards and advantage_eps", "lm/update.py",
+        "GRPO advantages ignore scale_rewards and advantage_eps",
+        "lm/update.py",
         "return group_advantages(rewards, config.group_size, config.scale_rewards, config.advantage_eps), baseline",
         "return group_advantages(rewards, config.group_size), baseline",
-        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
-         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+        (
+            "tests/lm/test_trainer.py::test_advantage_variants_by_name",
+            f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant",
+        ),
     ),
     Mutant(
-        "RLOO replaced by the plain group mean", "lm/update.py",
+        "RLOO replaced by the plain group mean",
+        "lm/update.py",
         "return leave_one_out(rewards, config.group_size), baseline",
         'return group_advantages(rewards, config.group_size, "none"), baseline',
-        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
-         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+        (
+            "tests/lm/test_trainer.py::test_advantage_variants_by_name",
+            f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant",
+        ),
     ),
     Mutant(
-        "moving-average baseline replaced by the batch's own mean", "lm/update.py",
+        "moving-average baseline replaced by the batch's own mean",
+        "lm/update.py",
         "advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal",
         "advantages = (rewards - rewards.nanmean()).nan_to_num(0.0)",
-        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
-         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+        (
+            "tests/lm/test_trainer.py::test_advantage_variants_by_name",
+            f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant",
+        ),
     ),
     Mutant(
-        "moving-average baseline updated before the advantages are taken (biased)", "lm/update.py",
+        "moving-average baseline updated before the advantages are taken (biased)",
+        "lm/update.py",
         "advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal",
         "advantages = (rewards - float(moving_average(torch.tensor(baseline, dtype=rewards.dtype), rewards, "
         "config.baseline_decay))).nan_to_num(0.0)",
-        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
-         f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant"),
+        (
+            "tests/lm/test_trainer.py::test_advantage_variants_by_name",
+            f"{UPDATE_MATH}::test_logged_advantages_of_a_real_run_follow_the_variant",
+        ),
     ),
     Mutant(
-        "dynamic entropy weight replaced by the constant", "lm/update.py",
+        "dynamic entropy weight replaced by the constant",
+        "lm/update.py",
         '    "dynamic": _dynamic_entropy_weight,',
         '    "dynamic": _constant_entropy_weight,',
-        ("tests/lm/test_trainer.py::test_advantage_variants_by_name",
-         f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl"),
+        (
+            "tests/lm/test_trainer.py::test_advantage_variants_by_name",
+            f"{UPDATE_MATH}::test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl",
+        ),
     ),
     Mutant(
-        "gradients zeroed instead of dropped before each update", "lm/update.py",
+        "gradients zeroed instead of dropped before each update",
+        "lm/update.py",
         "    for _ in range(config.updates_per_batch):\n        optimizer.zero_grad(set_to_none=True)",
         "    for _ in range(config.updates_per_batch):\n        optimizer.zero_grad(set_to_none=False)",
         (f"{UPDATE_MATH}::test_an_update_on_a_batch_with_no_token_that_counts_changes_nothing",),
     ),
     Mutant(
-        "micro-batches weighted equally instead of by their tokens", "lm/update.py",
+        "micro-batches weighted equally instead of by their tokens",
+        "lm/update.py",
         "return rows_mask.sum().item() / max(batch_mask.sum().item(), 1)",
         "return rows_mask.shape[0] / batch_mask.shape[0]",
         (f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",),
     ),
     Mutant(
-        "bf16 autocast never enabled", "lm/rollout.py",
+        "bf16 autocast never enabled",
+        "lm/rollout.py",
         "return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)",
         "return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=False)",
         (f"{UPDATE_MATH}::test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32",),
     ),
     # control/: the issue found PPO, NPG and REINFORCE checked only for a `value_loss` key and a saved file
     Mutant(
-        "PPO without old log-probs (REINFORCE's gradient, no clip)", "control/algorithms.py",
+        "PPO without old log-probs (REINFORCE's gradient, no clip)",
+        "control/algorithms.py",
         "old_logprobs=mb.old_logprobs, clip_eps_low=cfg.clip_eps)",
         "old_logprobs=None, clip_eps_low=cfg.clip_eps)",
         (f"{ALGORITHMS}::test_ppo_one_minibatch_step_clips_on_both_sides",),
     ),
     Mutant(
-        "REINFORCE/A2C ascend the loss (advantage sign flipped)", "control/algorithms.py",
+        "REINFORCE/A2C ascend the loss (advantage sign flipped)",
+        "control/algorithms.py",
         "_normalized(batch.advantages, cfg.normalize_advantages))",
         "-_normalized(batch.advantages, cfg.normalize_advantages))",
-        (f"{ALGORITHMS}::test_vanilla_step_is_the_score_function_gradient_with_entropy",
-         f"{ALGORITHMS}::test_each_algorithm_learns_cartpole"),
+        (
+            f"{ALGORITHMS}::test_vanilla_step_is_the_score_function_gradient_with_entropy",
+            f"{ALGORITHMS}::test_each_algorithm_learns_cartpole",
+        ),
     ),
     Mutant(
-        "NPG takes the full step without its line search", "control/algorithms.py",
+        "NPG takes the full step without its line search",
+        "control/algorithms.py",
         "step, fraction = backtracking_line_search(evaluate, full_step, float(gradient @ full_step), cfg.max_kl)",
         "step, fraction = full_step, 1.0",
         (f"{ALGORITHMS}::test_npg_line_search_backtracks_to_the_first_step_that_passes",),
     ),
     Mutant(
-        "NPG's step twice the KL radius", "control/algorithms.py",
+        "NPG's step twice the KL radius",
+        "control/algorithms.py",
         "full_step = trust_region_step(direction, fvp(direction), cfg.max_kl)",
         "full_step = trust_region_step(direction, fvp(direction), 2 * cfg.max_kl)",
         (f"{ALGORITHMS}::test_npg_takes_the_natural_gradient_step_on_the_kl_radius",),
@@ -183,14 +219,19 @@ def run(mutant: Mutant, workdir: Path) -> tuple[list[str], float, str]:
     path = src / "policygrad" / mutant.file
     text = path.read_text()
     if mutant.old and text.count(mutant.old) != 1:
-        raise SystemExit(f"named_mutants: {mutant.name!r}: the text to replace occurs {text.count(mutant.old)} times "
-                         f"in {mutant.file}, not once; update this script")
+        raise SystemExit(
+            f"named_mutants: {mutant.name!r}: the text to replace occurs {text.count(mutant.old)} times "
+            f"in {mutant.file}, not once; update this script"
+        )
     path.write_text(text.replace(mutant.old, mutant.new))
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *mutant.tests],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     last = lines[-1] if lines else ""

@@ -192,12 +192,15 @@ def test_group_normalisation_ignores_reward_shift_and_scale(rewards, scale, shif
     assume(all(max(g) - min(g) > 1e-3 for g in (rewards[:4], rewards[4:])))  # rounding can make a tiny spread vanish
     for mode in ("group", "batch"):
         torch.testing.assert_close(
-            group_advantages(scale * r + shift, 4, mode, eps=0.0), group_advantages(r, 4, mode, eps=0.0),
-            rtol=1e-6, atol=1e-6,
+            group_advantages(scale * r + shift, 4, mode, eps=0.0),
+            group_advantages(r, 4, mode, eps=0.0),
+            rtol=1e-6,
+            atol=1e-6,
         )
     # Dr. GRPO keeps the reward's scale
-    torch.testing.assert_close(group_advantages(scale * r + shift, 4, "none"), scale * group_advantages(r, 4, "none"),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        group_advantages(scale * r + shift, 4, "none"), scale * group_advantages(r, 4, "none"), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_gae_batched_last_value_has_the_leading_shape():
@@ -296,8 +299,12 @@ def test_group_advantages_eps_and_scales_exactly():
         # eps is not added without a std to protect
         torch.testing.assert_close(group_advantages(r, 4, "none", eps), t(centred), rtol=0, atol=1e-15)
     # the default eps is 1e-4 (TRL's)
-    torch.testing.assert_close(group_advantages(r, 4), t([c / ((s1 if i < 4 else s2) + 1e-4)
-                                                          for i, c in enumerate(centred)]), rtol=0, atol=1e-15)  # fmt: skip
+    torch.testing.assert_close(
+        group_advantages(r, 4),
+        t([c / ((s1 if i < 4 else s2) + 1e-4) for i, c in enumerate(centred)]),
+        rtol=0,
+        atol=1e-15,
+    )
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

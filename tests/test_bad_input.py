@@ -43,7 +43,9 @@ class ReachedModelLoad(Exception):
 def _tiny_builder():
     """``save_tiny`` of tests/lm/conftest.py (a random tiny Llama and a character tokenizer), loaded by path because
     this file sits outside tests/lm."""
-    spec = importlib.util.spec_from_file_location("_lm_conftest_for_bad_input", Path(__file__).parent / "lm" / "conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "_lm_conftest_for_bad_input", Path(__file__).parent / "lm" / "conftest.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.save_tiny
@@ -139,10 +141,45 @@ def tree(folder: Path) -> dict[str, str]:
 # realistic command-line text: no NUL (argv cannot hold one) and no lone surrogates
 ARG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
 NUMBERISH = st.sampled_from(
-    ["0", "-1", "1", "2", "1.5", "nan", "-nan", "inf", "-inf", "1e400", "-1e400", "1e-400", "1e3", "0x10", "1_000",
-     "99999999999999999999999", "-99999999999999999999999", "", " ", "3 ", "true", "None", "[1]", "1,2", "--", "-",
-     "cuda:x", "cuda:-1", "cpu", "auto", "grpo", "shaped", "shaped=nan", "shaped=abc", "binary=1e400", "greedy"]
-)  # fmt: skip
+    [
+        "0",
+        "-1",
+        "1",
+        "2",
+        "1.5",
+        "nan",
+        "-nan",
+        "inf",
+        "-inf",
+        "1e400",
+        "-1e400",
+        "1e-400",
+        "1e3",
+        "0x10",
+        "1_000",
+        "99999999999999999999999",
+        "-99999999999999999999999",
+        "",
+        " ",
+        "3 ",
+        "true",
+        "None",
+        "[1]",
+        "1,2",
+        "--",
+        "-",
+        "cuda:x",
+        "cuda:-1",
+        "cpu",
+        "auto",
+        "grpo",
+        "shaped",
+        "shaped=nan",
+        "shaped=abc",
+        "binary=1e400",
+        "greedy",
+    ]
+)
 CLI_VALUE = st.one_of(NUMBERISH, ARG_TEXT, st.integers().map(str), st.floats().map(repr))
 
 
@@ -159,13 +196,22 @@ LM_FLAGS = [f for f in _flags("policygrad.lm.config:GRPOConfig") if f not in ("-
 
 def _yaml_scalar():
     return st.one_of(
-        st.none(), st.booleans(), st.integers(), st.integers(min_value=10**300, max_value=10**320),
-        st.floats(), ARG_TEXT, st.sampled_from(["1e-5", "nan", ".inf", "2020-01-01", "grpo", "cuda:7", "shaped"]),
-    )  # fmt: skip
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=10**300, max_value=10**320),
+        st.floats(),
+        ARG_TEXT,
+        st.sampled_from(["1e-5", "nan", ".inf", "2020-01-01", "grpo", "cuda:7", "shaped"]),
+    )
 
 
 def _yaml_value():
-    return st.recursive(_yaml_scalar(), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ARG_TEXT, inner, max_size=3), max_leaves=6)
+    return st.recursive(
+        _yaml_scalar(),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ARG_TEXT, inner, max_size=3),
+        max_leaves=6,
+    )
 
 
 GRPO_FIELDS = [f.name for f in dataclasses.fields(GRPOConfig)]
@@ -177,8 +223,9 @@ def recipe_bytes(draw) -> bytes:
     tricks (tags, anchors, control characters, huge numbers), binary garbage, or nothing."""
     kind = draw(st.sampled_from(["mapping", "mapping", "mapping", "top", "text", "binary", "tricks", "empty"]))
     if kind == "mapping":
-        keys = st.one_of(st.sampled_from(GRPO_FIELDS), st.sampled_from([f.replace("_", "-") for f in GRPO_FIELDS]),
-                         ARG_TEXT)  # fmt: skip
+        keys = st.one_of(
+            st.sampled_from(GRPO_FIELDS), st.sampled_from([f.replace("_", "-") for f in GRPO_FIELDS]), ARG_TEXT
+        )
         data = draw(st.dictionaries(keys, _yaml_value(), max_size=6))
         return yaml.safe_dump(data, allow_unicode=draw(st.booleans())).encode()
     if kind == "top":
@@ -188,12 +235,28 @@ def recipe_bytes(draw) -> bytes:
     if kind == "binary":
         return draw(st.binary(max_size=200))
     if kind == "tricks":
-        return draw(st.sampled_from([
-            b"lr: !!python/object/apply:os.system ['true']\n", b"a: &x [1]\nrewards: *x\n", b"lr: 0\x00\n",
-            b"lr: " + b"1" * 5000 + b"\n", b"[" * 5000, b"seed: !!timestamp 2020-13-45\n", b"\xef\xbb\xbflr: 1e-4\n",
-            b"lr: [\n", b"? [1, 2]\n: 3\n", b"output_dir: \"a\\0b\"\n", b"model: {a: 1}\n", b"rewards: [[1, 2]]\n",
-            b"lr: 1e-5\nlr: nan\n", b"device: \"cuda:\"\n", b"seed: 18446744073709551616\n", b"threads: 4294967296\n",
-        ]))  # fmt: skip
+        return draw(
+            st.sampled_from(
+                [
+                    b"lr: !!python/object/apply:os.system ['true']\n",
+                    b"a: &x [1]\nrewards: *x\n",
+                    b"lr: 0\x00\n",
+                    b"lr: " + b"1" * 5000 + b"\n",
+                    b"[" * 5000,
+                    b"seed: !!timestamp 2020-13-45\n",
+                    b"\xef\xbb\xbflr: 1e-4\n",
+                    b"lr: [\n",
+                    b"? [1, 2]\n: 3\n",
+                    b'output_dir: "a\\0b"\n',
+                    b"model: {a: 1}\n",
+                    b"rewards: [[1, 2]]\n",
+                    b"lr: 1e-5\nlr: nan\n",
+                    b'device: "cuda:"\n',
+                    b"seed: 18446744073709551616\n",
+                    b"threads: 4294967296\n",
+                ]
+            )
+        )
     return b""
 
 
@@ -202,15 +265,41 @@ def jsonl_lines(draw) -> tuple[bytes, int | None]:
     """A prompt file and the number of its first bad line (None when every line is good)."""
     good = st.builds(lambda p: json.dumps({"prompt": p}), st.text(min_size=1, max_size=30).filter(str.strip))
     bad = st.one_of(
-        st.sampled_from(['{"prompt": ', "{prompt: 1}", "[1, 2]", '"just a string"', "null", "3", "NaN",
-                         '{"text": "no prompt key"}', '{"prompt": 5}', '{"prompt": null}', '{"prompt": ""}',
-                         '{"prompt": "   "}', '{"prompt": ["a"]}', '{"prompt": "x", "target_length": "ten"}',
-                         '{"prompt": "x", "target_length": -3}', '{"prompt": "x", "tolerance": true}',
-                         '{"prompt": "x", "a": ' + "1" * 5000 + "}", "[" * 100000, "\x00"]),
+        st.sampled_from(
+            [
+                '{"prompt": ',
+                "{prompt: 1}",
+                "[1, 2]",
+                '"just a string"',
+                "null",
+                "3",
+                "NaN",
+                '{"text": "no prompt key"}',
+                '{"prompt": 5}',
+                '{"prompt": null}',
+                '{"prompt": ""}',
+                '{"prompt": "   "}',
+                '{"prompt": ["a"]}',
+                '{"prompt": "x", "target_length": "ten"}',
+                '{"prompt": "x", "target_length": -3}',
+                '{"prompt": "x", "tolerance": true}',
+                '{"prompt": "x", "a": ' + "1" * 5000 + "}",
+                "[" * 100000,
+                "\x00",
+            ]
+        ),
         ARG_TEXT.filter(lambda t: t.strip() and "\n" not in t and not _is_good_line(t)),
-    )  # fmt: skip
-    lines: list[tuple[str, bool]] = draw(st.lists(st.one_of(good.map(lambda t: (t, True)), bad.map(lambda t: (t, False)),
-                                                             st.sampled_from([("", True), ("   ", True)])), max_size=8))  # fmt: skip
+    )
+    lines: list[tuple[str, bool]] = draw(
+        st.lists(
+            st.one_of(
+                good.map(lambda t: (t, True)),
+                bad.map(lambda t: (t, False)),
+                st.sampled_from([("", True), ("   ", True)]),
+            ),
+            max_size=8,
+        )
+    )
     data = "\n".join(text for text, _ in lines).encode("utf-8", "surrogatepass")
     first_bad = next((i for i, (_, ok) in enumerate(lines, start=1) if not ok), None)
     if draw(st.booleans()) and first_bad is None and data:
@@ -274,7 +363,7 @@ def test_random_recipes_through_the_cli_leave_no_run_folder(content, capsys, mon
         (b"lr: " + b"9" * 400 + b"\n", "--lr"),
         (b"seed: 18446744073709551616\n", "--seed"),
         (b"device: 'cuda:x'\n", "--device"),
-        (b"output_dir: \"a\\0b\"\n", "--output-dir"),
+        (b'output_dir: "a\\0b"\n', "--output-dir"),
         (b"rewards: [[shaped]]\n", "--rewards"),
         (b"lr: !!python/object/apply:os.system ['true']\n", "recipe.yaml:1"),
     ],
@@ -384,9 +473,12 @@ def test_ascii_terminal_still_gets_one_line():
     """rich draws tyro's error box in ASCII where the output is not UTF-8; the box must still fold to one line."""
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
     result = subprocess.run(
-        [sys.executable, "-m", "policygrad", "bandit", "--lr", "abc"], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "policygrad", "bandit", "--lr", "abc"],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--lr" in lines[0] and "---" not in lines[0], result.stderr
@@ -428,8 +520,9 @@ def test_random_prompt_files_through_the_cli(file, capsys, monkeypatch, sandbox,
     with tempfile.TemporaryDirectory() as work:
         monkeypatch.chdir(work)
         Path("prompts.jsonl").write_bytes(data)
-        code, _, err = call(["train", "--model", str(tiny_model), "--prompts", "prompts.jsonl", "--output-dir", "run"],
-                            capsys)  # fmt: skip
+        code, _, err = call(
+            ["train", "--model", str(tiny_model), "--prompts", "prompts.jsonl", "--output-dir", "run"], capsys
+        )
         if first_bad is not None:
             assert_usage_line(code, err, "train", f"prompts.jsonl:{first_bad}")
         else:
@@ -524,10 +617,23 @@ def _malicious_pickle() -> bytes:
 
 
 BROKEN_MODELS = [
-    "empty", "config-not-json", "config-a-list", "config-no-type", "config-unknown-type", "config-bad-size",
-    "config-negative-size", "config-vocab-mismatch", "no-weights", "weights-empty", "weights-truncated",
-    "weights-garbage", "weights-pickle", "tokenizer-garbage", "tokenizer-config-a-list", "no-tokenizer",
-]  # fmt: skip
+    "empty",
+    "config-not-json",
+    "config-a-list",
+    "config-no-type",
+    "config-unknown-type",
+    "config-bad-size",
+    "config-negative-size",
+    "config-vocab-mismatch",
+    "no-weights",
+    "weights-empty",
+    "weights-truncated",
+    "weights-garbage",
+    "weights-pickle",
+    "tokenizer-garbage",
+    "tokenizer-config-a-list",
+    "no-tokenizer",
+]
 
 
 @pytest.mark.parametrize("how", BROKEN_MODELS)
@@ -538,8 +644,20 @@ def test_broken_model_folders_are_one_line(how, tiny_model, good_prompts, tmp_pa
     _break_model(folder, how)
     monkeypatch.chdir(tmp_path)
     for command in ("train", "eval"):
-        code, _, err = call([command, "--model", str(folder), "--prompts", str(good_prompts), "--output-dir",
-                             str(tmp_path / "run"), "--device", "cpu"], capsys)  # fmt: skip
+        code, _, err = call(
+            [
+                command,
+                "--model",
+                str(folder),
+                "--prompts",
+                str(good_prompts),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--device",
+                "cpu",
+            ],
+            capsys,
+        )
         assert_usage_line(code, err, command, str(folder))
         assert not (tmp_path / "run").exists()
     assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
@@ -548,9 +666,12 @@ def test_broken_model_folders_are_one_line(how, tiny_model, good_prompts, tmp_pa
 @settings(max_examples=20, **SETTINGS)
 @given(
     part=st.sampled_from(["config.json", "model.safetensors", "tokenizer.json"]),
-    content=st.one_of(st.binary(max_size=300), st.text(max_size=100).map(str.encode),
-                      st.dictionaries(ARG_TEXT, _yaml_scalar(), max_size=4).map(lambda d: json.dumps(d).encode())),
-)  # fmt: skip
+    content=st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=100).map(str.encode),
+        st.dictionaries(ARG_TEXT, _yaml_scalar(), max_size=4).map(lambda d: json.dumps(d).encode()),
+    ),
+)
 def test_random_bytes_in_a_model_folder(part, content, tiny_model, tmp_path, monkeypatch, sandbox):
     """None of these contents is a config, weights or tokenizer a model can be built from: loading must refuse in one
     line naming the folder. A model that loads from garbage fails the test."""
@@ -570,8 +691,25 @@ def test_random_bytes_in_a_model_folder(part, content, tiny_model, tmp_path, mon
 # Checkpoint folders given to --resume
 # --------------------------------------------------------------------------------------------------------------
 
-TINY_RUN = ["--heldout-prompts", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "2",
-            "--max-steps", "1", "--eval-size", "1", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+TINY_RUN = [
+    "--heldout-prompts",
+    "2",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "2",
+    "--max-steps",
+    "1",
+    "--eval-size",
+    "1",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def _run_folder(tmp_path: Path, tiny_model: Path, prompts: Path, how: str) -> Path:
@@ -617,8 +755,9 @@ def _break_checkpoint(folder: Path, what: str) -> None:
 
 # what each broken checkpoint is refused with (docs/reliability.md's fault table counts these)
 DAMAGED_AFTER_SAVE = {  # the manifest catches it: skipped with a warning, and then nothing is left to resume
-    "weights-truncated": "holds no intact checkpoint", "state-garbage": "holds no intact checkpoint",
-}  # fmt: skip
+    "weights-truncated": "holds no intact checkpoint",
+    "state-garbage": "holds no intact checkpoint",
+}
 BAD_MODEL_FILES = {  # the manifest agrees: load_model's own checks catch these, naming the file or the folder
     "weights-truncated": "model.safetensors is not a complete safetensors file",
     "config-not-json": "config.json is not a readable JSON file",
@@ -645,8 +784,20 @@ def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_p
     monkeypatch.chdir(tmp_path)
     run = _run_folder(tmp_path, tiny_model, good_prompts, how)
     before = tree(run)
-    code, _, err = call(["train", "--model", str(tiny_model), "--prompts", str(good_prompts), "--output-dir",
-                         str(run), "--resume", *TINY_RUN], capsys)  # fmt: skip
+    code, _, err = call(
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--prompts",
+            str(good_prompts),
+            "--output-dir",
+            str(run),
+            "--resume",
+            *TINY_RUN,
+        ],
+        capsys,
+    )
     assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
     lines = [line for line in err.splitlines() if not line.startswith("policygrad: skipping checkpoint")]
     assert_usage_line(code, "\n".join(lines), "train")
@@ -693,16 +844,25 @@ class _BadIterable:
 
 
 REWARD_ITEM = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**6), 10**6), st.none(), st.text(max_size=5),
-    st.booleans(), st.just(float("nan")), st.just(complex(1, 1)), st.lists(st.floats(), max_size=2),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**6), 10**6),
+    st.none(),
+    st.text(max_size=5),
+    st.booleans(),
+    st.just(float("nan")),
+    st.just(complex(1, 1)),
+    st.lists(st.floats(), max_size=2),
 )
 
 
 @st.composite
 def reward_output(draw, n: int):
     """What a user's reward function might return for n completions: right or wrong count, wrong types, NaN, inf."""
-    kind = draw(st.sampled_from(["list", "list", "wrong-count", "none", "string", "scalar", "dict", "generator",
-                                 "tensor", "raises"]))  # fmt: skip
+    kind = draw(
+        st.sampled_from(
+            ["list", "list", "wrong-count", "none", "string", "scalar", "dict", "generator", "tensor", "raises"]
+        )
+    )
     if kind == "list":
         return draw(st.lists(REWARD_ITEM, min_size=n, max_size=n))
     if kind == "wrong-count":
@@ -714,7 +874,7 @@ def reward_output(draw, n: int):
     if kind == "scalar":
         return draw(st.floats())
     if kind == "dict":
-        return {i: 1.0 for i in range(n)}
+        return dict.fromkeys(range(n), 1.0)
     if kind == "generator":
         return (float(i) for i in range(n))
     if kind == "tensor":
@@ -768,8 +928,9 @@ def test_rewards_past_float_range_or_unreadable_are_faults(outputs, weights, nam
     sum overflows) and the sample, the sample's reward NaN under "skip"."""
     from policygrad.lm.rewards import RewardError, RewardFunction, RewardSet
 
-    functions = [RewardFunction(f"r{k}", lambda p, c, _o=o, **f: _o, w)
-                 for k, (o, w) in enumerate(zip(outputs, weights))]  # fmt: skip
+    functions = [
+        RewardFunction(f"r{k}", lambda p, c, _o=o, **f: _o, w) for k, (o, w) in enumerate(zip(outputs, weights))
+    ]
     reward_set = RewardSet(functions)
     if on_fault == "error":
         with pytest.raises(RewardError) as info:
@@ -798,8 +959,12 @@ POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 def test_broken_recipe_in_a_real_shell(name, content, tmp_path):
     recipe = tmp_path / name
     recipe.write_bytes(content)
-    result = subprocess.run([POLICYGRAD, "train", "--recipe", str(recipe), "--output-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [POLICYGRAD, "train", "--recipe", str(recipe), "--output-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "Traceback" not in result.stderr, result.stderr
@@ -821,17 +986,42 @@ def _fault_table_rows() -> list:
     ((reward,),), (weight,), _ = UNREADABLE_REWARDS["weight-overflows"]  # 1e10 * 1e300
     product = [f"{weight:g}".replace("e+", "e"), f"{reward:g}".replace("e+", "e")]
     return [
-        Row("The run's only checkpoint damaged after its manifest was written", "train", f"{len(DAMAGED_AFTER_SAVE)}",
-            [], "nothing"),
-        Row("A `trainer_state.pt` written badly but with a matching manifest", "train", f"{len(BAD_STATES)} (one each)",
-            [], "nothing"),
-        Row("A checkpoint's weights or `config.json` written badly", "train", f"{len(BAD_MODEL_FILES)} (one each)", [],
-            "nothing"),
-        Row("A reward of `10**400`", "train", f"{len(UNREADABLE_REWARDS)} x {len(REWARD_POLICIES)}",
-            [10, len(str(huge)) - 1, *summed, *product], "that sample's learning signal only"),
-        Row("Built-in rewards (`shaped`, `binary`)", "train", f"{len(BUILTIN_REWARDS)} + 1", [],
-            "nothing (refused before writing)"),
-    ]  # fmt: skip
+        Row(
+            "The run's only checkpoint damaged after its manifest was written",
+            "train",
+            f"{len(DAMAGED_AFTER_SAVE)}",
+            [],
+            "nothing",
+        ),
+        Row(
+            "A `trainer_state.pt` written badly but with a matching manifest",
+            "train",
+            f"{len(BAD_STATES)} (one each)",
+            [],
+            "nothing",
+        ),
+        Row(
+            "A checkpoint's weights or `config.json` written badly",
+            "train",
+            f"{len(BAD_MODEL_FILES)} (one each)",
+            [],
+            "nothing",
+        ),
+        Row(
+            "A reward of `10**400`",
+            "train",
+            f"{len(UNREADABLE_REWARDS)} x {len(REWARD_POLICIES)}",
+            [10, len(str(huge)) - 1, *summed, *product],
+            "that sample's learning signal only",
+        ),
+        Row(
+            "Built-in rewards (`shaped`, `binary`)",
+            "train",
+            f"{len(BUILTIN_REWARDS)} + 1",
+            [],
+            "nothing (refused before writing)",
+        ),
+    ]
 
 
 def test_the_fault_table_rows_are_these_tests():

@@ -64,8 +64,19 @@ def test_plot_draws_the_runs_it_compares(tmp_path, figures, capsys):
     learning, variance, policy = figure.axes
     assert figure.get_suptitle() == f"{seeds} seeds, N=4 samples per update, lr=0.3, noise=0.5"  # the defaults
 
-    runs = {name: run_bandit(torch.tensor(means, dtype=torch.float64), noise=0.5, baseline=name, samples=4, lr=0.3,
-                             steps=steps, seed=0, seeds=seeds) for name in ("none", "loo")}  # fmt: skip
+    runs = {
+        name: run_bandit(
+            torch.tensor(means, dtype=torch.float64),
+            noise=0.5,
+            baseline=name,
+            samples=4,
+            lr=0.3,
+            steps=steps,
+            seed=0,
+            seeds=seeds,
+        )
+        for name in ("none", "loo")
+    }
     assert (learning.get_xlabel(), learning.get_ylabel()) == ("update step", "expected reward J")
     assert [line.get_label() for line in learning.lines] == ["baseline: none", "baseline: loo", "best arm"]
     for line, run in zip(learning.lines, runs.values()):
@@ -78,8 +89,9 @@ def test_plot_draws_the_runs_it_compares(tmp_path, figures, capsys):
     assert variance.get_yscale() == "log" and variance.get_xlabel() == "update step"
     for line, run in zip(variance.lines, runs.values()):
         g, e = run.gradient_estimates.tolist(), run.exact_gradients.tolist()  # (steps, seeds, arms)
-        per_step = [sum(sum((a - b) ** 2 for a, b in zip(gs, es)) for gs, es in zip(g[t], e[t])) / seeds
-                    for t in range(steps)]  # mean over seeds of ||g - grad J||^2  # fmt: skip
+        per_step = [
+            sum(sum((a - b) ** 2 for a, b in zip(gs, es)) for gs, es in zip(g[t], e[t])) / seeds for t in range(steps)
+        ]  # mean over seeds of ||g - grad J||^2
         assert list(line.get_xdata()) == list(range(10, steps + 1))
         assert line.get_ydata() == pytest.approx([sum(per_step[t - 10 : t]) / 10 for t in range(10, steps + 1)])
 

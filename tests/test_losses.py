@@ -110,8 +110,9 @@ def test_clipped_surrogate_values_gradients_and_clip_fractions_where_the_clip_ac
     ratios = t([RATIOS])
     logprobs = ratios.log().requires_grad_(True)
     advantages = torch.full_like(ratios, advantage)
-    loss, m = policy_loss(logprobs, advantages, old_logprobs=torch.zeros_like(ratios), clip_eps_low=EPS_LOW,
-                          clip_eps_high=EPS_HIGH)  # fmt: skip
+    loss, m = policy_loss(
+        logprobs, advantages, old_logprobs=torch.zeros_like(ratios), clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH
+    )
     reference = [_surrogate_reference(r, advantage, EPS_LOW, EPS_HIGH) for r in RATIOS]
     n = len(RATIOS)
     assert loss.item() == pytest.approx(sum(value for value, _, _ in reference) / n, abs=1e-15)
@@ -135,8 +136,9 @@ def test_clip_fraction_counts_only_tokens_whose_gradient_was_removed():
     cases = [(0.5, 0.5), (1.5, -0.5), (0.5, 0.0), (1.5, 0.0), (0.8, -1.0), (1.3, 1.0), (0.5, -1.0), (1.5, 1.0)]
     logprobs = t([[r for r, _ in cases]]).log().requires_grad_(True)
     advantages = t([[a for _, a in cases]])
-    loss, m = policy_loss(logprobs, advantages, old_logprobs=torch.zeros(1, len(cases)), clip_eps_low=EPS_LOW,
-                          clip_eps_high=EPS_HIGH)  # fmt: skip
+    loss, m = policy_loss(
+        logprobs, advantages, old_logprobs=torch.zeros(1, len(cases)), clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH
+    )
     assert m["clip_fraction_low"] == 1 / 8 and m["clip_fraction_high"] == 1 / 8 and m["clip_fraction"] == 2 / 8
     (grad,) = torch.autograd.grad(loss, logprobs)
     # on the bounds the gradient is the unclipped r A / n; only the last two tokens lose theirs
@@ -170,8 +172,9 @@ def test_clipped_surrogate_matches_the_definition(tokens, eps_low, eps_high):
     n = max(sum(kept), 1)
     assert loss.item() == pytest.approx(sum(v for (v, _, _), k in zip(reference, kept) if k) / n, abs=1e-12)
     (grad,) = torch.autograd.grad(loss, logprobs)
-    torch.testing.assert_close(grad[0], t([g / n if k else 0.0 for (_, g, _), k in zip(reference, kept)]), rtol=0,
-                               atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        grad[0], t([g / n if k else 0.0 for (_, g, _), k in zip(reference, kept)]), rtol=0, atol=1e-12
+    )
     for side in ("low", "high"):
         assert m[f"clip_fraction_{side}"] == pytest.approx(
             sum(s == side and k for (_, _, s), k in zip(reference, kept)) / n, abs=1e-15
@@ -207,8 +210,13 @@ def test_policy_loss_leading_dimensions_are_rows():
     for old_logprobs in (None, old):
         for aggregation in ("token_mean", "sequence_mean", "constant"):
             loss, m = policy_loss(logprobs, advantages, mask, old_logprobs, aggregation=aggregation)
-            flat, m_flat = policy_loss(logprobs.reshape(6, 5), advantages.reshape(6), mask.reshape(6, 5),
-                                       None if old_logprobs is None else old.reshape(6, 5), aggregation=aggregation)  # fmt: skip
+            flat, m_flat = policy_loss(
+                logprobs.reshape(6, 5),
+                advantages.reshape(6),
+                mask.reshape(6, 5),
+                None if old_logprobs is None else old.reshape(6, 5),
+                aggregation=aggregation,
+            )
             assert loss.item() == pytest.approx(flat.item(), abs=1e-14)
             assert m == pytest.approx(m_flat, abs=1e-14)
 
@@ -265,8 +273,12 @@ def test_value_loss_one_dimensional_mask_and_aggregation():
     assert loss.item() == pytest.approx(0.5 * (1 + 0 + 9) / 3, abs=1e-15)
     # explained variance over the three tokens that count: Var(R) = 1/3, Var(R - V) = Var([1, 0, -3]) = 13/3
     assert m["explained_variance"] == pytest.approx(1 - 13, abs=1e-12)
-    loss, _ = value_loss(t([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]]), t([[2.0, 2.0, 0.0], [1.0, 0.0, 0.0]]),
-                         t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), aggregation="sequence_mean")  # fmt: skip
+    loss, _ = value_loss(
+        t([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]]),
+        t([[2.0, 2.0, 0.0], [1.0, 0.0, 0.0]]),
+        t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
+        aggregation="sequence_mean",
+    )
     assert loss.item() == pytest.approx((0.5 * (1 + 0) / 2 + 0.5 * 9) / 2, abs=1e-15)
 
 

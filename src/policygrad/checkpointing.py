@@ -137,17 +137,21 @@ def verify(folder: Path) -> str | None:
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
-        return f"no {MANIFEST} (an incomplete save, or not a policygrad checkpoint)" if not (
-            folder / MANIFEST
-        ).is_file() else f"{MANIFEST} is unreadable (corrupted)"
+        return (
+            f"no {MANIFEST} (an incomplete save, or not a policygrad checkpoint)"
+            if not (folder / MANIFEST).is_file()
+            else f"{MANIFEST} is unreadable (corrupted)"
+        )
     for name, expected in manifest.get("files", {}).items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
         if size != expected["bytes"]:
-            return f"{name} is truncated ({size} of {expected['bytes']} bytes)" if size < expected["bytes"] else (
-                f"{name} has the wrong size ({size} bytes, expected {expected['bytes']})"
+            return (
+                f"{name} is truncated ({size} of {expected['bytes']} bytes)"
+                if size < expected["bytes"]
+                else (f"{name} has the wrong size ({size} bytes, expected {expected['bytes']})")
             )
         if sha256_file(path) != expected["sha256"]:
             return f"{name} is corrupted (SHA-256 does not match the manifest)"
@@ -234,6 +238,4 @@ def folders_in(parent: Path) -> list[Path]:
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    return sorted(
-        p for p in parent.iterdir() if p.is_dir() and (not p.name.startswith(".") or _OLD in p.name)
-    )
+    return sorted(p for p in parent.iterdir() if p.is_dir() and (not p.name.startswith(".") or _OLD in p.name))

@@ -176,7 +176,9 @@ def value_loss(
         clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
         clipped = 0.5 * (clipped_values - returns) ** 2
         with torch.no_grad():
-            metrics["value_clip_fraction"] = (((clipped > per_token).to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).item()
+            metrics["value_clip_fraction"] = (
+                ((clipped > per_token).to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
+            ).item()
         per_token = torch.maximum(per_token, clipped)
     with torch.no_grad():
         selected = mask.bool()

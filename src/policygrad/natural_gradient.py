@@ -32,13 +32,17 @@ __all__ = [
 ]
 
 
-def flat_grad(output: Tensor, params: Sequence[Tensor], create_graph: bool = False, retain_graph: bool | None = None) -> Tensor:
+def flat_grad(
+    output: Tensor, params: Sequence[Tensor], create_graph: bool = False, retain_graph: bool | None = None
+) -> Tensor:
     """Gradient of a scalar ``output`` with respect to ``params``, concatenated into one (P,) vector.
 
     Parameters that ``output`` does not depend on get zeros (instead of ``None``), so the layout is always that of
     ``torch.nn.utils.parameters_to_vector(params)``.
     """
-    grads = torch.autograd.grad(output, list(params), create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    grads = torch.autograd.grad(
+        output, list(params), create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
 
@@ -70,7 +74,9 @@ def fisher_vector_product(kl: Tensor, params: Sequence[Tensor], damping: float =
     return product
 
 
-def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, residual_tol: float = 1e-10) -> Tensor:
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, residual_tol: float = 1e-10
+) -> Tensor:
     """Approximately solve ``A x = b`` for a symmetric positive-definite ``A`` known only through ``matvec(v) = A v``.
 
     The method of conjugate gradients (Hestenes and Stiefel 1952; Nocedal and Wright, "Numerical Optimization",

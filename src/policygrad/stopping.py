@@ -75,7 +75,7 @@ class StopSignals:
             flush=True,
         )
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 previous = signal.getsignal(signum)  # None: installed outside Python; the default is the honest guess

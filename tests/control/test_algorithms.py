@@ -59,8 +59,12 @@ def _learner(policy: Policy, lr: float = 1.0, value_lr: float = 0.1) -> Learner:
     with torch.no_grad():
         value_net.body[0].weight.copy_(V_W0.unsqueeze(0))
         value_net.body[0].bias.copy_(V_B0.unsqueeze(0))
-    return Learner(policy, value_net, torch.optim.SGD(policy.parameters(), lr=lr),
-                   torch.optim.SGD(value_net.parameters(), lr=value_lr))
+    return Learner(
+        policy,
+        value_net,
+        torch.optim.SGD(policy.parameters(), lr=lr),
+        torch.optim.SGD(value_net.parameters(), lr=value_lr),
+    )
 
 
 def _cfg(algo: str, **overrides) -> ControlConfig:
@@ -199,8 +203,9 @@ def test_each_epoch_takes_exactly_minibatches_steps(algo, policy_steps):
     learner = _learner(policy)
     learner.policy_opt = CountingSGD(policy.parameters(), 0.1)
     learner.value_opt = CountingSGD(learner.value_net.parameters(), 0.1)
-    UPDATES[algo](learner, _batch(_categorical(W0, B0, OBS, ACTIONS)[1]), _cfg(algo, epochs=2, minibatches=4),
-                  torch.Generator())
+    UPDATES[algo](
+        learner, _batch(_categorical(W0, B0, OBS, ACTIONS)[1]), _cfg(algo, epochs=2, minibatches=4), torch.Generator()
+    )
     assert (learner.policy_opt.steps, learner.value_opt.steps) == (policy_steps, 2 * 4)
 
 
@@ -269,8 +274,9 @@ def test_ppo_epochs_and_minibatches_step_on_each_minibatch_in_turn():
     w, b = W0.clone(), B0.clone()
     for _ in range(2):
         for rows in torch.randperm(6, generator=twin).tensor_split(2):
-            grad_w, grad_b = _ppo_categorical_gradient(w, b, OBS[rows], ACTIONS[rows], old_logprobs[rows],
-                                                       _standardised(ADVANTAGES[rows]), clip_eps)
+            grad_w, grad_b = _ppo_categorical_gradient(
+                w, b, OBS[rows], ACTIONS[rows], old_logprobs[rows], _standardised(ADVANTAGES[rows]), clip_eps
+            )
             w, b = w - lr * grad_w, b - lr * grad_b
     v_w, v_b = V_W0.clone(), V_B0.clone()
     for _ in range(2):
@@ -293,8 +299,12 @@ def test_ppo_step_on_a_gaussian_policy():
     logp = (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
     old_logprobs = logp - torch.log(RATIOS)
     policy = _policy(weight, bias, family="gaussian", log_std=log_std)
-    metrics = UPDATES["ppo"](_learner(policy), Batch(OBS, actions, old_logprobs, ADVANTAGES, RETURNS),
-                             _cfg("ppo", clip_eps=clip_eps, ent_coef=ent_coef), torch.Generator())
+    metrics = UPDATES["ppo"](
+        _learner(policy),
+        Batch(OBS, actions, old_logprobs, ADVANTAGES, RETURNS),
+        _cfg("ppo", clip_eps=clip_eps, ent_coef=ent_coef),
+        torch.Generator(),
+    )
 
     coef = (GRADIENT_FLOWS * RATIOS * _standardised(ADVANTAGES))[:, None] / 6  # (B, 1)
     grad_w, grad_b = _chain(-coef * (z / sigma), OBS)  # d log pi / d mean = (a - mu) / sigma^2
@@ -400,8 +410,11 @@ def _line_search(step, g, gain, kl, max_kl):
     at least 1/10 of the linear prediction f * g . s. Returns (f or 0.0, the reasons each rejected try failed)."""
     fraction, rejected = 1.0, []
     for _ in range(10):
-        reasons = {"kl": kl(fraction * step) > 1.5 * max_kl, "no gain": gain(fraction * step) <= 0,
-                   "little gain": gain(fraction * step) < 0.1 * fraction * float(g @ step)}
+        reasons = {
+            "kl": kl(fraction * step) > 1.5 * max_kl,
+            "no gain": gain(fraction * step) <= 0,
+            "little gain": gain(fraction * step) < 0.1 * fraction * float(g @ step),
+        }
         if not any(reasons.values()):
             return fraction, rejected
         rejected.append({name for name, failed in reasons.items() if failed})
@@ -423,9 +436,13 @@ def test_npg_line_search_backtracks_to_the_first_step_that_passes(case):
     advantages, max_kl, why, fraction = LINE_SEARCH_CASES[case]
     step, g, _ = _npg_reference(advantages, max_kl, 0.1, 0.0)
     start = _npg_surrogate(THETA0, NPG_OLD_LOGPROBS, advantages, 0.0)
-    expected, rejected = _line_search(step, g,
-                                      lambda s: _npg_surrogate(THETA0 + s, NPG_OLD_LOGPROBS, advantages, 0.0) - start,
-                                      lambda s: _mean_kl(THETA0, THETA0 + s), max_kl)
+    expected, rejected = _line_search(
+        step,
+        g,
+        lambda s: _npg_surrogate(THETA0 + s, NPG_OLD_LOGPROBS, advantages, 0.0) - start,
+        lambda s: _mean_kl(THETA0, THETA0 + s),
+        max_kl,
+    )
     assert (expected, rejected) == (fraction, why)  # the case does what its name says
     theta, metrics = _npg(advantages, False, max_kl=max_kl, damping=0.1, ent_coef=0.0)
     assert metrics["step_fraction"] == expected
@@ -462,14 +479,18 @@ def test_npg_gaussian_step_backtracks_past_a_kl_over_one_and_a_half_times_the_ra
     fisher += damping * torch.eye(4)
     x = torch.linalg.solve(fisher, g)
     step = torch.sqrt(2 * max_kl / (x @ fisher @ x)) * x
-    expected, rejected = _line_search(step, g, lambda s: surrogate(theta0 + s) - surrogate(theta0),
-                                      lambda s: kl(theta0 + s), max_kl)
+    expected, rejected = _line_search(
+        step, g, lambda s: surrogate(theta0 + s) - surrogate(theta0), lambda s: kl(theta0 + s), max_kl
+    )
     assert (expected, rejected) == (0.5, [{"kl"}]) and step[0] < 0  # rejected for its KL alone; sigma shrinks
 
     policy = _policy(weight, bias, family="gaussian", log_std=torch.zeros(1))
-    metrics = UPDATES["npg"](_learner(policy), Batch(OBS, actions, old_logprobs, advantages, RETURNS),
-                             _cfg("npg", normalize_advantages=False, max_kl=max_kl, damping=damping, cg_iters=20),
-                             torch.Generator())
+    metrics = UPDATES["npg"](
+        _learner(policy),
+        Batch(OBS, actions, old_logprobs, advantages, RETURNS),
+        _cfg("npg", normalize_advantages=False, max_kl=max_kl, damping=damping, cg_iters=20),
+        torch.Generator(),
+    )
     theta = torch.cat([policy.log_std.detach(), policy.body[0].weight.detach()[0], policy.body[0].bias.detach()])
     assert metrics["step_fraction"] == 0.5
     _assert_close(theta - theta0, 0.5 * step, tol=1e-9)
@@ -506,8 +527,17 @@ def _first_batch(monkeypatch, algo: str, value_net_class=ValueNet, gamma: float 
 
     monkeypatch.setitem(UPDATES, algo, spy)
     monkeypatch.setattr(train_module, "ValueNet", value_net_class)
-    cfg = ControlConfig(env=CHAIN_ID, algo=algo, num_envs=2, num_steps=8, total_steps=16, gamma=gamma, hidden=(4,),
-                        eval_episodes=0, progress=False)
+    cfg = ControlConfig(
+        env=CHAIN_ID,
+        algo=algo,
+        num_envs=2,
+        num_steps=8,
+        total_steps=16,
+        gamma=gamma,
+        hidden=(4,),
+        eval_episodes=0,
+        progress=False,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # the trainer's networks are float32
     try:
@@ -559,12 +589,21 @@ def test_a2c_advantages_are_gae_of_the_td_errors(monkeypatch):
     assert lam == 0.95
     batch, V = _first_batch(monkeypatch, "a2c", gamma=g)
     # TD errors delta_t = r_t + gamma * V(next) - V(s_t), no V(next) after a termination
-    delta = {0: 1 + g * V[1] - V[0], 1: 1 - V[1], 10: 1 + g * V[11] - V[10], 11: 1 + g * V[12] - V[11],
-             12: 1 + g * V[13] - V[12], 20: 1 + g * V[21] - V[20], 21: 1 - V[21], 30: 1 + g * V[31] - V[30]}
+    delta = {
+        0: 1 + g * V[1] - V[0],
+        1: 1 - V[1],
+        10: 1 + g * V[11] - V[10],
+        11: 1 + g * V[12] - V[11],
+        12: 1 + g * V[13] - V[12],
+        20: 1 + g * V[21] - V[20],
+        21: 1 - V[21],
+        30: 1 + g * V[31] - V[30],
+    }
     episodes = [[0, 1], [10, 11, 12], [20, 21], [30]]
     # A_t = sum_k (gamma lambda)^k delta_{t+k} over the rest of the episode
-    advantages = [sum((g * lam) ** k * delta[s] for k, s in enumerate(ep[i:]))
-                  for ep in episodes for i in range(len(ep))]
+    advantages = [
+        sum((g * lam) ** k * delta[s] for k, s in enumerate(ep[i:])) for ep in episodes for i in range(len(ep))
+    ]
     _assert_close(_per_step(batch.advantages), torch.tensor(advantages), tol=1e-5)
     _assert_close(_per_step(batch.returns), torch.tensor(advantages) + torch.tensor([V[s] for s in STATES]), tol=1e-5)
 

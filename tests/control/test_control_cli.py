@@ -23,8 +23,16 @@ def _only_run_dir(root):
 
 
 def test_short_cartpole_run_learns_and_reloads(tmp_path, capsys):
-    cfg = ControlConfig(env="CartPole-v1", algo="a2c", total_steps=10_240, seed=0, run_dir=tmp_path, plot=True,
-                        progress=False, eval_episodes=3)
+    cfg = ControlConfig(
+        env="CartPole-v1",
+        algo="a2c",
+        total_steps=10_240,
+        seed=0,
+        run_dir=tmp_path,
+        plot=True,
+        progress=False,
+        eval_episodes=3,
+    )
     assert run(cfg) == 0
     run_dir = _only_run_dir(tmp_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -50,8 +58,16 @@ def test_every_algorithm_runs_and_saves(tmp_path, algo):
 
 
 def test_pendulum_gaussian_policy_runs(tmp_path):
-    cfg = ControlConfig(env="Pendulum-v1", algo="ppo", total_steps=1_024, num_envs=2, num_steps=256, run_dir=tmp_path,
-                        progress=False, eval_episodes=1)
+    cfg = ControlConfig(
+        env="Pendulum-v1",
+        algo="ppo",
+        total_steps=1_024,
+        num_envs=2,
+        num_steps=256,
+        run_dir=tmp_path,
+        progress=False,
+        eval_episodes=1,
+    )
     assert run(cfg) == 0
     run_dir = _only_run_dir(tmp_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,8 +92,25 @@ def test_eval_rejects_a_file_that_is_not_a_policy(tmp_path):
 def test_policygrad_control_command(tmp_path):
     """Through the installed CLI (needs `control` registered in policygrad.cli)."""
     base = [sys.executable, "-m", "policygrad", "control"]
-    ok = subprocess.run([*base, "--env", "CartPole-v1", "--algo", "a2c", "--total-steps", "2000", "--run-dir", str(tmp_path),
-                         "--no-progress", "--eval-episodes", "1"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            *base,
+            "--env",
+            "CartPole-v1",
+            "--algo",
+            "a2c",
+            "--total-steps",
+            "2000",
+            "--run-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--eval-episodes",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "CartPole-v1 a2c seed 0" in ok.stdout
     bad = subprocess.run([*base, "--env", "NoSuchEnv-v0"], capture_output=True, text=True, timeout=120)

@@ -77,7 +77,9 @@ def test_truncation_bootstrap_is_per_environment():
     # two copies in lockstep see the same episodes; each must bootstrap its own truncated step
     spec = inspect_env(CHAIN_ID)
     envs = make_vector_env(CHAIN_ID, num_envs=2)
-    rollout = Collector(envs, spec, GAMMA, seed=0).collect(Policy(1, 2, (4,), "categorical"), ObsValue(), 6, torch.Generator())
+    rollout = Collector(envs, spec, GAMMA, seed=0).collect(
+        Policy(1, 2, (4,), "categorical"), ObsValue(), 6, torch.Generator()
+    )
     envs.close()
     assert rollout.rewards.shape == (6, 2) and rollout.obs.shape == (6, 2, 1) and rollout.actions.shape == (6, 2)
     assert torch.allclose(rollout.rewards[:, 0], rollout.rewards[:, 1])

@@ -135,8 +135,9 @@ def test_fisher_vector_product_has_no_damping_by_default():
         old = policy(obs)
     kl = policy.family.kl(old, policy(obs)).mean()
     vector = torch.randn(sum(p.numel() for p in params))
-    torch.testing.assert_close(fisher_vector_product(kl, params)(vector), _fvp_matrix(policy, obs) @ vector,
-                               rtol=0, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        fisher_vector_product(kl, params)(vector), _fvp_matrix(policy, obs) @ vector, rtol=0, atol=1e-12
+    )
 
 
 def test_conjugate_gradient_defaults_ten_iterations_and_a_tolerance_of_1e_10():

@@ -19,8 +19,18 @@ def _flat(points) -> list[float]:
 
 
 def test_the_curves_are_the_logged_episode_returns(tmp_path, figures):
-    cfg = ControlConfig(env="CartPole-v1", algo="a2c", num_envs=2, num_steps=64, total_steps=6 * 128, seed=1,
-                        run_dir=tmp_path, plot=True, progress=False, eval_episodes=0)  # fmt: skip
+    cfg = ControlConfig(
+        env="CartPole-v1",
+        algo="a2c",
+        num_envs=2,
+        num_steps=64,
+        total_steps=6 * 128,
+        seed=1,
+        run_dir=tmp_path,
+        plot=True,
+        progress=False,
+        eval_episodes=0,
+    )
     assert run(cfg) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import torch
 
 from policygrad.control.policies import Categorical, Gaussian, Policy, ValueNet
 
-B, O, A, D = 5, 3, 4, 2
+B, O, A, D = 5, 3, 4, 2  # noqa: E741 (batch, observation, action, dimension)
 
 
 def test_categorical_matches_torch_distributions():
@@ -16,7 +16,9 @@ def test_categorical_matches_torch_distributions():
     ref = torch.distributions.Categorical(logits=logits)
     assert torch.allclose(Categorical.log_prob(logits, actions), ref.log_prob(actions))
     assert torch.allclose(Categorical.entropy(logits), ref.entropy())
-    assert torch.allclose(Categorical.kl(old, logits), torch.distributions.kl_divergence(torch.distributions.Categorical(logits=old), ref))
+    assert torch.allclose(
+        Categorical.kl(old, logits), torch.distributions.kl_divergence(torch.distributions.Categorical(logits=old), ref)
+    )
     assert Categorical.sample(logits).shape == (B,) and torch.equal(Categorical.mode(logits), logits.argmax(-1))
 
 

@@ -22,14 +22,14 @@ import torch
 
 pytest.importorskip("gymnasium")
 
+import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
+
 from policygrad import checkpointing  # noqa: E402
 from policygrad.control.checkpoint import env_state, load_policy  # noqa: E402
 from policygrad.control.config import ControlConfig  # noqa: E402
 from policygrad.control.train import run  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
 from policygrad.stopping import EXIT_DIVERGED  # noqa: E402
-
-import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -92,13 +92,19 @@ def test_stopped_by_a_signal_then_resumed_is_bit_identical(case, tmp_path, capsy
         assert run(ControlConfig(run_dir=tmp_path / "split", **settings)) == 130
     split = _only_run_dir(tmp_path / "split")
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"policygrad control: stopped by SIGINT after update 5 of 8; saved {split / 'checkpoints' / 'update-000005'}; "
-                   f"resume with: policygrad control --resume {shlex.quote(str(split))}")  # fmt: skip
+    assert err == (
+        f"policygrad control: stopped by SIGINT after update 5 of 8; saved {split / 'checkpoints' / 'update-000005'}; "
+        f"resume with: policygrad control --resume {shlex.quote(str(split))}"
+    )
     assert not (split / "policy.pt").exists()
 
     assert run(ControlConfig(resume=split, progress=False, eval_episodes=0)) == 0
     _assert_same_run(straight, split)
-    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["update-000003", "update-000005", "update-000006"]
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == [
+        "update-000003",
+        "update-000005",
+        "update-000006",
+    ]
 
 
 def test_resume_refuses_changed_settings_and_names_them(tmp_path):
@@ -121,10 +127,28 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_through_the_cli_and_the_printed_resume_command(tmp_path):
-    args = ["--env", "CartPole-v1", "--algo", "a2c", "--num-envs", "2", "--num-steps", "64", "--total-steps",
-            str(20 * 128), "--seed", "5", "--eval-episodes", "0", "--save-every", "0", "--no-progress"]  # fmt: skip
-    child = subprocess.Popen([POLICYGRAD, "control", *args, "--run-dir", str(tmp_path / "run")], stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+    args = [
+        "--env",
+        "CartPole-v1",
+        "--algo",
+        "a2c",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "64",
+        "--total-steps",
+        str(20 * 128),
+        "--seed",
+        "5",
+        "--eval-episodes",
+        "0",
+        "--save-every",
+        "0",
+        "--no-progress",
+    ]
+    child = subprocess.Popen(
+        [POLICYGRAD, "control", *args, "--run-dir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         metrics = list((tmp_path / "run").glob("*/metrics.jsonl"))
@@ -136,8 +160,9 @@ def test_sigterm_through_the_cli_and_the_printed_resume_command(tmp_path):
     assert child.returncode == 143, err
     line = err.strip().splitlines()[-1]
     assert "stopped by SIGTERM after update" in line and "Traceback" not in err
-    resumed = subprocess.run([POLICYGRAD, *shlex.split(line.split("resume with: ")[1])[1:]], capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [POLICYGRAD, *shlex.split(line.split("resume with: ")[1])[1:]], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert run(ControlConfig(**_flags(args), run_dir=tmp_path / "straight")) == 0
     _assert_same_run(_only_run_dir(tmp_path / "straight"), _only_run_dir(tmp_path / "run"))
@@ -157,9 +182,27 @@ def _flags(args: list[str]) -> dict:
 
 @pytest.mark.slow
 def test_killed_while_saving_resumes_to_the_same_run(tmp_path):
-    args = ["--env", "CartPole-v1", "--algo", "a2c", "--num-envs", "2", "--num-steps", "32", "--total-steps",
-            str(24 * 64), "--seed", "9", "--eval-episodes", "0", "--save-every", "1", "--keep-checkpoints", "2",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "--env",
+        "CartPole-v1",
+        "--algo",
+        "a2c",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "32",
+        "--total-steps",
+        str(24 * 64),
+        "--seed",
+        "9",
+        "--eval-episodes",
+        "0",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--no-progress",
+    ]
     root = tmp_path / "run"
     rng, table, kills, cut_short = random.Random(7), fault_table, 0, 0
     child = subprocess.Popen([POLICYGRAD, "control", *args, "--run-dir", str(root)], stderr=subprocess.DEVNULL)
@@ -178,8 +221,9 @@ def test_killed_while_saving_resumes_to_the_same_run(tmp_path):
             time.sleep(0.0005)
         assert child.returncode == -signal.SIGKILL, f"the run ended (exit {child.returncode}) after {kills} kills"
         cut_short += saving(child.pid)  # the save it was killed in is left half done
-        child = subprocess.Popen([POLICYGRAD, "control", "--resume", str(_only_run_dir(root)), "--no-progress"],
-                                 stderr=subprocess.PIPE)  # fmt: skip
+        child = subprocess.Popen(
+            [POLICYGRAD, "control", "--resume", str(_only_run_dir(root)), "--no-progress"], stderr=subprocess.PIPE
+        )
     _, err = child.communicate(timeout=300)
     assert child.returncode == 0, err.decode()
     assert kills == cut_short == KILLS_DURING_SAVE
@@ -208,8 +252,12 @@ def test_control_checkpoints_are_complete_and_load_without_pickle(tmp_path):
     assert run(ControlConfig(run_dir=tmp_path, **settings)) == 0
     folder = _only_run_dir(tmp_path) / "checkpoints" / "update-000006"
     assert checkpointing.verify(folder) is None
-    assert sorted(p.name for p in folder.iterdir()) == ["env_state.json", "manifest.json", "networks.safetensors",
-                                                         "trainer_state.pt"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "env_state.json",
+        "manifest.json",
+        "networks.safetensors",
+        "trainer_state.pt",
+    ]
     torch.load(folder / "trainer_state.pt", weights_only=True)  # tensors and plain values only
 
 
@@ -272,9 +320,11 @@ def test_non_finite_updates_in_a_row_stop_with_the_state_from_before_the_first(a
     assert code == EXIT_DIVERGED
     split = _only_run_dir(tmp_path / "split")
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"policygrad control: stopped: {len(BAD_UPDATES)} updates in a row had a non-finite loss "
-                           f"or gradient norm; saved the state from before the first of them (after update {good}) in "
-                           f"{split / 'checkpoints' / f'update-{good:06d}'}")  # fmt: skip
+    assert line.startswith(
+        f"policygrad control: stopped: {len(BAD_UPDATES)} updates in a row had a non-finite loss "
+        f"or gradient norm; saved the state from before the first of them (after update {good}) in "
+        f"{split / 'checkpoints' / f'update-{good:06d}'}"
+    )
     assert line.endswith(f"resume with: policygrad control --resume {shlex.quote(str(split))}")
     assert [record["update"] for record in _metrics(split)][-1] == BAD_UPDATES[-1]  # stopped after the last bad one
     assert checkpointing.latest_good(checkpointing.folders_in(split / "checkpoints")).name == f"update-{good:06d}"
@@ -290,17 +340,36 @@ def _fault_table_rows() -> list:
     assert a2c == npg  # the table gives them one number
     return [
         Row("Resume with changed flags (`lr`, `gamma`)", "control", "1", [], "nothing"),
-        Row("SIGKILL of `policygrad control` while it writes a checkpoint", "control", f"{KILLS_DURING_SAVE}",
-            [KILLS_DURING_SAVE, KILLS_DURING_SAVE], "nothing"),
-        Row("SIGINT during an update (CartPole PPO, Pendulum A2C)", "control", f"{len(CASES)}", [128 + signal.SIGINT],
-            "nothing"),
+        Row(
+            "SIGKILL of `policygrad control` while it writes a checkpoint",
+            "control",
+            f"{KILLS_DURING_SAVE}",
+            [KILLS_DURING_SAVE, KILLS_DURING_SAVE],
+            "nothing",
+        ),
+        Row(
+            "SIGINT during an update (CartPole PPO, Pendulum A2C)",
+            "control",
+            f"{len(CASES)}",
+            [128 + signal.SIGINT],
+            "nothing",
+        ),
         Row("SIGTERM to `policygrad control`", "control", "1", [128 + signal.SIGTERM], "nothing"),
-        Row("NaN rewards in every step of one update", "control", f"{len(NONFINITE_ALGOS)} (one each)",
-            [ppo, a2c, cfg.epochs, cfg.minibatches], "that one batch"),
-        Row("The same on updates", "control", f"{len(NONFINITE_ALGOS)} (one each)",
+        Row(
+            "NaN rewards in every step of one update",
+            "control",
+            f"{len(NONFINITE_ALGOS)} (one each)",
+            [ppo, a2c, cfg.epochs, cfg.minibatches],
+            "that one batch",
+        ),
+        Row(
+            "The same on updates",
+            "control",
+            f"{len(NONFINITE_ALGOS)} (one each)",
             [*BAD_UPDATES, len(BAD_UPDATES), EXIT_DIVERGED, f"{BAD_UPDATES[0] - 1:06d}", BAD_UPDATES[0] - 1],
-            "nothing"),
-    ]  # fmt: skip
+            "nothing",
+        ),
+    ]
 
 
 def test_the_fault_table_rows_are_these_tests():

@@ -16,10 +16,23 @@ def tiny_config(model: Path, prompts: Path, out: Path, **overrides) -> GRPOConfi
     Float32, so the suite runs the same arithmetic on every CPU (``precision: auto`` would pick bfloat16 on a CPU
     with bf16 matrix products and float32 elsewhere); the bfloat16 path has tests of its own that ask for it."""
     values = dict(
-        model=str(model), prompts=str(prompts), heldout_prompts=2, prompts_per_step=2, group_size=3,
-        max_new_tokens=8, lr=1e-2, max_steps=2, micro_batch_size=4, output_dir=out, eval_size=2,
-        eval_decoding=(), progress=False, device="cpu", threads=1, precision="float32",
-    )  # fmt: skip
+        model=str(model),
+        prompts=str(prompts),
+        heldout_prompts=2,
+        prompts_per_step=2,
+        group_size=3,
+        max_new_tokens=8,
+        lr=1e-2,
+        max_steps=2,
+        micro_batch_size=4,
+        output_dir=out,
+        eval_size=2,
+        eval_decoding=(),
+        progress=False,
+        device="cpu",
+        threads=1,
+        precision="float32",
+    )
     values.update(overrides)
     return GRPOConfig(**values)
 
@@ -38,8 +51,11 @@ def whole_sequence_logprobs(model, rollout, temperature: float) -> tuple[torch.T
         logits_j = f(x)_j / temperature,  position j predicts token j + 1
         log pi(y_t) = log_softmax(logits)[y_t],   H_t = - sum_v pi_v log pi_v
     """
-    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                   position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
+    logits = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0),
+    ).logits
     logits = logits[:, rollout.completion_start - 1 : -1] / temperature  # (N, T, V)
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, T)

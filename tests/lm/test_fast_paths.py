@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from lm_helpers import eos_boosted, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.models import load_model
@@ -24,8 +25,6 @@ from policygrad.lm.rollout import (
 )
 from policygrad.lm.update import update
 
-from lm_helpers import eos_boosted, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
-
 
 @pytest.fixture
 def eos_prone(tiny_llama_chat):
@@ -35,8 +34,15 @@ def eos_prone(tiny_llama_chat):
 
 def _rollout(model, tokenizer, seed=0):
     torch.manual_seed(seed)
-    rollout = sample(model, tokenizer, ["hi", "a much longer prompt"], group_size=3, max_new_tokens=12,
-                     temperature=0.9, score_tokens=False)  # fmt: skip
+    rollout = sample(
+        model,
+        tokenizer,
+        ["hi", "a much longer prompt"],
+        group_size=3,
+        max_new_tokens=12,
+        temperature=0.9,
+        score_tokens=False,
+    )
     assert len(set(rollout.completion_lengths.tolist())) > 1
     return rollout
 
@@ -70,7 +76,9 @@ def test_micro_batch_that_splits_a_group_uses_the_right_prompts(eos_prone):
     rollout = _rollout(model, tokenizer)
     with torch.no_grad():
         whole, _ = completion_logprobs(model, **rollout.rows(slice(0, 6)))
-        pieces = [completion_logprobs(model, **rollout.rows(rows))[0] for rows in (slice(0, 2), slice(2, 5), slice(5, 6))]
+        pieces = [
+            completion_logprobs(model, **rollout.rows(rows))[0] for rows in (slice(0, 2), slice(2, 5), slice(5, 6))
+        ]
     rows = rollout.rows(slice(2, 5))
     assert rows["prompt_ids"].shape[0] == 2 and rows["prompt_index"].tolist() == [0, 1, 1]
     mask = rollout.completion_mask
@@ -84,13 +92,24 @@ def test_greedy_decoding_equals_transformers_generate(tiny_qwen_base, group_size
     tokenizer.padding_side = "left"
     encoded = tokenizer(["x", "a longer prompt here"], return_tensors="pt", padding=True)
     eos = tokenizer.eos_token_id
-    ours = generate(model, encoded["input_ids"], encoded["attention_mask"], group_size, 10, [eos],
-                    tokenizer.pad_token_id, greedy=True)  # fmt: skip
+    ours = generate(
+        model,
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        group_size,
+        10,
+        [eos],
+        tokenizer.pad_token_id,
+        greedy=True,
+    )
     theirs = model.generate(
         encoded["input_ids"].repeat_interleave(group_size, 0),
         attention_mask=encoded["attention_mask"].repeat_interleave(group_size, 0),
-        max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-    )[:, encoded["input_ids"].shape[1]:]  # fmt: skip
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, encoded["input_ids"].shape[1] :]
     assert torch.equal(ours, theirs)
 
 
@@ -102,12 +121,14 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_llama_ch
     tokenizer.padding_side = "left"
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     eos = tokenizer.eos_token_id
-    ours = generate(model, encoded["input_ids"], encoded["attention_mask"], 1, 12, [eos], tokenizer.pad_token_id,
-                    greedy=True)  # fmt: skip
+    ours = generate(
+        model, encoded["input_ids"], encoded["attention_mask"], 1, 12, [eos], tokenizer.pad_token_id, greedy=True
+    )
     lengths = completion_mask(ours, [eos]).sum(-1)
     assert len(set(lengths.tolist())) > 1 and lengths.min() < ours.shape[1]  # rows ended at different steps
-    theirs = model.generate(**encoded, max_new_tokens=12, do_sample=False, eos_token_id=eos,
-                            pad_token_id=tokenizer.pad_token_id)[:, encoded["input_ids"].shape[1]:]  # fmt: skip
+    theirs = model.generate(
+        **encoded, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )[:, encoded["input_ids"].shape[1] :]
     assert torch.equal(ours, theirs)
 
 

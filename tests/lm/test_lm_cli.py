@@ -13,10 +13,28 @@ from safetensors.torch import load_file  # noqa: E402
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 TINY = [
-    "--heldout-prompts", "2", "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8",
-    "--lr", "1e-2", "--max-steps", "2", "--micro-batch-size", "4", "--eval-size", "2", "--device", "cpu",
-    "--threads", "1", "--no-progress",
-]  # fmt: skip
+    "--heldout-prompts",
+    "2",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "3",
+    "--max-new-tokens",
+    "8",
+    "--lr",
+    "1e-2",
+    "--max-steps",
+    "2",
+    "--micro-batch-size",
+    "4",
+    "--eval-size",
+    "2",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -25,17 +43,22 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_train_through_the_cli_changes_the_model_then_eval_reads_it(tiny_llama_chat, tiny_prompts, tmp_path):
     out = tmp_path / "run"
-    result = run("train", "--model", str(tiny_llama_chat), "--prompts", str(tiny_prompts), "--output-dir", str(out),
-                 *TINY)  # fmt: skip
+    result = run(
+        "train", "--model", str(tiny_llama_chat), "--prompts", str(tiny_prompts), "--output-dir", str(out), *TINY
+    )
     assert result.returncode == 0, result.stderr
-    before, after = load_file(str(tiny_llama_chat / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    before, after = (
+        load_file(str(tiny_llama_chat / "model.safetensors")),
+        load_file(str(out / "final" / "model.safetensors")),
+    )
     assert any(not torch.equal(before[name], after[name]) for name in after)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
 
     # the same output folder again: refused, one line, nothing lost
     files = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
-    again = run("train", "--model", str(tiny_llama_chat), "--prompts", str(tiny_prompts), "--output-dir", str(out),
-                *TINY)  # fmt: skip
+    again = run(
+        "train", "--model", str(tiny_llama_chat), "--prompts", str(tiny_prompts), "--output-dir", str(out), *TINY
+    )
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
     kept = load_file(str(out / "final" / "model.safetensors"))
     assert kept.keys() == after.keys()

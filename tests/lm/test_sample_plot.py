@@ -55,12 +55,41 @@ def tiny_run(tmp_path_factory, tiny_llama_chat) -> Path:
         lines.append(json.dumps(record))
     prompts.write_text("\n".join(lines) + "\n")
     threads = torch.get_num_threads()
-    code = main([
-        "train", "--model", str(tiny_llama_chat), "--prompts", str(prompts), "--output-dir", str(folder / "run"),
-        "--heldout-prompts", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
-        "--max-steps", "3", "--eval-every", "1", "--eval-size", "2", "--save-every", "2", "--device", "cpu",
-        "--threads", "1", "--no-progress", "--eval-decoding", "greedy", "sampled",
-    ])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_llama_chat),
+            "--prompts",
+            str(prompts),
+            "--output-dir",
+            str(folder / "run"),
+            "--heldout-prompts",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--max-steps",
+            "3",
+            "--eval-every",
+            "1",
+            "--eval-size",
+            "2",
+            "--save-every",
+            "2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--eval-decoding",
+            "greedy",
+            "sampled",
+        ]
+    )
     torch.set_num_threads(threads)
     assert code == 0
     return folder / "run"
@@ -73,16 +102,33 @@ def tiny_run(tmp_path_factory, tiny_llama_chat) -> Path:
 
 def test_sample_json_through_the_installed_command(tiny_llama_chat):
     result = subprocess.run(
-        [POLICYGRAD, "sample", "--model", str(tiny_llama_chat), "--prompt", "Say hi.", "--prompt", "Count to 3.",
-         "--num-samples", "3", "--json", *QUICK],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            POLICYGRAD,
+            "sample",
+            "--model",
+            str(tiny_llama_chat),
+            "--prompt",
+            "Say hi.",
+            "--prompt",
+            "Count to 3.",
+            "--num-samples",
+            "3",
+            "--json",
+            *QUICK,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert [p["prompt"] for p in document["prompts"]] == ["Say hi.", "Count to 3."]
     assert [len(p["completions"]) for p in document["prompts"]] == [3, 3]
-    assert all(isinstance(c["completion"], str) and isinstance(c["truncated"], bool)
-               for p in document["prompts"] for c in p["completions"])  # fmt: skip
+    assert all(
+        isinstance(c["completion"], str) and isinstance(c["truncated"], bool)
+        for p in document["prompts"]
+        for c in p["completions"]
+    )
     assert document["pass_counts"] is None  # free-form prompts: no task verdict
 
 
@@ -160,10 +206,13 @@ def is_png(path: Path) -> bool:
 def panels(figure) -> dict:
     """title -> (x label, y label, [(label, xs, ys) of each drawn line]) of every panel of ``figure``."""
     return {
-        ax.get_title(): (ax.get_xlabel(), ax.get_ylabel(),
-                         [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines])
+        ax.get_title(): (
+            ax.get_xlabel(),
+            ax.get_ylabel(),
+            [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines],
+        )
         for ax in figure.axes
-    }  # fmt: skip
+    }
 
 
 def logged(path: Path, key: str) -> tuple[list[int], list[float]]:
@@ -188,10 +237,17 @@ def synthetic_metrics(folder: Path, steps: int = 60) -> Path:
     lines = [json.dumps({"step": 0, "eval/greedy/pass_rate": 0.05, "eval/sampled/pass_rate": 0.02})]
     for step in range(1, steps + 1):
         record = {
-            "step": step, "reward_mean": step / steps, "reward_std": 0.1, "entropy": 2 - step / steps,
-            "entropy_weight": 0.0, "grad_norm": 1.0, "completion_chars": 50.0, "pass_rate": step / (2 * steps),
-            "tokens_per_s": 900.0, "step_time": 2.0,
-        }  # fmt: skip
+            "step": step,
+            "reward_mean": step / steps,
+            "reward_std": 0.1,
+            "entropy": 2 - step / steps,
+            "entropy_weight": 0.0,
+            "grad_norm": 1.0,
+            "completion_chars": 50.0,
+            "pass_rate": step / (2 * steps),
+            "tokens_per_s": 900.0,
+            "step_time": 2.0,
+        }
         if step % 20 == 0:
             record.update({"eval/greedy/pass_rate": step / steps / 2, "eval/sampled/pass_rate": step / steps / 3})
         lines.append(json.dumps(record))
@@ -213,9 +269,16 @@ def test_plot_draws_the_logged_metrics_of_a_synthetic_log(capsys, tmp_path, figu
     (figure,) = figures
     assert figure.get_suptitle() == f"{tmp_path / 'run'}  (60 steps)"
     drawn = panels(figure)
-    assert list(drawn) == ["reward", "held-out pass rate vs step", "held-out pass rate vs wall time",
-                           "training pass rate", "entropy", "gradient norm", "completion length",
-                           "throughput"]  # fmt: skip
+    assert list(drawn) == [
+        "reward",
+        "held-out pass rate vs step",
+        "held-out pass rate vs wall time",
+        "training pass rate",
+        "entropy",
+        "gradient norm",
+        "completion length",
+        "throughput",
+    ]
     steps, rewards = logged(log, "reward_mean")
     assert steps == list(range(1, 61))
     (_, xs, ys), (mean_label, mean_xs, means) = drawn["reward"][2]  # 60 points: raw, then a 2-step mean

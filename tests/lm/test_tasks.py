@@ -101,7 +101,6 @@ def test_batch_reward_functions():
         tasks.shaped_reward(["p"], ["x"], target_length=[1])
 
 
-
 @settings(max_examples=200, deadline=None)
 @given(
     completion=st.text(alphabet="0123456789ab -", max_size=40),
@@ -129,4 +128,3 @@ def test_sharp_values_by_hand():
     assert tasks.sharp("Reply with exactly 7 characters.", 32, 7) == 0.0  # an echo earns nothing
     # where shaped pays almost everything for a near miss, sharp pays half
     assert tasks.shaped("99---", 7, 18) > 0.8 and tasks.sharp("99---", 7, 18) == 0.5
-

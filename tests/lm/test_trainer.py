@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_helpers import eos_boosted, tiny_config, weights  # tests/lm, on sys.path under pytest's default import mode
 
 from policygrad.advantages import group_advantages
 from policygrad.errors import UsageError
@@ -17,8 +18,6 @@ from policygrad.lm.models import load_model
 from policygrad.lm.rollout import completion_mask, sample, sequence_logprobs
 from policygrad.lm.trainer import train
 from policygrad.lm.update import ADVANTAGES, ENTROPY_WEIGHTS, grpo_loss, micro_batch_share
-
-from lm_helpers import eos_boosted, tiny_config, weights  # tests/lm, on sys.path under pytest's default import mode
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -83,9 +82,14 @@ def test_sequence_logprobs_match_generate_scores_with_left_padding(tiny_qwen_bas
     tokenizer.padding_side = "left"
     encoded = tokenizer(["x", "a longer prompt here"], return_tensors="pt", padding=True)
     out = model.generate(
-        **encoded, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        **encoded,
+        max_new_tokens=6,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     start = encoded["input_ids"].shape[1]
     completion = out.sequences[:, start:]  # (2, T)
     expected = torch.stack(
@@ -127,9 +131,9 @@ def test_grpo_loss_by_hand():
         logprobs, entropies, mask, advantages, ref_logprobs=ref, entropy_weight=0.01, kl_coef=0.5, kl_estimator="k3"
     )
     tokens = sum(map(sum, MASK))
-    pg = -sum(
-        advantages[i].item() * LOGPROBS[i][t] for i in range(4) for t in range(3) if MASK[i][t]
-    ) / tokens  # token_mean REINFORCE
+    pg = (
+        -sum(advantages[i].item() * LOGPROBS[i][t] for i in range(4) for t in range(3) if MASK[i][t]) / tokens
+    )  # token_mean REINFORCE
     k3 = math.expm1(-0.1) + 0.1
     assert metrics["pg_loss"] == pytest.approx(pg, rel=1e-6)
     assert metrics["entropy"] == pytest.approx(2.0)
@@ -168,8 +172,9 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(aggregation):
     def loss_of(rows):
         logprobs = torch.log_softmax(logits[rows], -1).gather(2, tokens[rows].unsqueeze(-1)).squeeze(-1)
         entropies = -(torch.softmax(logits[rows], -1) * torch.log_softmax(logits[rows], -1)).sum(-1)
-        loss, _ = grpo_loss(logprobs, entropies, mask[rows], advantages[rows], entropy_weight=0.1,
-                            aggregation=aggregation, max_len=5)  # fmt: skip
+        loss, _ = grpo_loss(
+            logprobs, entropies, mask[rows], advantages[rows], entropy_weight=0.1, aggregation=aggregation, max_len=5
+        )
         return loss
 
     full = torch.autograd.grad(loss_of(slice(0, 6)), logits)[0]
@@ -186,8 +191,11 @@ def test_advantage_variants_by_name():
     assert torch.allclose(grpo, torch.tensor([0.5 / (0.5**0.5 + 1e-4), -0.5 / (0.5**0.5 + 1e-4), 0, 0]))
     # the options reach the formula: (r - group mean) / (std + eps), std over the group, the batch or nothing
     four = torch.tensor([1.0, 0.0, 3.0, 1.0])  # batch std sqrt(19/12), group stds sqrt(1/2) and sqrt(2)
-    for scale, divisor in (("group", [0.5**0.5 + 0.5] * 2 + [2**0.5 + 0.5] * 2), ("batch", [(19 / 12) ** 0.5 + 0.5] * 4),
-                           ("none", [1.0] * 4)):  # fmt: skip
+    for scale, divisor in (
+        ("group", [0.5**0.5 + 0.5] * 2 + [2**0.5 + 0.5] * 2),
+        ("batch", [(19 / 12) ** 0.5 + 0.5] * 4),
+        ("none", [1.0] * 4),
+    ):
         options = GRPOConfig(group_size=2, scale_rewards=scale, advantage_eps=0.5)
         advantages, _ = ADVANTAGES["grpo"](four, options, 0.0)
         assert torch.allclose(advantages, torch.tensor([0.5, -0.5, 1.0, -1.0]) / torch.tensor(divisor)), scale
@@ -213,17 +221,40 @@ def test_variant_names_match_the_config_choices():
 def test_train_end_to_end_changes_the_model_and_writes_the_run(tiny_llama_chat, tiny_prompts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", eval_decoding=("greedy",), save_every=1,
-                     entropy_weight="dynamic", entropy_coef=1e-3)  # fmt: skip
+    config = tiny_config(
+        tiny_llama_chat,
+        tiny_prompts,
+        tmp_path / "run",
+        eval_decoding=("greedy",),
+        save_every=1,
+        entropy_weight="dynamic",
+        entropy_coef=1e-3,
+    )
     run_dir = train(config)
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoints", "completions.jsonl", "config.yaml", "eval.json", "final", "metrics.jsonl", "tensorboard",
-    ]  # fmt: skip
+        "checkpoints",
+        "completions.jsonl",
+        "config.yaml",
+        "eval.json",
+        "final",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2]  # two steps, then the final evaluation
-    for key in ("reward_mean", "reward_std", "advantage_std", "entropy", "entropy_weight", "grad_norm",
-                "completion_tokens", "pass_rate", "tokens_per_s", "step_time"):  # fmt: skip
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "advantage_std",
+        "entropy",
+        "entropy_weight",
+        "grad_norm",
+        "completion_tokens",
+        "pass_rate",
+        "tokens_per_s",
+        "step_time",
+    ):
         assert math.isfinite(records[0][key]), key
     assert "eval/greedy/pass_rate" in records[-1]
     assert len((run_dir / "completions.jsonl").read_text().splitlines()) == 2 * config.log_completions
@@ -263,9 +294,19 @@ def test_existing_run_is_refused_then_overwritten_or_resumed(tiny_llama_chat, ti
 
 def test_train_variants_base_model_kl_clipping_bfloat16(tiny_qwen_base, tiny_prompts, tmp_path):
     run_dir = train(
-        tiny_config(tiny_qwen_base, tiny_prompts, tmp_path / "run", advantage="reinforce", kl_coef=0.1,
-                kl_estimator="k2", updates_per_batch=2, clip_eps_high=0.28, precision="bfloat16",
-                aggregation="sequence_mean", rewards=("binary", "shaped=0.5"))  # fmt: skip
+        tiny_config(
+            tiny_qwen_base,
+            tiny_prompts,
+            tmp_path / "run",
+            advantage="reinforce",
+            kl_coef=0.1,
+            kl_estimator="k2",
+            updates_per_batch=2,
+            clip_eps_high=0.28,
+            precision="bfloat16",
+            aggregation="sequence_mean",
+            rewards=("binary", "shaped=0.5"),
+        )
     )
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("kl", "clip_fraction", "ratio_mean", "baseline", "reward/binary", "reward/shaped"):
@@ -372,8 +413,15 @@ def test_evaluation_counts_completions_cut_off_by_max_new_tokens(tiny_llama_chat
 def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts, tmp_path, capsys):
     from policygrad.lm.evaluate import run_eval
 
-    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "unused", heldout_prompts=3, eval_size=3,
-                     eval_decoding=("greedy", "sampled"), rewards=("binary",))  # fmt: skip
+    config = tiny_config(
+        tiny_llama_chat,
+        tiny_prompts,
+        tmp_path / "unused",
+        heldout_prompts=3,
+        eval_size=3,
+        eval_decoding=("greedy", "sampled"),
+        rewards=("binary",),
+    )
     assert run_eval(config) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 3
@@ -399,8 +447,14 @@ def test_update_with_micro_batches_equals_one_full_batch(eager_eos_model):
         for micro in (2, 6):
             copy_ = copy.deepcopy(model)
             optimizer = torch.optim.SGD(copy_.parameters(), lr=1.0)
-            config = GRPOConfig(micro_batch_size=micro, aggregation=aggregation, max_new_tokens=10, entropy_coef=0.01,
-                                max_grad_norm=0.0, group_size=3)  # fmt: skip
+            config = GRPOConfig(
+                micro_batch_size=micro,
+                aggregation=aggregation,
+                max_new_tokens=10,
+                entropy_coef=0.01,
+                max_grad_norm=0.0,
+                group_size=3,
+            )
             metrics = update(copy_, optimizer, rollout, advantages, None, 0.01, config)
             steps.append(([p.detach().clone() for p in copy_.parameters()], metrics))
         (params_micro, metrics_micro), (params_full, metrics_full) = steps
@@ -411,15 +465,19 @@ def test_update_with_micro_batches_equals_one_full_batch(eager_eos_model):
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tiny_llama_chat, tiny_prompts, tmp_path):
-    straight = train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=3, advantage="reinforce"))
+    straight = train(
+        tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=3, advantage="reinforce")
+    )
     split = tmp_path / "split"
     train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=1, advantage="reinforce"))
     train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=3, advantage="reinforce", resume=True))
     expected, resumed = weights(straight / "final"), weights(split / "final")
     for name, tensor in expected.items():
         assert torch.allclose(resumed[name], tensor, atol=1e-6), name  # same prompts, samples, AdamW moments, baseline
-    rewards = [[json.loads(line)["reward_mean"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-               for run in (straight, split)]  # fmt: skip
+    rewards = [
+        [json.loads(line)["reward_mean"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (straight, split)
+    ]
     assert rewards[0] == rewards[1]
 
 
@@ -466,18 +524,28 @@ def test_curriculum_rewards_see_the_stage_and_a_resume_is_exact(tiny_llama_chat,
     # digit sum 0: a reply passes when it has no digit (about half of the tiny model's 8-character replies), and
     # with the staged tolerance >= 8 every length passes, so the binary reward equals the staged pass rate
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(
-        json.dumps({"prompt": f"Note {i}: no digits please.", "target_length": 8, "target_digit_sum": 0}) + "\n"
-        for i in range(12)
-    ))  # fmt: skip
-    settings = dict(rewards=("binary",), curriculum_tolerance=40, curriculum_advance_at=0.2, curriculum_window=2,
-                    save_every=1, max_steps=6)  # fmt: skip
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"Note {i}: no digits please.", "target_length": 8, "target_digit_sum": 0}) + "\n"
+            for i in range(12)
+        )
+    )
+    settings = dict(
+        rewards=("binary",),
+        curriculum_tolerance=40,
+        curriculum_advance_at=0.2,
+        curriculum_window=2,
+        save_every=1,
+        max_steps=6,
+    )
     straight = train(tiny_config(tiny_llama_chat, prompts, tmp_path / "straight", **settings))
     split = tmp_path / "split"
     train(tiny_config(tiny_llama_chat, prompts, split, **{**settings, "max_steps": 3}))
     train(tiny_config(tiny_llama_chat, prompts, split, resume=True, **settings))
 
-    logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, split)]
+    logs = [
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, split)
+    ]
     staged = [(r["curriculum/tolerance"], r["curriculum/pass_rate"]) for r in logs[0]]
     assert staged == [(r["curriculum/tolerance"], r["curriculum/pass_rate"]) for r in logs[1]]  # resumed exactly
     replay = ToleranceCurriculum(40, 0, 0.2, 2)
@@ -493,8 +561,17 @@ def test_curriculum_rewards_see_the_stage_and_a_resume_is_exact(tiny_llama_chat,
 def test_truncated_reward_replaces_the_reward_of_completions_cut_off(tiny_llama_chat, tiny_prompts, tmp_path):
     reward = tmp_path / "half.py"
     reward.write_text("def half(prompts, completions, **fields):\n    return [0.5] * len(completions)\n")
-    run = train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{reward}:half",),
-                        truncated_reward=-1.0, max_new_tokens=3, max_steps=3))  # fmt: skip
+    run = train(
+        tiny_config(
+            tiny_llama_chat,
+            tiny_prompts,
+            tmp_path / "run",
+            rewards=(f"{reward}:half",),
+            truncated_reward=-1.0,
+            max_new_tokens=3,
+            max_steps=3,
+        )
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "truncated" in line]
     assert any(r["truncated"] > 0 for r in records)
     for r in records:  # -1 for the rows cut off at 3 tokens, 0.5 for the rows that ended with EOS

@@ -19,13 +19,12 @@ import math
 
 import pytest
 import torch
+from lm_helpers import eos_boosted, tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.rollout import sample
 from policygrad.lm.trainer import train
 from policygrad.lm.update import update
-
-from lm_helpers import eos_boosted, tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 TEMPERATURE = 0.9
 
@@ -48,15 +47,27 @@ def reference_aggregate(values, mask, aggregation, max_len):
 
 
 def reference_objective(
-    logp, entropy, mask, advantages, *, old=None, ref=None, entropy_weight=0.0, kl_coef=0.0, estimator="k3",
-    eps_low=0.2, eps_high=0.2, aggregation="token_mean", max_len=None,
-):  # fmt: skip
+    logp,
+    entropy,
+    mask,
+    advantages,
+    *,
+    old=None,
+    ref=None,
+    entropy_weight=0.0,
+    kl_coef=0.0,
+    estimator="k3",
+    eps_low=0.2,
+    eps_high=0.2,
+    aggregation="token_mean",
+    max_len=None,
+):
     """loss = agg(l_pg) - w_H agg(H) + beta agg(KL_est), and the clip counts, from the definitions:
 
-        REINFORCE           l_t = - A log pi_t
-        clipped (PPO eq. 7) l_t = - min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
-                                = - A min(r, 1 + eps_high)  if A >= 0,   - A max(r, 1 - eps_low)  if A < 0
-        d = log pi - log pi_ref:  k1 = d,  k2 = d^2 / 2,  k3 = e^{-d} - 1 + d
+    REINFORCE           l_t = - A log pi_t
+    clipped (PPO eq. 7) l_t = - min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+                            = - A min(r, 1 + eps_high)  if A >= 0,   - A max(r, 1 - eps_low)  if A < 0
+    d = log pi - log pi_ref:  k1 = d,  k2 = d^2 / 2,  k3 = e^{-d} - 1 + d
     """
     m = mask.bool()
     A = advantages[:, None].expand_as(logp)
@@ -126,8 +137,15 @@ def policy_and_reference(tiny_llama_chat):
 
 def _rollout(policy, tokenizer, score_tokens, seed=0):
     torch.manual_seed(seed)
-    rollout = sample(policy, tokenizer, ["hi", "a much longer prompt"], group_size=3, max_new_tokens=12,
-                     temperature=TEMPERATURE, score_tokens=score_tokens)  # fmt: skip
+    rollout = sample(
+        policy,
+        tokenizer,
+        ["hi", "a much longer prompt"],
+        group_size=3,
+        max_new_tokens=12,
+        temperature=TEMPERATURE,
+        score_tokens=score_tokens,
+    )
     assert len(set(rollout.completion_lengths.tolist())) > 1  # unequal lengths: the aggregations differ
     return rollout
 
@@ -167,9 +185,17 @@ def test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradi
     start, expected = snapshot(policy), copy.deepcopy(policy)
     logp, entropy = whole_sequence_logprobs(expected, rollout, TEMPERATURE)
     loss, parts = reference_objective(
-        logp, entropy, mask, ADVANTAGES, ref=ref_logp, entropy_weight=w_h, kl_coef=beta, estimator=estimator,
-        aggregation=aggregation, max_len=12,
-    )  # fmt: skip
+        logp,
+        entropy,
+        mask,
+        ADVANTAGES,
+        ref=ref_logp,
+        entropy_weight=w_h,
+        kl_coef=beta,
+        estimator=estimator,
+        aggregation=aggregation,
+        max_len=12,
+    )
     pg_only, _ = reference_objective(logp, entropy, mask, ADVANTAGES, aggregation=aggregation, max_len=12)
     assert abs(parts["kl"].item()) > 0.05  # the policy really differs from the reference
     sgd_step_by_hand(expected, loss)
@@ -179,9 +205,7 @@ def test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradi
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
     assert metrics["pg_loss"] == pytest.approx(pg_only.item(), rel=1e-5, abs=1e-6)
     assert metrics["kl"] == pytest.approx(parts["kl"].item(), rel=1e-5, abs=1e-6)
-    assert metrics["entropy"] == pytest.approx(
-        reference_aggregate(entropy, mask, aggregation, 12).item(), rel=1e-5
-    )
+    assert metrics["entropy"] == pytest.approx(reference_aggregate(entropy, mask, aggregation, 12).item(), rel=1e-5)
     assert_same_step(policy, expected, start)
 
 
@@ -232,8 +256,16 @@ def test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32(policy_
         model = copy.deepcopy(policy)
         before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
         config = _config(entropy_coef=0.05)
-        metrics = update(model, torch.optim.SGD(model.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.05,
-                         config, autocast_dtype=dtype)  # fmt: skip
+        metrics = update(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            rollout,
+            ADVANTAGES,
+            None,
+            0.05,
+            config,
+            autocast_dtype=dtype,
+        )
         steps.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach() - before)
         losses.append(metrics["loss"])
     fp32, bf16 = steps
@@ -268,9 +300,13 @@ def _logged_run(run_dir):
 def _train_logged(tiny_llama_chat, tiny_prompts, tmp_path, **overrides):
     (tmp_path / "spread.py").write_text(REWARDS_FILE)
     config = tiny_config(
-        tiny_llama_chat, tiny_prompts, tmp_path / "run", rewards=(f"{tmp_path / 'spread.py'}:spread",),
-        log_completions=6, **overrides,
-    )  # fmt: skip
+        tiny_llama_chat,
+        tiny_prompts,
+        tmp_path / "run",
+        rewards=(f"{tmp_path / 'spread.py'}:spread",),
+        log_completions=6,
+        **overrides,
+    )
     records, rewards = _logged_run(train(config))
     for r in rewards:
         assert r.numel() == 6 and len(set(r.tolist())) > 2  # every reward logged, and spread out
@@ -301,8 +337,9 @@ def _rloo_formula(r, G=3):
     "advantage,scale_rewards",
     [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("rloo", "group"), ("reinforce", "group")],
 )
-def test_logged_advantages_of_a_real_run_follow_the_variant(advantage, scale_rewards, tiny_llama_chat, tiny_prompts,
-                                                            tmp_path, monkeypatch):  # fmt: skip
+def test_logged_advantages_of_a_real_run_follow_the_variant(
+    advantage, scale_rewards, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch
+):
     """A three-step run logs every reward and the advantages' mean, std, min and max; the advantages the loop hands
     to the update (row by row) and those statistics are recomputed here from the rewards with the variant's formula,
     with ``advantage_eps = 0.5`` (large, so ignoring it shows), and for reinforce the moving-average baseline
@@ -323,9 +360,16 @@ def test_logged_advantages_of_a_real_run_follow_the_variant(advantage, scale_rew
 
     monkeypatch.setattr(trainer, "update", spy)
     records, rewards = _train_logged(
-        tiny_llama_chat, tiny_prompts, tmp_path, max_steps=3, advantage=advantage, scale_rewards=scale_rewards,
-        advantage_eps=0.5, baseline_decay=0.6, updates_per_batch=2 if advantage == "reinforce" else 1,
-    )  # fmt: skip
+        tiny_llama_chat,
+        tiny_prompts,
+        tmp_path,
+        max_steps=3,
+        advantage=advantage,
+        scale_rewards=scale_rewards,
+        advantage_eps=0.5,
+        baseline_decay=0.6,
+        updates_per_batch=2 if advantage == "reinforce" else 1,
+    )
     assert len(handed) == len(records) == 3
     baseline = 0.0
     for record, r, given in zip(records, rewards, handed):
@@ -343,8 +387,9 @@ def test_logged_advantages_of_a_real_run_follow_the_variant(advantage, scale_rew
         assert logged == pytest.approx(_stats(expected), rel=1e-5, abs=1e-6)
 
 
-def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl(tiny_llama_chat, tiny_prompts,
-                                                                                     tmp_path):  # fmt: skip
+def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl(
+    tiny_llama_chat, tiny_prompts, tmp_path
+):
     """A two-step run with the dynamic entropy weight and a KL term. Every step:
 
         entropy_weight = clip(coef / (Var(r) + eps), min, max)     from the step's logged rewards
@@ -357,9 +402,17 @@ def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the
     the current policy or refreshed at each step (KL always 0), a KL coefficient that never reaches the loss."""
     coef, eps, beta = 1e-3, 0.01, 0.5
     records, rewards = _train_logged(
-        tiny_llama_chat, tiny_prompts, tmp_path, max_steps=2, entropy_weight="dynamic", entropy_coef=coef,
-        entropy_eps=eps, entropy_max_weight=1.0, kl_coef=beta, lr=3e-2,
-    )  # fmt: skip
+        tiny_llama_chat,
+        tiny_prompts,
+        tmp_path,
+        max_steps=2,
+        entropy_weight="dynamic",
+        entropy_coef=coef,
+        entropy_eps=eps,
+        entropy_max_weight=1.0,
+        kl_coef=beta,
+        lr=3e-2,
+    )
     for record, r in zip(records, rewards):
         weight = min(max(coef / (r.var().item() + eps), 0.0), 1.0)
         assert record["entropy_weight"] == pytest.approx(weight, rel=1e-5)
@@ -384,8 +437,15 @@ def test_update_uses_every_row_when_tokens_are_fewer_than_rows_and_skips_empty_m
     skipping it, the whole batch in one forward pass."""
     policy, _, tokenizer = policy_and_reference
     torch.manual_seed(3)
-    rollout = sample(policy, tokenizer, ["hi", "a much longer prompt"], group_size=3, max_new_tokens=2,
-                     temperature=TEMPERATURE, score_tokens=False)  # fmt: skip
+    rollout = sample(
+        policy,
+        tokenizer,
+        ["hi", "a much longer prompt"],
+        group_size=3,
+        max_new_tokens=2,
+        temperature=TEMPERATURE,
+        score_tokens=False,
+    )
     mask = rollout.completion_mask.clone()
     mask[:2] = 0
     rollout = dataclasses.replace(rollout, completion_mask=mask)
@@ -398,8 +458,15 @@ def test_update_uses_every_row_when_tokens_are_fewer_than_rows_and_skips_empty_m
 
     rows_seen = []
     hook = policy.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(output.shape[0]))
-    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.05,
-                     _config(micro_batch_size=2, max_new_tokens=2))  # fmt: skip
+    metrics = update(
+        policy,
+        torch.optim.SGD(policy.parameters(), lr=1.0),
+        rollout,
+        ADVANTAGES,
+        None,
+        0.05,
+        _config(micro_batch_size=2, max_new_tokens=2),
+    )
     hook.remove()
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert_same_step(policy, expected, start)
@@ -423,8 +490,9 @@ def test_update_clips_the_gradient_norm_and_logs_it_before_clipping(policy_and_r
         for p, g in zip(expected.parameters(), grads):
             p -= g * c / (norm + 1e-6)
 
-    metrics = update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.0,
-                     _config(max_grad_norm=c))  # fmt: skip
+    metrics = update(
+        policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.0, _config(max_grad_norm=c)
+    )
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert_same_step(policy, expected, start)
 
@@ -444,10 +512,20 @@ def test_update_casts_the_advantages_to_float32(policy_and_reference):
 def test_several_updates_without_sampling_logprobs_is_one_clear_error(policy_and_reference):
     policy, _, tokenizer = policy_and_reference
     rollout = _rollout(policy, tokenizer, score_tokens=False)
-    with pytest.raises(ValueError, match=r"^several updates per batch need the sampling log-probs: "
-                                         r"sample\(\.\.\., score_tokens=True\)$"):  # fmt: skip
-        update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout, ADVANTAGES, None, 0.0,
-               _config(updates_per_batch=2))  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^several updates per batch need the sampling log-probs: "
+        r"sample\(\.\.\., score_tokens=True\)$",
+    ):
+        update(
+            policy,
+            torch.optim.SGD(policy.parameters(), lr=1.0),
+            rollout,
+            ADVANTAGES,
+            None,
+            0.0,
+            _config(updates_per_batch=2),
+        )
 
 
 @pytest.mark.parametrize("poison", ["nan_loss_finite_gradient", "finite_loss_nan_gradient", "inf_loss"])
@@ -520,8 +598,9 @@ def test_dynamic_entropy_weight_takes_its_bounds_and_eps_from_the_config():
 
     rewards = torch.tensor([0.0, 1.0])
     for coef, expected in ((0.1, 0.2), (0.3, 0.3), (1.0, 0.5)):  # below the lower bound, inside, above the upper
-        config = GRPOConfig(entropy_weight="dynamic", entropy_coef=coef, entropy_min_weight=0.2,
-                            entropy_max_weight=0.5, entropy_eps=0.5)  # fmt: skip
+        config = GRPOConfig(
+            entropy_weight="dynamic", entropy_coef=coef, entropy_min_weight=0.2, entropy_max_weight=0.5, entropy_eps=0.5
+        )
         assert ENTROPY_WEIGHTS["dynamic"](rewards, config) == pytest.approx(expected), coef
 
 

@@ -52,9 +52,15 @@ class BanditConfig:
         for mean in self.means:
             if not math.isfinite(mean):
                 raise UsageError("--means", f"every mean must be a finite number, got {mean}")
-        _require(math.isfinite(self.noise) and self.noise >= 0, "--noise", f"must be a finite number >= 0, got {self.noise}")
+        _require(
+            math.isfinite(self.noise) and self.noise >= 0, "--noise", f"must be a finite number >= 0, got {self.noise}"
+        )
         _require(0 <= self.baseline_decay < 1, "--baseline-decay", f"must be in [0, 1), got {self.baseline_decay}")
-        _require(math.isfinite(self.entropy_coef) and self.entropy_coef >= 0, "--entropy-coef", f"must be a finite number >= 0, got {self.entropy_coef}")
+        _require(
+            math.isfinite(self.entropy_coef) and self.entropy_coef >= 0,
+            "--entropy-coef",
+            f"must be a finite number >= 0, got {self.entropy_coef}",
+        )
         _require(math.isfinite(self.lr) and self.lr > 0, "--lr", f"must be a finite number > 0, got {self.lr}")
         _require(self.steps >= 1, "--steps", f"must be at least 1, got {self.steps}")
         _require(self.samples >= 1, "--samples", f"must be at least 1, got {self.samples}")
@@ -62,7 +68,9 @@ class BanditConfig:
             raise UsageError("--samples", f"baseline {self.baseline!r} compares samples, so it needs at least 2")
         _require(0 <= self.seed < 2**63, "--seed", f"must be in [0, 2**63), got {self.seed}")
         _require(self.plot_seeds >= 1, "--plot-seeds", f"must be at least 1, got {self.plot_seeds}")
-        _require(math.isfinite(self.delay) and self.delay >= 0, "--delay", f"must be a finite number >= 0, got {self.delay}")
+        _require(
+            math.isfinite(self.delay) and self.delay >= 0, "--delay", f"must be a finite number >= 0, got {self.delay}"
+        )
         if self.plot is not None:
             if self.plot.suffix.lower() not in PLOT_SUFFIXES:
                 raise UsageError("--plot", f"file name must end in one of {', '.join(PLOT_SUFFIXES)}, got {self.plot}")

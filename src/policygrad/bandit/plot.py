@@ -34,11 +34,18 @@ def plot_comparison(runs: dict[str, BanditRun], means: Tensor, path: Path, title
         variance = run.gradient_variance  # (steps,)
         window = max(1, min(SMOOTHING, variance.shape[0]))
         smooth = variance.unfold(0, window, 1).mean(-1)  # moving average over `window` steps
-        axes[1].plot(torch.arange(window, variance.shape[0] + 1), smooth, color=line.get_color(), label=f"baseline: {name}")
+        axes[1].plot(
+            torch.arange(window, variance.shape[0] + 1), smooth, color=line.get_color(), label=f"baseline: {name}"
+        )
     axes[0].axhline(float(means.max()), color="grey", ls="--", lw=1, label="best arm")
     axes[0].set(xlabel="update step", ylabel="expected reward J", title="Learning (median, 10-90% of seeds)")
     axes[0].legend()
-    axes[1].set(xlabel="update step", ylabel="E ||g - grad J||²", yscale="log", title=f"Variance of the gradient estimate ({SMOOTHING}-step average)")
+    axes[1].set(
+        xlabel="update step",
+        ylabel="E ||g - grad J||²",
+        yscale="log",
+        title=f"Variance of the gradient estimate ({SMOOTHING}-step average)",
+    )
     axes[1].legend()
 
     name, run = list(runs.items())[-1]

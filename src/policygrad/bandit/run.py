@@ -66,7 +66,9 @@ def _main(config: BanditConfig) -> int:
         from policygrad.bandit.view import LiveView
 
         with LiveView(config.means, config.steps, title, config.delay) as view:
-            run = _run(config, config.baseline, seeds=1, on_step=lambda step, probs: view.update(step, probs[0].tolist()))
+            run = _run(
+                config, config.baseline, seeds=1, on_step=lambda step, probs: view.update(step, probs[0].tolist())
+            )
             view.finish(run.probs[-1, 0].tolist())
     if config.plot is not None:
         from policygrad.bandit.plot import plot_comparison

@@ -38,7 +38,9 @@ class LiveView:
     def __init__(self, means: Sequence[float], steps: int, title: str, delay: float, console: Console | None = None):
         self.means, self.steps, self.title, self.delay = list(means), steps, title, delay
         self.console = console or Console()
-        self.live = Live(console=self.console, auto_refresh=False, transient=False) if self.console.is_terminal else None
+        self.live = (
+            Live(console=self.console, auto_refresh=False, transient=False) if self.console.is_terminal else None
+        )
 
     def __enter__(self) -> LiveView:
         if self.live is not None:

@@ -60,8 +60,10 @@ class Batch:
     advantages: Tensor  # (B,)
     returns: Tensor  # (B,) value targets
 
-    def rows(self, index: Tensor) -> "Batch":
-        return Batch(self.obs[index], self.actions[index], self.old_logprobs[index], self.advantages[index], self.returns[index])
+    def rows(self, index: Tensor) -> Batch:
+        return Batch(
+            self.obs[index], self.actions[index], self.old_logprobs[index], self.advantages[index], self.returns[index]
+        )
 
 
 def _normalized(advantages: Tensor, enabled: bool) -> Tensor:
@@ -97,8 +99,11 @@ def fit_value(learner: Learner, batch: Batch, cfg: ControlConfig, generator: tor
         for index in _minibatches(len(batch.returns), cfg.minibatches, generator):
             loss, metrics = value_loss(learner.value_net(batch.obs[index]), batch.returns[index])
             skipped += _step(learner.value_opt, loss, learner.value_net, cfg.max_grad_norm)[1]
-    return {"value_loss": float(loss.detach()), "explained_variance": metrics["explained_variance"],
-            "skipped_steps": skipped}
+    return {
+        "value_loss": float(loss.detach()),
+        "explained_variance": metrics["explained_variance"],
+        "skipped_steps": skipped,
+    }
 
 
 def _with_policy_skips(metrics: dict[str, float], skipped: int) -> dict[str, float]:
@@ -110,11 +115,17 @@ def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator
     """One step of the score-function estimator with an entropy bonus (REINFORCE with baseline / A2C)."""
     family = learner.policy.family
     params = learner.policy(batch.obs)
-    loss, _ = policy_loss(family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages))
+    loss, _ = policy_loss(
+        family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages)
+    )
     entropy = family.entropy(params).mean()
     grad_norm, skipped = _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)
-    return {"policy_loss": float(loss.detach()), "entropy": float(entropy.detach()), "grad_norm": grad_norm,
-            **_with_policy_skips(fit_value(learner, batch, cfg, generator), skipped)}
+    return {
+        "policy_loss": float(loss.detach()),
+        "entropy": float(entropy.detach()),
+        "grad_norm": grad_norm,
+        **_with_policy_skips(fit_value(learner, batch, cfg, generator), skipped),
+    }
 
 
 def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
@@ -125,22 +136,31 @@ def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
         for index in _minibatches(len(batch.returns), cfg.minibatches, generator):
             mb = batch.rows(index)
             params = learner.policy(mb.obs)
-            loss, metrics = policy_loss(family.log_prob(params, mb.actions), _normalized(mb.advantages, cfg.normalize_advantages),
-                                        old_logprobs=mb.old_logprobs, clip_eps_low=cfg.clip_eps)
+            loss, metrics = policy_loss(
+                family.log_prob(params, mb.actions),
+                _normalized(mb.advantages, cfg.normalize_advantages),
+                old_logprobs=mb.old_logprobs,
+                clip_eps_low=cfg.clip_eps,
+            )
             entropy = family.entropy(params).mean()
             skipped += _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)[1]
             clip_fractions.append(metrics["clip_fraction"])
             kls.append(metrics["approx_kl"])
-    return {"policy_loss": float(loss.detach()), "entropy": float(entropy.detach()), "clip_fraction": sum(clip_fractions) / len(clip_fractions),
-            "approx_kl": kls[-1], **_with_policy_skips(fit_value(learner, batch, cfg, generator), skipped)}
+    return {
+        "policy_loss": float(loss.detach()),
+        "entropy": float(entropy.detach()),
+        "clip_fraction": sum(clip_fractions) / len(clip_fractions),
+        "approx_kl": kls[-1],
+        **_with_policy_skips(fit_value(learner, batch, cfg, generator), skipped),
+    }
 
 
 def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
     """Natural gradient ascent on the importance-sampled surrogate inside a KL trust region.
 
-        L(theta) = mean[ pi_theta(a|s) / pi_old(a|s) * A ] + c_H * H         (TRPO, Schulman et al. 2015, eq. 14)
-        x = F^-1 grad L   (conjugate gradient on Fisher-vector products)
-        theta <- theta + (backtracked) sqrt(2 delta / x^T F x) x
+    L(theta) = mean[ pi_theta(a|s) / pi_old(a|s) * A ] + c_H * H         (TRPO, Schulman et al. 2015, eq. 14)
+    x = F^-1 grad L   (conjugate gradient on Fisher-vector products)
+    theta <- theta + (backtracked) sqrt(2 delta / x^T F x) x
     """
     policy, family = learner.policy, learner.policy.family
     params_list = list(policy.parameters())
@@ -178,17 +198,28 @@ def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
         new_params = policy(batch.obs)
         kl = float(family.kl(old_params, new_params).mean())
         entropy = float(family.entropy(new_params).mean())
-    return {"surrogate": float(objective.detach()), "step_fraction": fraction, "kl": kl, "entropy": entropy,
-            **fit_value(learner, batch, cfg, generator)}
+    return {
+        "surrogate": float(objective.detach()),
+        "step_fraction": fraction,
+        "kl": kl,
+        "entropy": entropy,
+        **fit_value(learner, batch, cfg, generator),
+    }
 
 
-def _npg_skipped(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator,
-                 objective: float) -> dict[str, float]:  # fmt: skip
+def _npg_skipped(
+    learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator, objective: float
+) -> dict[str, float]:
     """NPG's metrics when the surrogate, its gradient or the step is not finite: the policy is left as it was."""
     with torch.no_grad():
         entropy = float(learner.policy.family.entropy(learner.policy(batch.obs)).mean())
-    return {"surrogate": objective, "step_fraction": 0.0, "kl": 0.0, "entropy": entropy,
-            **_with_policy_skips(fit_value(learner, batch, cfg, generator), 1)}
+    return {
+        "surrogate": objective,
+        "step_fraction": 0.0,
+        "kl": 0.0,
+        "entropy": entropy,
+        **_with_policy_skips(fit_value(learner, batch, cfg, generator), 1),
+    }
 
 
 UPDATES: dict[str, Callable[[Learner, Batch, ControlConfig, torch.Generator], dict[str, float]]] = {

@@ -20,11 +20,22 @@ __all__ = ["save_policy", "load_policy", "env_state", "set_env_state", "save_tra
 FORMAT = "policygrad.control.policy/1"
 
 
-def save_policy(path: Path, policy: Policy, env_id: str, obs_size: int, action_size: int, hidden: tuple[int, ...], algo: str) -> None:
+def save_policy(
+    path: Path, policy: Policy, env_id: str, obs_size: int, action_size: int, hidden: tuple[int, ...], algo: str
+) -> None:
     """Write the policy's weights and metadata (plain strings, ints and lists only) to ``path``."""
-    metadata = {"format": FORMAT, "env": env_id, "algo": algo, "family": policy.family_name,
-                "obs_size": obs_size, "action_size": action_size, "hidden": list(hidden)}
-    torch.save({"metadata": metadata, "state_dict": {k: v.detach().clone() for k, v in policy.state_dict().items()}}, path)
+    metadata = {
+        "format": FORMAT,
+        "env": env_id,
+        "algo": algo,
+        "family": policy.family_name,
+        "obs_size": obs_size,
+        "action_size": action_size,
+        "hidden": list(hidden),
+    }
+    torch.save(
+        {"metadata": metadata, "state_dict": {k: v.detach().clone() for k, v in policy.state_dict().items()}}, path
+    )
 
 
 def load_policy(path: Path) -> tuple[Policy, dict]:
@@ -34,7 +45,9 @@ def load_policy(path: Path) -> tuple[Policy, dict]:
         metadata = saved["metadata"]
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format is {metadata.get('format')!r}, expected {FORMAT!r}")
-        policy = Policy(int(metadata["obs_size"]), int(metadata["action_size"]), tuple(metadata["hidden"]), metadata["family"]).float()
+        policy = Policy(
+            int(metadata["obs_size"]), int(metadata["action_size"]), tuple(metadata["hidden"]), metadata["family"]
+        ).float()
         policy.load_state_dict(saved["state_dict"])
     except Exception as err:  # a truncated download, a different file: one line, not a traceback
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -53,9 +66,20 @@ ENV_STATE = "env_state.json"
 # attributes that describe an environment rather than hold its state (spaces, spec, wrappers' settings), or that
 # are handled on their own (the random generator)
 _NOT_STATE = {
-    "env", "spec", "metadata", "render_mode", "action_space", "observation_space", "_action_space",
-    "_observation_space", "_metadata", "_cached_spec", "_saved_kwargs", "_np_random", "_previous_data",
-}  # fmt: skip
+    "env",
+    "spec",
+    "metadata",
+    "render_mode",
+    "action_space",
+    "observation_space",
+    "_action_space",
+    "_observation_space",
+    "_metadata",
+    "_cached_spec",
+    "_saved_kwargs",
+    "_np_random",
+    "_previous_data",
+}
 
 
 def _plain(value: Any) -> tuple[bool, Any]:
@@ -133,8 +157,13 @@ def set_env_state(envs: Any, state: dict[str, Any]) -> None:
                 generator.bit_generator.state = saved["rng"]
 
 
-def save_training(folder: Path, update: int, networks: dict[str, torch.Tensor], state: dict[str, Any],
-                  environments: dict[str, Any] | None) -> Path:  # fmt: skip
+def save_training(
+    folder: Path,
+    update: int,
+    networks: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    environments: dict[str, Any] | None,
+) -> Path:
     """One crash-safe checkpoint (see :mod:`policygrad.checkpointing`): the networks' weights in safetensors, the
     optimisers, generators and counters in a torch file of tensors and plain values, the environments in JSON."""
     from safetensors.torch import save_file

@@ -16,21 +16,71 @@ ALGORITHMS = ("reinforce", "a2c", "ppo", "npg")
 # Tuned on CartPole-v1 (see docs/control.md for how they were chosen and what they reach). A field left at None takes
 # its algorithm's value from here, so `--algo npg` alone is a sensible run and every number can still be overridden.
 ALGO_DEFAULTS: dict[str, dict[str, object]] = {
-    "reinforce": dict(num_envs=4, num_steps=64, lr=1e-2, value_lr=1e-2, anneal_lr=True, gamma=0.99, gae_lambda=1.0,
-                      epochs=10, minibatches=4, ent_coef=0.0),
-    "a2c": dict(num_envs=4, num_steps=64, lr=1e-2, value_lr=1e-2, anneal_lr=True, gamma=0.99, gae_lambda=0.95,
-                epochs=10, minibatches=4, ent_coef=0.0),
-    "ppo": dict(num_envs=8, num_steps=32, lr=1e-3, value_lr=1e-3, anneal_lr=False, gamma=0.98, gae_lambda=0.8,
-                epochs=10, minibatches=4, ent_coef=0.0),
-    "npg": dict(num_envs=8, num_steps=32, lr=1e-3, value_lr=1e-3, anneal_lr=False, gamma=0.98, gae_lambda=0.8,
-                epochs=10, minibatches=4, ent_coef=0.0),
+    "reinforce": dict(
+        num_envs=4,
+        num_steps=64,
+        lr=1e-2,
+        value_lr=1e-2,
+        anneal_lr=True,
+        gamma=0.99,
+        gae_lambda=1.0,
+        epochs=10,
+        minibatches=4,
+        ent_coef=0.0,
+    ),
+    "a2c": dict(
+        num_envs=4,
+        num_steps=64,
+        lr=1e-2,
+        value_lr=1e-2,
+        anneal_lr=True,
+        gamma=0.99,
+        gae_lambda=0.95,
+        epochs=10,
+        minibatches=4,
+        ent_coef=0.0,
+    ),
+    "ppo": dict(
+        num_envs=8,
+        num_steps=32,
+        lr=1e-3,
+        value_lr=1e-3,
+        anneal_lr=False,
+        gamma=0.98,
+        gae_lambda=0.8,
+        epochs=10,
+        minibatches=4,
+        ent_coef=0.0,
+    ),
+    "npg": dict(
+        num_envs=8,
+        num_steps=32,
+        lr=1e-3,
+        value_lr=1e-3,
+        anneal_lr=False,
+        gamma=0.98,
+        gae_lambda=0.8,
+        epochs=10,
+        minibatches=4,
+        ent_coef=0.0,
+    ),
 }
 """Per-algorithm defaults of the fields that are None in :class:`ControlConfig`. For NPG ``lr`` is unused (the step
 size comes from ``max_kl``); for REINFORCE, A2C and NPG ``epochs``/``minibatches`` apply to the value network only
 (a well-fitted baseline was the biggest single gain for the one-step methods)."""
 
-PRESET_FIELDS = ("num_envs", "num_steps", "lr", "value_lr", "anneal_lr", "gamma", "gae_lambda", "epochs", "minibatches",
-                 "ent_coef")
+PRESET_FIELDS = (
+    "num_envs",
+    "num_steps",
+    "lr",
+    "value_lr",
+    "anneal_lr",
+    "gamma",
+    "gae_lambda",
+    "epochs",
+    "minibatches",
+    "ent_coef",
+)
 
 
 @dataclasses.dataclass
@@ -118,7 +168,11 @@ class ControlConfig:
         if self.env is None and self.eval is None:
             self.env = "CartPole-v1"
         _require(self.env is None or bool(self.env.strip()), "--env", "give a Gymnasium id such as CartPole-v1")
-        _require(self.policy in ("auto", "categorical", "gaussian"), "--policy", f"must be auto, categorical or gaussian, got {self.policy!r}")
+        _require(
+            self.policy in ("auto", "categorical", "gaussian"),
+            "--policy",
+            f"must be auto, categorical or gaussian, got {self.policy!r}",
+        )
         _require(self.total_steps >= 1, "--total-steps", f"must be at least 1, got {self.total_steps}")
         _require(self.num_envs >= 1, "--num-envs", f"must be at least 1, got {self.num_envs}")
         _require(self.num_steps >= 1, "--num-steps", f"must be at least 1, got {self.num_steps}")
@@ -128,14 +182,34 @@ class ControlConfig:
         _require(0 <= self.gae_lambda <= 1, "--gae-lambda", f"must be in [0, 1], got {self.gae_lambda}")
         _require(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
         batch = self.num_envs * self.num_steps
-        _require(1 <= self.minibatches <= batch, "--minibatches", f"must be in [1, num_envs * num_steps = {batch}], got {self.minibatches}")
+        _require(
+            1 <= self.minibatches <= batch,
+            "--minibatches",
+            f"must be in [1, num_envs * num_steps = {batch}], got {self.minibatches}",
+        )
         _require(0 < self.clip_eps < 1, "--clip-eps", f"must be in (0, 1), got {self.clip_eps}")
-        _require(math.isfinite(self.ent_coef) and self.ent_coef >= 0, "--ent-coef", f"must be a finite number >= 0, got {self.ent_coef}")
-        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "--max-grad-norm", f"must be a finite number >= 0, got {self.max_grad_norm}")
+        _require(
+            math.isfinite(self.ent_coef) and self.ent_coef >= 0,
+            "--ent-coef",
+            f"must be a finite number >= 0, got {self.ent_coef}",
+        )
+        _require(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            "--max-grad-norm",
+            f"must be a finite number >= 0, got {self.max_grad_norm}",
+        )
         _positive(self.max_kl, "--max-kl")
         _require(self.cg_iters >= 1, "--cg-iters", f"must be at least 1, got {self.cg_iters}")
-        _require(math.isfinite(self.damping) and self.damping >= 0, "--damping", f"must be a finite number >= 0, got {self.damping}")
-        _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "--hidden", f"give one or more positive widths, got {self.hidden}")
+        _require(
+            math.isfinite(self.damping) and self.damping >= 0,
+            "--damping",
+            f"must be a finite number >= 0, got {self.damping}",
+        )
+        _require(
+            len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            "--hidden",
+            f"give one or more positive widths, got {self.hidden}",
+        )
         _require(self.eval_episodes >= 0, "--eval-episodes", f"must be at least 0, got {self.eval_episodes}")
         _require(1 <= self.threads <= 1024, "--threads", f"must be in [1, 1024], got {self.threads}")
         # Gymnasium refuses negative seeds, and environment copies and evaluation episodes take seed + i
@@ -149,7 +223,11 @@ class ControlConfig:
         if self.resume is not None:
             self.resume = Path(self.resume)
             _require(self.eval is None, "--resume", "cannot be combined with --eval")
-            _require((self.resume / "config.json").is_file(), "--resume", f"{self.resume} holds no policygrad control run (no config.json)")
+            _require(
+                (self.resume / "config.json").is_file(),
+                "--resume",
+                f"{self.resume} holds no policygrad control run (no config.json)",
+            )
 
     @property
     def batch_size(self) -> int:

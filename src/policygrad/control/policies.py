@@ -116,7 +116,9 @@ class Policy(nn.Module):
     initialised to ``log_std_init``.
     """
 
-    def __init__(self, obs_size: int, action_size: int, hidden: tuple[int, ...], family: str, log_std_init: float = 0.0):
+    def __init__(
+        self, obs_size: int, action_size: int, hidden: tuple[int, ...], family: str, log_std_init: float = 0.0
+    ):
         super().__init__()
         self.family_name = family
         self.family = FAMILIES[family]

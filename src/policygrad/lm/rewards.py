@@ -54,14 +54,24 @@ from policygrad.errors import UsageError
 from policygrad.lm import tasks
 
 __all__ = [
-    "BUILTIN", "FAULT_KINDS", "FAULT_POLICIES", "RewardError", "RewardFault", "RewardFunction", "RewardSet", "Scores",
-    "load_reward", "load_rewards",
-]  # fmt: skip
+    "BUILTIN",
+    "FAULT_KINDS",
+    "FAULT_POLICIES",
+    "RewardError",
+    "RewardFault",
+    "RewardFunction",
+    "RewardSet",
+    "Scores",
+    "load_reward",
+    "load_rewards",
+]
 
 RewardFn = Callable[..., Sequence[Any]]
 
 BUILTIN: dict[str, RewardFn] = {
-    "binary": tasks.binary_reward, "shaped": tasks.shaped_reward, "sharp": tasks.sharp_reward
+    "binary": tasks.binary_reward,
+    "shaped": tasks.shaped_reward,
+    "sharp": tasks.sharp_reward,
 }
 """Reward functions available by bare name: the ``length_digits`` task's two modes."""
 
@@ -154,8 +164,16 @@ class RewardSet:
         per_function, faults = {}, []
         for function in self.functions:
             self._check_abandoned(function)
-            values, found = _call(function, prompts, completions, fields, timeout, allow_nan,
-                                  salvage=on_fault == "skip", abandoned=self._abandoned)  # fmt: skip
+            values, found = _call(
+                function,
+                prompts,
+                completions,
+                fields,
+                timeout,
+                allow_nan,
+                salvage=on_fault == "skip",
+                abandoned=self._abandoned,
+            )
             if found and on_fault == "error":
                 first = found[0]
                 raise RewardError(f"reward {function.name}", first.message) from first.cause
@@ -203,8 +221,13 @@ class _TimedOut(Exception):
         self.thread = thread
 
 
-def _run(function: RewardFunction, prompts: list[str], completions: list[str], fields: dict[str, list[Any]],
-         timeout: float | None) -> Any:  # fmt: skip
+def _run(
+    function: RewardFunction,
+    prompts: list[str],
+    completions: list[str],
+    fields: dict[str, list[Any]],
+    timeout: float | None,
+) -> Any:
     """Call the function, in a daemon thread when there is a timeout (the only portable way to stop waiting: a
     subprocess would have to pickle the user's function and its closures, which many cannot be)."""
     if not timeout:
@@ -262,10 +285,14 @@ def _call(
     try:
         values = list(values)
     except Exception:  # not iterable, or a generator that raised on the way
-        return nan, [RewardFault(
-            name, "type", None,
-            f"returned a {type(values).__name__} {where_batch}; it must return a list of {n} numbers",
-        )]  # fmt: skip
+        return nan, [
+            RewardFault(
+                name,
+                "type",
+                None,
+                f"returned a {type(values).__name__} {where_batch}; it must return a list of {n} numbers",
+            )
+        ]
     if len(values) != n:
         message = f"returned {len(values)} rewards for {n} completions {where_batch}"
         return nan, [RewardFault(name, "count", None, message)]
@@ -289,8 +316,9 @@ def _check_value(
     try:
         value = float(value)
     except OverflowError:  # an int (or Fraction) beyond float's range, about 1.8e308
-        return math.nan, RewardFault(name, "inf", i, f"{sample}: got a number too large for a float; rewards must "
-                                     "be finite")  # fmt: skip
+        return math.nan, RewardFault(
+            name, "inf", i, f"{sample}: got a number too large for a float; rewards must be finite"
+        )
     except Exception as exc:  # a numbers.Real of the user's own whose __float__ fails
         message = f"{sample}: converting {type(value).__name__} to float raised {type(exc).__name__}: {_one_line(exc)}"
         return math.nan, RewardFault(name, "type", i, message, exc)

@@ -165,9 +165,14 @@ def _records(config: SampleConfig, source: str, task: GRPOConfig, tokenizer: Any
     if config.prompts is not None and config.prompts.endswith(".jsonl"):
         return read_jsonl(config.prompts)[: config.num_prompts]
     prompts = load_prompts(
-        source, tokenizer, task.heldout_prompts, task.max_passage_tokens, task.target_length,
-        (task.digit_sum_min, task.digit_sum_max), task.length_tolerance,
-    )  # fmt: skip
+        source,
+        tokenizer,
+        task.heldout_prompts,
+        task.max_passage_tokens,
+        task.target_length,
+        (task.digit_sum_min, task.digit_sum_max),
+        task.length_tolerance,
+    )
     if not prompts.heldout:
         raise UsageError("--prompts", f"{source} has no held-out prompts; give --prompt TEXT or --prompts FILE.jsonl")
     return prompts.heldout[: config.num_prompts]
@@ -202,10 +207,17 @@ def generate(
     model.eval()
     for start in range(0, len(prompts), per_call):
         rollout = sample(
-            model, tokenizer, list(prompts[start : start + per_call]), config.group_size, config.max_new_tokens,
-            config.temperature, config.top_p, greedy=config.greedy, autocast_dtype=autocast_dtype,
+            model,
+            tokenizer,
+            list(prompts[start : start + per_call]),
+            config.group_size,
+            config.max_new_tokens,
+            config.temperature,
+            config.top_p,
+            greedy=config.greedy,
+            autocast_dtype=autocast_dtype,
             score_tokens=False,
-        )  # fmt: skip
+        )
         completions.extend(rollout.completions)
         truncated.extend(bool(t) for t in rollout.truncated.tolist())
     return completions, truncated

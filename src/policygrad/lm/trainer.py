@@ -44,8 +44,8 @@ from policygrad.errors import UsageError
 from policygrad.lm.config import CONFIG_FILE, GRPOConfig, config_to_dict
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.evaluate import evaluate, group_fields, task_rates
-from policygrad.lm.rollout import Rollout, rollout_logprobs, sample
 from policygrad.lm.rewards import RewardError
+from policygrad.lm.rollout import Rollout, rollout_logprobs, sample
 from policygrad.lm.update import ADVANTAGES, ENTROPY_WEIGHTS, update
 from policygrad.stopping import EXIT_DIVERGED, Stopped, StopSignals
 
@@ -273,11 +273,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
-RESUME_MAY_CHANGE = frozenset({
-    "resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "epochs", "progress", "threads", "device",
-    "eval_every", "eval_size", "eval_decoding", "save_every", "save_optimizer", "keep_checkpoints", "log_completions",
-    "reward_fault", "reward_timeout", "max_bad_steps",
-})  # fmt: skip
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "allow_config_change",
+        "output_dir",
+        "max_steps",
+        "epochs",
+        "progress",
+        "threads",
+        "device",
+        "eval_every",
+        "eval_size",
+        "eval_decoding",
+        "save_every",
+        "save_optimizer",
+        "keep_checkpoints",
+        "log_completions",
+        "reward_fault",
+        "reward_timeout",
+        "max_bad_steps",
+    }
+)
 """Fields a resumed run may change without ``--allow-config-change``: how long to train, where and how to log, save
 and evaluate, and what to do about faults; none of them changes the update a step makes."""
 
@@ -353,8 +371,15 @@ class RunLog:
         """One skipped reward fault (a :class:`policygrad.lm.rewards.RewardFault`), as a line of faults.jsonl."""
         if self.faults is None:
             self.faults = (self.run_dir / "faults.jsonl").open("a")
-        record = {"step": step, "function": fault.function, "kind": fault.kind, "sample": fault.sample,
-                  "prompt": prompt, "completion": completion, "message": fault.message}  # fmt: skip
+        record = {
+            "step": step,
+            "function": fault.function,
+            "kind": fault.kind,
+            "sample": fault.sample,
+            "prompt": prompt,
+            "completion": completion,
+            "message": fault.message,
+        }
         self.faults.write(json.dumps(record) + "\n")
         self.faults.flush()
 
@@ -403,7 +428,10 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
                 TextColumn("{task.description}"),
             )
             self.bar.__enter__()
@@ -452,10 +480,20 @@ class _Session:
         if not records or not config.eval_decoding:
             return {}
         return evaluate(
-            self.model, self.tokenizer, records, self.reward_set, config.eval_decoding, config.max_new_tokens,
-            config.temperature, config.top_p, config.micro_batch_size, self.autocast_dtype, config.seed,
-            config.reward_fault, config.reward_timeout or None,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            records,
+            self.reward_set,
+            config.eval_decoding,
+            config.max_new_tokens,
+            config.temperature,
+            config.top_p,
+            config.micro_batch_size,
+            self.autocast_dtype,
+            config.seed,
+            config.reward_fault,
+            config.reward_timeout or None,
+        )
 
     def save(
         self,
@@ -470,9 +508,17 @@ class _Session:
         if curriculum is None and self.curriculum is not None:
             curriculum = self.curriculum.state()
         save_checkpoint(
-            folder, self.model, self.tokenizer, self.optimizer, step, self.baseline if baseline is None else baseline,
-            self.config.save_optimizer, self.config, rng, curriculum,
-        )  # fmt: skip
+            folder,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            step,
+            self.baseline if baseline is None else baseline,
+            self.config.save_optimizer,
+            self.config,
+            rng,
+            curriculum,
+        )
         self.last_saved = step
         return folder
 
@@ -512,9 +558,14 @@ def _start(config: GRPOConfig) -> _Session:
     # dropout off throughout: the ratio pi/pi_old and the KL must compare the same deterministic function
     model.eval()
     prompts = load_prompts(
-        config.prompts, tokenizer, config.heldout_prompts, config.max_passage_tokens, config.target_length,
-        (config.digit_sum_min, config.digit_sum_max), config.length_tolerance,
-    )  # fmt: skip
+        config.prompts,
+        tokenizer,
+        config.heldout_prompts,
+        config.max_passage_tokens,
+        config.target_length,
+        (config.digit_sum_min, config.digit_sum_max),
+        config.length_tolerance,
+    )
     steps_per_epoch = len(prompts.train) // config.prompts_per_step
     if steps_per_epoch == 0:
         raise UsageError(
@@ -549,9 +600,20 @@ def _start(config: GRPOConfig) -> _Session:
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=_fused_adamw_supported(device)
     )
     session = _Session(
-        config, run_dir, model, tokenizer, reference, optimizer, prompts, reward_set, autocast_dtype,
-        steps_per_epoch, total_steps, resumed=resume_from is not None, curriculum=curriculum,
-    )  # fmt: skip
+        config,
+        run_dir,
+        model,
+        tokenizer,
+        reference,
+        optimizer,
+        prompts,
+        reward_set,
+        autocast_dtype,
+        steps_per_epoch,
+        total_steps,
+        resumed=resume_from is not None,
+        curriculum=curriculum,
+    )
     if state is not None:
         _restore(session, resume_from, state)
     prepare_run_dir(config)  # the first write: everything above has loaded and been checked
@@ -572,8 +634,11 @@ def _restore(session: _Session, folder: Path, state: dict[str, Any]) -> None:
     except Exception as exc:  # ValueError, KeyError, TypeError, RuntimeError: all "this file does not fit"
         raise UsageError("--resume", f"{folder / TRAINER_STATE} does not fit this run: {_first_line(exc)}") from None
     if "optimizer" not in state:
-        print(f"policygrad train: {folder} has no optimiser state (save_optimizer: false); AdamW's "
-              "moments restart from zero, so this resume is not exact", file=sys.stderr)  # fmt: skip
+        print(
+            f"policygrad train: {folder} has no optimiser state (save_optimizer: false); AdamW's "
+            "moments restart from zero, so this resume is not exact",
+            file=sys.stderr,
+        )
     session.start_step, session.baseline = state["step"], float(state["baseline"])
     session.last_saved = session.start_step
 
@@ -588,15 +653,22 @@ def _check_rewards_fit_prompts(reward_set: Any, record: dict[str, Any], config: 
     trial = f"tried on the first prompt of --prompts {config.prompts} (fields: {have}) with an empty completion"
     saved = rng_state()
     try:
-        scores = reward_set.score([record["prompt"]], [""], group_fields([record], 1), on_fault=config.reward_fault,
-                                  timeout=config.reward_timeout or None)  # fmt: skip
+        scores = reward_set.score(
+            [record["prompt"]],
+            [""],
+            group_fields([record], 1),
+            on_fault=config.reward_fault,
+            timeout=config.reward_timeout or None,
+        )
     except RewardError as err:
         raise UsageError("--rewards", f"these rewards do not fit the prompts: {trial}, {err}") from None
     finally:
         set_rng_state(saved)
     if scores.faults:
-        _warn(f"the rewards may not fit the prompts ({trial}): {scores.faults[0].line()}; with --reward-fault skip "
-              "the run goes on, and such samples train with advantage 0")  # fmt: skip
+        _warn(
+            f"the rewards may not fit the prompts ({trial}): {scores.faults[0].line()}; with --reward-fault skip "
+            "the run goes on, and such samples train with advantage 0"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -621,9 +693,10 @@ def _resume_point(config: GRPOConfig) -> tuple[Path | None, dict[str, Any] | Non
     if folder is None:
         if any(candidate.is_dir() for candidate in checkpoint_folders(run_dir)):  # each one reported above
             raise UsageError(
-                "--resume", f"{run_dir} holds no intact checkpoint (every one is damaged, see above); pass "
+                "--resume",
+                f"{run_dir} holds no intact checkpoint (every one is damaged, see above); pass "
                 "--overwrite instead of --resume to start the run again",
-            )  # fmt: skip
+            )
         print(f"policygrad train: {run_dir} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
         return None, None
     state = load_trainer_state(folder)
@@ -663,10 +736,17 @@ def train(config: GRPOConfig) -> Path:
                 # 1. sample G completions of each of B prompts with the current policy
                 torch.manual_seed(config.seed * 1_000_003 + step)  # repeatable, and the same after a resume
                 rollout = sample(
-                    run.model, run.tokenizer, [r["prompt"] for r in records], config.group_size,
-                    config.max_new_tokens, config.temperature, config.top_p, micro_batch_size=config.micro_batch_size,
-                    autocast_dtype=run.autocast_dtype, score_tokens=config.updates_per_batch > 1,
-                )  # fmt: skip
+                    run.model,
+                    run.tokenizer,
+                    [r["prompt"] for r in records],
+                    config.group_size,
+                    config.max_new_tokens,
+                    config.temperature,
+                    config.top_p,
+                    micro_batch_size=config.micro_batch_size,
+                    autocast_dtype=run.autocast_dtype,
+                    score_tokens=config.updates_per_batch > 1,
+                )
                 sampled = time.perf_counter()
 
                 # 2. score every completion
@@ -675,15 +755,20 @@ def train(config: GRPOConfig) -> Path:
                     fields = {**task_fields, "tolerance": [run.curriculum.tolerance] * len(rollout.completions)}
                 try:
                     scores = run.reward_set.score(
-                        rollout.prompts, rollout.completions, fields, on_fault=config.reward_fault,
-                        timeout=config.reward_timeout or None, allow_nan=False,
-                    )  # fmt: skip
+                        rollout.prompts,
+                        rollout.completions,
+                        fields,
+                        on_fault=config.reward_fault,
+                        timeout=config.reward_timeout or None,
+                        allow_nan=False,
+                    )
                 except RewardError as err:  # policy "error": keep everything up to this step, then say how to go on
                     folder = run.checkpoint(*before)
                     raise RewardError(
-                        err.field, f"{str(err)[len(err.field) + 2 :]}; saved the run at step {step} in {folder}; fix "
+                        err.field,
+                        f"{str(err)[len(err.field) + 2 :]}; saved the run at step {step} in {folder}; fix "
                         f"the function (or pass --reward-fault skip) and resume with: {resume_command(run.run_dir)}",
-                    ) from err  # fmt: skip
+                    ) from err
                 _log_faults(log, step + 1, scores, rollout)
                 rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
                 if config.truncated_reward is not None:  # a reply must end itself, not be cut off by the budget
@@ -696,28 +781,35 @@ def train(config: GRPOConfig) -> Path:
 
                 # 4. update the policy
                 update_metrics = update(
-                    run.model, run.optimizer, rollout, advantages, ref_logprobs, entropy_weight, config,
+                    run.model,
+                    run.optimizer,
+                    rollout,
+                    advantages,
+                    ref_logprobs,
+                    entropy_weight,
+                    config,
                     run.autocast_dtype,
-                )  # fmt: skip
+                )
                 run.baseline = next_baseline
 
                 # 5. log, and now and then evaluate and save
                 done, elapsed = step + 1, time.perf_counter() - started
-                record = _step_record(
-                    rollout, scores, rewards, advantages, entropy_weight, update_metrics, task_fields
-                )  # fmt: skip
+                record = _step_record(rollout, scores, rewards, advantages, entropy_weight, update_metrics, task_fields)
                 if run.curriculum is not None:
                     staged = task_rates(rollout.completions, fields)["pass_rate"]
                     record["curriculum/tolerance"] = float(run.curriculum.tolerance)
                     record["curriculum/pass_rate"] = staged
                     run.curriculum.observe(staged)
                 record.update(
-                    baseline=run.baseline, lr=run.optimizer.param_groups[0]["lr"], epoch=step // run.steps_per_epoch,
-                    sample_time=sampled - started, step_time=elapsed,
+                    baseline=run.baseline,
+                    lr=run.optimizer.param_groups[0]["lr"],
+                    epoch=step // run.steps_per_epoch,
+                    sample_time=sampled - started,
+                    step_time=elapsed,
                     tokens_per_s=float(rollout.completion_lengths.sum()) / elapsed,
                     reward_faults=float(scores.faulted_samples),
                     skipped_updates=update_metrics.get("skipped_updates", 0.0),
-                )  # fmt: skip
+                )
                 if config.eval_every and done % config.eval_every == 0 and done < run.total_steps:
                     record.update(_flat_scalars(run.evaluate()))
                 log.write(done, record, _samples(rollout, scores.rewards, config.log_completions))
@@ -726,16 +818,19 @@ def train(config: GRPOConfig) -> Path:
                 # 6. a non-finite loss or gradient: the update was skipped; several in a row stop the run
                 if record["skipped_updates"]:
                     bad_steps, before_bad = bad_steps + 1, before_bad or before
-                    _warn(f"step {done}: non-finite loss or gradient norm (loss {record.get('loss')}, grad_norm "
-                          f"{record.get('grad_norm')}); update skipped ({bad_steps} of {config.max_bad_steps} "
-                          "in a row)")  # fmt: skip
+                    _warn(
+                        f"step {done}: non-finite loss or gradient norm (loss {record.get('loss')}, grad_norm "
+                        f"{record.get('grad_norm')}); update skipped ({bad_steps} of {config.max_bad_steps} "
+                        "in a row)"
+                    )
                     if bad_steps >= config.max_bad_steps:
                         folder = run.checkpoint(*before_bad)
                         raise Stopped(
                             f"stopped: {bad_steps} steps in a row had a non-finite loss or gradient norm; saved the "
                             f"state from before the first of them (step {before_bad[0]}) in {folder}; lower --lr or "
-                            f"check the rewards, then resume with: {resume_command(run.run_dir)}", EXIT_DIVERGED,
-                        )  # fmt: skip
+                            f"check the rewards, then resume with: {resume_command(run.run_dir)}",
+                            EXIT_DIVERGED,
+                        )
                 else:  # no periodic checkpoint while a run may be going wrong
                     bad_steps, before_bad = 0, None
                     if config.save_every and done % config.save_every == 0 and done < run.total_steps:
@@ -744,8 +839,9 @@ def train(config: GRPOConfig) -> Path:
                     folder = run.checkpoint(*(before_bad or (done,)))
                     raise Stopped(
                         f"stopped by {stop.name} after step {done} of {run.total_steps}; saved {folder}; "
-                        f"resume with: {resume_command(run.run_dir)}", stop.exit_code,
-                    )  # fmt: skip
+                        f"resume with: {resume_command(run.run_dir)}",
+                        stop.exit_code,
+                    )
 
         final = run.evaluate()
         _write_atomic(run.run_dir / "eval.json", json.dumps({"step": run.total_steps, **final}, indent=2) + "\n")
@@ -774,8 +870,10 @@ def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout) -> None:
         log.fault(step, fault, rollout.prompts[row], rollout.completions[row])
     if scores.faults:
         more = f" (and {len(scores.faults) - 1} more)" if len(scores.faults) > 1 else ""
-        _warn(f"step {step}: {scores.faulted_samples} samples get advantage 0 after a reward fault: "
-              f"{scores.faults[0].line()}{more}; see faults.jsonl")  # fmt: skip
+        _warn(
+            f"step {step}: {scores.faulted_samples} samples get advantage 0 after a reward fault: "
+            f"{scores.faults[0].line()}{more}; see faults.jsonl"
+        )
 
 
 def _samples(rollout: Rollout, rewards: list[float], count: int) -> list[dict[str, Any]]:

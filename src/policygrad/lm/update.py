@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from policygrad.advantages import group_advantages, leave_one_out, moving_average
-from policygrad.losses import aggregate, policy_loss
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches
+from policygrad.losses import aggregate, policy_loss
 from policygrad.regularizers import dynamic_entropy_weight, kl
 
 __all__ = ["ADVANTAGES", "ENTROPY_WEIGHTS", "grpo_loss", "micro_batch_share", "update"]
@@ -178,13 +178,20 @@ def update(
                     model, temperature=config.temperature, **rollout.rows(rows)
                 )  # (M, T) each, M rows in this micro-batch
             loss, micro = grpo_loss(
-                logprobs, entropies, mask[rows], advantages[rows],
+                logprobs,
+                entropies,
+                mask[rows],
+                advantages[rows],
                 old_logprobs=rollout.logprobs[rows] if clipped else None,
                 ref_logprobs=ref_logprobs[rows] if ref_logprobs is not None else None,
-                entropy_weight=entropy_weight, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
-                aggregation=config.aggregation, clip_eps_low=config.clip_eps_low, clip_eps_high=config.clip_eps_high,
+                entropy_weight=entropy_weight,
+                kl_coef=config.kl_coef,
+                kl_estimator=config.kl_estimator,
+                aggregation=config.aggregation,
+                clip_eps_low=config.clip_eps_low,
+                clip_eps_high=config.clip_eps_high,
                 max_len=config.max_new_tokens,
-            )  # fmt: skip
+            )
             (loss * share).backward()
             micro["loss"] = loss.item()
             for key, value in micro.items():

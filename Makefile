@@ -24,7 +24,7 @@ bandit: $(STAMP)
 # POLICYGRAD_NO_SKIPS: every optional dependency is installed here, so a skip other than the few named in
 # tests/conftest.py fails the run (a dependency that failed to install must not read as a pass)
 test: $(STAMP)
-	POLICYGRAD_NO_SKIPS=1 $(BIN)/python -m pytest -q
+	POLICYGRAD_NO_SKIPS=1 POLICYGRAD_TIERS_REQUIRED=1 $(BIN)/python -m pytest -q
 
 # ruff (configured in pyproject.toml): the layout is the formatter's, the lint rules catch unused names and bugbears.
 # `make format` rewrites the files; `make lint` only checks (CI runs it before the tests).

@@ -39,12 +39,12 @@ def run_policygrad(algo: str, seed: int, steps: int) -> dict:
     def watch(record: dict) -> None:
         if record["return_recent"] is None:
             return
-        curve.append((record["steps"], record["time"], record["return_recent"]))
+        curve.append((record["env_steps"], record["time"], record["return_recent"]))
         if not hit and record["return_recent"] >= THRESHOLD:
-            hit.update(steps=record["steps"], time=record["time"])
+            hit.update(steps=record["env_steps"], time=record["time"])
 
     cfg = ControlConfig(env="CartPole-v1", algo=algo, total_steps=steps, seed=seed, progress=False, eval_episodes=10)
-    result = train(cfg, on_update=watch)
+    result = train(cfg, on_step=watch)
     return {
         "steps_to_solve": hit.get("steps"),
         "time_to_solve": hit.get("time"),

@@ -379,7 +379,9 @@ def e2e_policygrad(config, out: Path, minutes: float) -> list[dict]:
     import signal
     import threading
 
-    from policygrad.lm.trainer import TRAINER_STATE, checkpoint_folders, load_trainer_state, train
+    from policygrad.lm.state import TRAINER_STATE, load_trainer_state
+    from policygrad.lm.trainer import train
+    from policygrad.runs import checkpoint_candidates
 
     config = dataclasses.replace(config, output_dir=out, eval_decoding=(), keep_checkpoints=0, progress=False)
     # at the wall-time budget, stop as a user would: SIGINT finishes the step, saves a checkpoint and returns
@@ -394,8 +396,8 @@ def e2e_policygrad(config, out: Path, minutes: float) -> list[dict]:
             spent += record["step_time"]
             seconds[record["step"]] = spent
     checkpoints = {  # final/ and the periodic checkpoint of the last step are one point
-        load_trainer_state(folder)["step"]: str(folder)
-        for folder in checkpoint_folders(run_dir)
+        load_trainer_state(folder).step: str(folder)
+        for folder in checkpoint_candidates(run_dir)
         if (folder / TRAINER_STATE).exists()
     }
     return [{"step": step, "train_s": seconds[step], "model": folder} for step, folder in sorted(checkpoints.items())]
@@ -494,7 +496,8 @@ def end_to_end(
     folder for the runs (checkpoints ~0.5 GB each), kept; None: a temporary one."""
     import contextlib
 
-    from policygrad.lm.config import config_to_dict, load_config
+    from policygrad.configs import config_to_dict
+    from policygrad.lm.config import load_config
     from policygrad.lm.evaluate import evaluate_heldout
 
     config = load_config(recipe, _e2e_overrides(max_steps, save_every, seed))

@@ -1,10 +1,37 @@
-"""Shared by every test: float64 as the default dtype, and the ``figures`` fixture of the plot tests. The folder
-holds helpers the tests import by name (``fault_table``): pytest puts it on ``sys.path`` with this file."""
+"""Shared by every test: the tiers of the house style as markers (and a check that every test names one), the
+``figures`` fixture of the plot tests, and the skip policy of ``make test``. No global state: a test that needs
+float64 makes its tensors and models float64 itself. The folder holds helpers the tests import by name
+(``fault_table``): pytest puts it on ``sys.path`` with this file."""
+
+import os
 
 import pytest
-import torch
 
-torch.set_default_dtype(torch.float64)  # exact-value tests compare to 1e-10 and better
+# The three tiers of tests (../shared/DESIGN.md, docs/testing.md), registered in pyproject.toml; each test carries one:
+#   exact     one input against a value worked out by hand or by an independent brute-force reference (enumeration,
+#             an explicit matrix, a plain forward pass), including the exact error a given bad input raises
+#   property  a relation that holds over many inputs: Hypothesis tests, invariances (a shift of the rewards, the
+#             dtype of a mask), limits (lambda 0 and 1), leading dimensions as independent rows, dtypes and devices kept
+#   smoke     the real CLI, or a training loop, run end to end with tiny settings
+TIERS = ("exact", "property", "smoke")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything, so `-m exact` cannot hide an untagged test
+def pytest_collection_modifyitems(config, items):
+    """With POLICYGRAD_TIERS_REQUIRED=1, a test that carries no tier marker, or more than one, fails collection,
+    named with the markers it has."""
+    if os.environ.get("POLICYGRAD_TIERS_REQUIRED") != "1":
+        return
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) if tiers else 'no tier marker'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"POLICYGRAD_TIERS_REQUIRED: every test needs exactly one of the markers {', '.join(TIERS)} "
+            f"(tests/conftest.py says which is which); {len(wrong)} do not:\n" + "\n".join(wrong)
+        )
 
 
 @pytest.fixture
@@ -29,8 +56,6 @@ ALLOWED_SKIPS = ("package registry not reachable",)  # tests/lm/test_models.py, 
 
 
 def pytest_sessionfinish(session, exitstatus):
-    import os
-
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if os.environ.get("POLICYGRAD_NO_SKIPS") != "1" or reporter is None:
         return

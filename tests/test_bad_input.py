@@ -321,6 +321,7 @@ def _is_good_line(text: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.property
 @settings(max_examples=100, **SETTINGS)
 @given(content=recipe_bytes())
 def test_random_recipes_load_or_name_the_problem(content, tmp_path):
@@ -338,6 +339,7 @@ def test_random_recipes_load_or_name_the_problem(content, tmp_path):
         assert isinstance(config, GRPOConfig)
 
 
+@pytest.mark.property
 @settings(max_examples=40, **SETTINGS)
 @given(content=recipe_bytes())
 def test_random_recipes_through_the_cli_leave_no_run_folder(content, capsys, monkeypatch, sandbox):
@@ -350,6 +352,7 @@ def test_random_recipes_through_the_cli_leave_no_run_folder(content, capsys, mon
         assert sorted(os.listdir(work)) == ["recipe.yaml"]  # no run folder, nothing else written
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize(
     "content, names",
     [
@@ -380,9 +383,80 @@ def test_recipe_mistakes_are_one_line(content, names, tmp_path, capsys, monkeypa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.exact
 def test_recipe_that_is_a_folder(tmp_path, capsys):
     code, _, err = call(["train", "--recipe", str(tmp_path)], capsys)
     assert_usage_line(code, err, "train", "--recipe", str(tmp_path))
+
+
+CONTROL_FIELDS = [flag[2:].replace("-", "_") for flag in CONTROL_FLAGS]
+
+
+@st.composite
+def control_recipe_bytes(draw) -> bytes:
+    """A recipe for ``policygrad control``: :func:`recipe_bytes`, or a mapping keyed by control's own fields."""
+    if draw(st.booleans()):
+        return draw(recipe_bytes())
+    keys = st.one_of(
+        st.sampled_from(CONTROL_FIELDS), st.sampled_from([f.replace("_", "-") for f in CONTROL_FIELDS]), ARG_TEXT
+    )
+    data = draw(st.dictionaries(keys, _yaml_value(), max_size=6))
+    return yaml.safe_dump(data, allow_unicode=draw(st.booleans())).encode()
+
+
+@pytest.mark.property
+@settings(max_examples=100, **SETTINGS)
+@given(content=control_recipe_bytes())
+def test_random_control_recipes_load_or_name_the_problem(content, capsys, monkeypatch, no_runs):
+    """``policygrad control --recipe``: the recipe loads, or one line names the field, the file and line, or
+    --recipe; nothing is written either way (the run itself is replaced: this is about reading recipes)."""
+    from policygrad.control.config import ControlConfig, load_config
+
+    with tempfile.TemporaryDirectory() as work:
+        monkeypatch.chdir(work)
+        Path("recipe.yaml").write_bytes(content)
+        try:
+            config = load_config("recipe.yaml")
+        except UsageError as err:
+            message = str(err)
+            assert "\n" not in message and len(message) < 400, message
+            assert err.field.startswith("--") or "recipe.yaml" in message, message
+        else:
+            assert isinstance(config, ControlConfig)
+        code, _, err = call(["control", "--recipe", "recipe.yaml"], capsys)
+        assert_one_line_or_ok(code, err, "control")
+        assert sorted(os.listdir(work)) == ["recipe.yaml"]
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize(
+    "content, names",
+    [
+        (b"", None),  # empty: all defaults
+        (b"lr: [\n", "recipe.yaml:2"),
+        (b"ent_coef: 0.1\n", "'ent_coef'"),  # renamed entropy_coef in issue 13
+        (b"run_dir: runs\n", "'run_dir'"),  # renamed output_dir
+        (b"algo: dqn\n", "--algo"),
+        (b"gamma: 1.5\n", "--gamma"),
+        (b"lr: 1e-5x\n", "--lr"),
+        (b"hidden: [0]\n", "--hidden"),
+        (b"hidden: [[64]]\n", "--hidden"),
+        (b"seed: 18446744073709551616\n", "--seed"),
+        (b'output_dir: "a\\0b"\n', "--output-dir"),
+        (b"resume: true\noverwrite: true\n", "--overwrite"),
+        (b"max_bad_steps: 0\n", "--max-bad-steps"),
+        (b"lr: !!python/object/apply:os.system ['true']\n", "recipe.yaml:1"),
+    ],
+)
+def test_control_recipe_mistakes_are_one_line(content, names, tmp_path, capsys, no_runs):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    code, _, err = call(["control", "--recipe", str(path), "--output-dir", str(tmp_path / "run")], capsys)
+    if names is None:
+        assert code == 0, err
+    else:
+        assert_usage_line(code, err, "control", names)
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,6 +474,7 @@ def no_runs(monkeypatch):
     monkeypatch.setattr(policygrad.control.train, "run", lambda config: 0)
 
 
+@pytest.mark.property
 @settings(max_examples=100, **SETTINGS)
 @given(
     command=st.sampled_from(["bandit", "control"]),
@@ -417,6 +492,7 @@ def test_random_values_for_bandit_and_control_flags(command, data, capsys, monke
         assert os.listdir(work) == []
 
 
+@pytest.mark.property
 @settings(max_examples=100, **SETTINGS)
 @given(data=st.data(), command=st.sampled_from(["train", "eval"]))
 def test_random_values_for_lm_flags_stop_before_the_model_or_name_the_flag(
@@ -437,6 +513,7 @@ def test_random_values_for_lm_flags_stop_before_the_model_or_name_the_flag(
         assert os.listdir(work) == []  # validation wrote nothing, whatever the values
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize(
     "argv, names",
     [
@@ -464,11 +541,13 @@ def test_cli_value_mistakes_name_the_flag(argv, names, capsys, monkeypatch, sand
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.exact
 def test_debug_shows_the_exception(capsys):
     with pytest.raises(UsageError):
         main(["--debug", "bandit", "--lr", "0"])
 
 
+@pytest.mark.exact
 def test_ascii_terminal_still_gets_one_line():
     """rich draws tyro's error box in ASCII where the output is not UTF-8; the box must still fold to one line."""
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
@@ -489,6 +568,7 @@ def test_ascii_terminal_still_gets_one_line():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.property
 @settings(max_examples=100, **SETTINGS)
 @given(file=jsonl_lines())
 def test_random_prompt_files_read_or_name_the_first_bad_line(file, tmp_path):
@@ -512,6 +592,7 @@ def test_random_prompt_files_read_or_name_the_first_bad_line(file, tmp_path):
         check_prompt_source(str(path))
 
 
+@pytest.mark.property
 @settings(max_examples=30, **SETTINGS)
 @given(file=jsonl_lines())
 def test_random_prompt_files_through_the_cli(file, capsys, monkeypatch, sandbox, tiny_model):
@@ -530,6 +611,7 @@ def test_random_prompt_files_through_the_cli(file, capsys, monkeypatch, sandbox,
         assert sorted(os.listdir(work)) == ["prompts.jsonl"]
 
 
+@pytest.mark.exact
 def test_prompt_lines_are_counted_by_newlines_only(tmp_path):
     """U+2028 inside a JSON string is valid JSON; str.splitlines() would cut the line there."""
     from policygrad.lm.data import read_jsonl
@@ -541,6 +623,7 @@ def test_prompt_lines_are_counted_by_newlines_only(tmp_path):
     assert read_jsonl(tmp_path / "bom.jsonl") == [{"prompt": "x"}]
 
 
+@pytest.mark.exact
 def test_task_fields_on_some_lines_only_are_refused(tmp_path):
     from policygrad.lm.data import read_jsonl
 
@@ -550,6 +633,7 @@ def test_task_fields_on_some_lines_only_are_refused(tmp_path):
         read_jsonl(path)
 
 
+@pytest.mark.exact
 def test_prompt_path_that_is_a_folder(tmp_path):
     from policygrad.lm.data import read_jsonl
 
@@ -636,6 +720,7 @@ BROKEN_MODELS = [
 ]
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("how", BROKEN_MODELS)
 def test_broken_model_folders_are_one_line(how, tiny_model, good_prompts, tmp_path, capsys, monkeypatch, sandbox):
     spy_load_model(monkeypatch, real=True)
@@ -663,6 +748,7 @@ def test_broken_model_folders_are_one_line(how, tiny_model, good_prompts, tmp_pa
     assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
 
 
+@pytest.mark.property
 @settings(max_examples=20, **SETTINGS)
 @given(
     part=st.sampled_from(["config.json", "model.safetensors", "tokenizer.json"]),
@@ -717,7 +803,9 @@ def _run_folder(tmp_path: Path, tiny_model: Path, prompts: Path, how: str) -> Pa
     manifest of checksums), then broken as ``how`` says: after the save (the manifest no longer matches) or before
     it (the manifest matches the broken files: a tampered or badly written checkpoint)."""
     from policygrad import checkpointing
-    from policygrad.lm.config import CONFIG_FILE, config_to_dict, load_config
+    from policygrad.configs import config_to_dict
+    from policygrad.lm.config import load_config
+    from policygrad.runs import CONFIG_FILE
 
     run = tmp_path / "run"
     run.mkdir()
@@ -776,6 +864,7 @@ BROKEN_CHECKPOINTS = {
 }
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("how", list(BROKEN_CHECKPOINTS))
 def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_path, capsys, monkeypatch, sandbox):
     """A broken checkpoint ends in one error line (warnings about skipped checkpoints may come first); it never ends
@@ -815,6 +904,7 @@ def test_broken_checkpoints_given_to_resume(how, tiny_model, good_prompts, tmp_p
 BUILTIN_REWARDS = ("shaped", "binary")  # each refused on prompts without its fields, then one run under skip
 
 
+@pytest.mark.exact
 def test_rewards_that_need_fields_the_prompts_lack(tiny_model, tmp_path, capsys, monkeypatch, sandbox):
     """The built-in rewards read target_length and target_digit_sum from each prompt record: a prompts file without
     them is refused before the run folder exists (not at step 1), in one line naming --rewards and the file. Under
@@ -882,6 +972,7 @@ def reward_output(draw, n: int):
     return ValueError("the reward function raised")
 
 
+@pytest.mark.property
 @settings(max_examples=100, **SETTINGS)
 @given(data=st.data(), n=st.integers(1, 4), weights=st.lists(st.floats(-3, 3), min_size=1, max_size=2))
 def test_reward_outputs_are_numbers_of_the_right_count_or_a_clear_error(data, n, weights):
@@ -921,6 +1012,7 @@ UNREADABLE_REWARDS = {  # id: (what each function returns, the weights, the func
 }
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("on_fault", REWARD_POLICIES)
 @pytest.mark.parametrize("outputs, weights, name", list(UNREADABLE_REWARDS.values()), ids=list(UNREADABLE_REWARDS))
 def test_rewards_past_float_range_or_unreadable_are_faults(outputs, weights, name, on_fault):
@@ -952,6 +1044,7 @@ def test_rewards_past_float_range_or_unreadable_are_faults(outputs, weights, nam
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "name, content",
     [("garbage.yaml", b"\xff\x00\x13garbage\n"), ("list.yaml", b"- 1\n"), ("bad.yaml", b"lr: [\n")],
@@ -1024,6 +1117,7 @@ def _fault_table_rows() -> list:
     ]
 
 
+@pytest.mark.exact
 def test_the_fault_table_rows_are_these_tests():
     """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
     import fault_table
@@ -1031,6 +1125,7 @@ def test_the_fault_table_rows_are_these_tests():
     fault_table.check("test_bad_input.py", _fault_table_rows())
 
 
+@pytest.mark.exact
 def test_the_fault_table_check_fails_on_any_changed_number():
     """Each number of this file's rows, changed alone in a copy of the page, fails the check above."""
     import fault_table

@@ -9,6 +9,8 @@ import pytest
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 
+pytestmark = pytest.mark.smoke  # the real command, in subprocesses and through cli.main
+
 
 def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([POLICYGRAD, *args], capture_output=True, text=True, timeout=timeout)

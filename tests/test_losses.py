@@ -10,11 +10,19 @@ from hypothesis import strategies as st
 
 from policygrad.losses import aggregate, policy_loss, value_loss
 
-t = torch.tensor
+DTYPE = torch.float64  # the exact values are compared to 1e-15
+
+
+def t(data, dtype=DTYPE, **kwargs) -> torch.Tensor:
+    """``torch.tensor`` in float64 unless told otherwise."""
+    return torch.tensor(data, dtype=dtype, **kwargs)
+
+
 VALUES = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
+@pytest.mark.exact
 def test_aggregate_by_hand():
     assert aggregate(VALUES, MASK, "token_mean").item() == pytest.approx((1 + 2 + 4) / 3, abs=1e-15)
     assert aggregate(VALUES, MASK, "sequence_mean").item() == pytest.approx((1.5 + 4) / 2, abs=1e-15)
@@ -24,11 +32,13 @@ def test_aggregate_by_hand():
         aggregate(VALUES, MASK, "mean")
 
 
+@pytest.mark.exact
 def test_sequence_mean_skips_empty_rows():
     mask = t([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert aggregate(VALUES, mask, "sequence_mean").item() == 1.5
 
 
+@pytest.mark.exact
 def test_reinforce_loss_by_hand():
     logprobs = t([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
     loss, metrics = policy_loss(logprobs, t([2.0, -1.0]), MASK)
@@ -37,8 +47,9 @@ def test_reinforce_loss_by_hand():
     assert metrics == {}
 
 
+@pytest.mark.exact
 def test_clipped_surrogate_by_hand():
-    old = torch.zeros(1, 4)
+    old = torch.zeros(1, 4, dtype=DTYPE)
     ratios = t([[0.5, 0.9, 1.1, 1.5]])
     logprobs = ratios.log()
     advantages = t([[1.0, -1.0, 1.0, -1.0]])
@@ -54,13 +65,14 @@ def test_clipped_surrogate_by_hand():
     assert m["approx_kl"] == pytest.approx(expected_kl, abs=1e-12)
 
 
+@pytest.mark.property
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 10_000))
 def test_ratio_one_makes_clipped_gradient_equal_reinforce(B, T, seed):
     g = torch.Generator().manual_seed(seed)
-    logprobs = (-torch.rand(B, T, generator=g) * 3).requires_grad_(True)
-    advantages = torch.randn(B, generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    logprobs = (-torch.rand(B, T, generator=g, dtype=DTYPE) * 3).requires_grad_(True)
+    advantages = torch.randn(B, generator=g, dtype=DTYPE)
+    mask = (torch.rand(B, T, generator=g, dtype=DTYPE) > 0.3).double()
     mask[:, 0] = 1
     reinforce, _ = policy_loss(logprobs, advantages, mask)
     clipped, m = policy_loss(logprobs, advantages, mask, old_logprobs=logprobs.detach())
@@ -70,6 +82,7 @@ def test_ratio_one_makes_clipped_gradient_equal_reinforce(B, T, seed):
     assert m["clip_fraction"] == 0.0 and m["approx_kl"] == 0.0
 
 
+@pytest.mark.exact
 def test_value_loss_by_hand():
     values, returns = t([1.0, 2.0, 4.0]), t([2.0, 2.0, 1.0])
     loss, m = value_loss(values, returns)
@@ -105,6 +118,7 @@ RATIOS = [0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5]
 EPS_LOW, EPS_HIGH = 0.2, 0.3
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("advantage", [1.5, -2.0])
 def test_clipped_surrogate_values_gradients_and_clip_fractions_where_the_clip_acts(advantage):
     ratios = t([RATIOS])
@@ -130,6 +144,7 @@ def test_clipped_surrogate_values_gradients_and_clip_fractions_where_the_clip_ac
     assert m["ratio_mean"] == pytest.approx(sum(RATIOS) / n, abs=1e-15) and m["ratio_max"] == pytest.approx(1.5)
 
 
+@pytest.mark.exact
 def test_clip_fraction_counts_only_tokens_whose_gradient_was_removed():
     # (ratio, advantage): outside the range with the "wrong" sign (the min keeps r A), A = 0 (nothing to remove),
     # exactly on a bound (clamp passes the gradient there), and one token of each side that is clipped
@@ -137,7 +152,11 @@ def test_clip_fraction_counts_only_tokens_whose_gradient_was_removed():
     logprobs = t([[r for r, _ in cases]]).log().requires_grad_(True)
     advantages = t([[a for _, a in cases]])
     loss, m = policy_loss(
-        logprobs, advantages, old_logprobs=torch.zeros(1, len(cases)), clip_eps_low=EPS_LOW, clip_eps_high=EPS_HIGH
+        logprobs,
+        advantages,
+        old_logprobs=torch.zeros(1, len(cases), dtype=DTYPE),
+        clip_eps_low=EPS_LOW,
+        clip_eps_high=EPS_HIGH,
     )
     assert m["clip_fraction_low"] == 1 / 8 and m["clip_fraction_high"] == 1 / 8 and m["clip_fraction"] == 2 / 8
     (grad,) = torch.autograd.grad(loss, logprobs)
@@ -145,9 +164,10 @@ def test_clip_fraction_counts_only_tokens_whose_gradient_was_removed():
     torch.testing.assert_close(grad[0, 4:], t([0.8 / 8, -1.3 / 8, 0.0, 0.0]), rtol=0, atol=1e-15)
 
 
+@pytest.mark.exact
 def test_clip_default_range_is_symmetric_0_2():
     logprobs = t([[0.75, 1.25, 0.85, 1.15]]).log()
-    old = torch.zeros(1, 4)
+    old = torch.zeros(1, 4, dtype=DTYPE)
     _, m = policy_loss(logprobs, t([[-1.0, 1.0, -1.0, 1.0]]), old_logprobs=old)
     assert m["clip_fraction_low"] == 0.25 and m["clip_fraction_high"] == 0.25
     # eps_high defaults to eps_low
@@ -155,6 +175,7 @@ def test_clip_default_range_is_symmetric_0_2():
     assert m["clip_fraction_low"] == 0.5 and m["clip_fraction_high"] == 0.5
 
 
+@pytest.mark.property
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.tuples(st.floats(0.3, 2.0), st.floats(-3, 3), st.booleans()), min_size=1, max_size=8),
@@ -181,12 +202,13 @@ def test_clipped_surrogate_matches_the_definition(tokens, eps_low, eps_high):
         )
 
 
+@pytest.mark.exact
 def test_clipped_surrogate_with_sequence_advantages_mask_and_constant_aggregation():
     ratios = t([[0.5, 1.0, 1.5], [1.2, 0.6, 2.0]])
     mask = t([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     advantages = t([1.0, -1.0])  # (B,): one per sequence
     logprobs = ratios.log()
-    loss, m = policy_loss(logprobs, advantages, mask, torch.zeros(2, 3), 0.2, 0.3, "constant", max_len=4)
+    loss, m = policy_loss(logprobs, advantages, mask, torch.zeros(2, 3, dtype=DTYPE), 0.2, 0.3, "constant", max_len=4)
     # row 0 (A=1): -min(.5, .8) = -.5, -1 ; row 1 (A=-1): -min(-1.2, -1.2) = 1.2, -min(-.6, -.8) = .8, -min(-2, -1.3) = 2
     assert loss.item() == pytest.approx((-0.5 - 1.0 + 1.2 + 0.8 + 2.0) / (2 * 4), abs=1e-15)
     assert m["clip_fraction_low"] == pytest.approx(1 / 5) and m["clip_fraction_high"] == 0.0
@@ -195,18 +217,20 @@ def test_clipped_surrogate_with_sequence_advantages_mask_and_constant_aggregatio
     assert loss.item() == pytest.approx(-(logprobs * mask * t([[1.0], [-1.0]])).sum().item() / 8, abs=1e-15)
 
 
+@pytest.mark.exact
 def test_policy_loss_metrics_with_one_token_and_with_none():
     logprobs = t([[0.5, 3.0]]).log()
-    _, m = policy_loss(logprobs, t([[-1.0, 1.0]]), t([[1.0, 0.0]]), torch.zeros(1, 2))
+    _, m = policy_loss(logprobs, t([[-1.0, 1.0]]), t([[1.0, 0.0]]), torch.zeros(1, 2, dtype=DTYPE))
     assert m["clip_fraction_low"] == 1.0 and m["ratio_mean"] == 0.5 and m["ratio_max"] == 0.5
-    loss, m = policy_loss(logprobs, t([[-1.0, 1.0]]), torch.zeros(1, 2), torch.zeros(1, 2))
+    loss, m = policy_loss(logprobs, t([[-1.0, 1.0]]), torch.zeros(1, 2, dtype=DTYPE), torch.zeros(1, 2, dtype=DTYPE))
     assert loss.item() == 0.0 and m["clip_fraction"] == 0.0 and m["ratio_mean"] == 0.0 and m["ratio_max"] == 1.0
 
 
+@pytest.mark.property
 def test_policy_loss_leading_dimensions_are_rows():
     torch.manual_seed(0)
-    logprobs, old = -torch.rand(2, 3, 5), -torch.rand(2, 3, 5)
-    advantages, mask = torch.randn(2, 3), (torch.rand(2, 3, 5) > 0.3).double()
+    logprobs, old = -torch.rand(2, 3, 5, dtype=DTYPE), -torch.rand(2, 3, 5, dtype=DTYPE)
+    advantages, mask = torch.randn(2, 3, dtype=DTYPE), (torch.rand(2, 3, 5, dtype=DTYPE) > 0.3).double()
     for old_logprobs in (None, old):
         for aggregation in ("token_mean", "sequence_mean", "constant"):
             loss, m = policy_loss(logprobs, advantages, mask, old_logprobs, aggregation=aggregation)
@@ -221,11 +245,12 @@ def test_policy_loss_leading_dimensions_are_rows():
             assert m == pytest.approx(m_flat, abs=1e-14)
 
 
+@pytest.mark.property
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float64])
 def test_results_do_not_depend_on_the_mask_dtype(mask_dtype):
     torch.manual_seed(1)
     logprobs, old = -torch.rand(3, 7, dtype=torch.float32), -torch.rand(3, 7, dtype=torch.float32)
-    advantages, keep = torch.randn(3, dtype=torch.float32), torch.rand(3, 7) > 0.4
+    advantages, keep = torch.randn(3, dtype=torch.float32), torch.rand(3, 7, dtype=DTYPE) > 0.4
     mask = keep.to(mask_dtype)
     loss, m = policy_loss(logprobs, advantages, mask, old)
     loss32, m32 = policy_loss(logprobs, advantages, keep.float(), old)
@@ -240,25 +265,27 @@ def test_results_do_not_depend_on_the_mask_dtype(mask_dtype):
 
 
 # --- aggregate -----------------------------------------------------------------------------------------------------
+@pytest.mark.property
 def test_aggregate_default_is_token_mean_and_leading_dimensions_are_rows():
     assert aggregate(VALUES, MASK).item() == aggregate(VALUES, MASK, "token_mean").item()
     torch.manual_seed(2)
-    values, mask = torch.randn(2, 3, 4), (torch.rand(2, 3, 4) > 0.5).double()
+    values, mask = torch.randn(2, 3, 4, dtype=DTYPE), (torch.rand(2, 3, 4, dtype=DTYPE) > 0.5).double()
     mask[0, 1] = 0.0  # an empty row
     for mode in ("token_mean", "sequence_mean", "constant"):
         flat = aggregate(values.reshape(6, 4), mask.reshape(6, 4), mode, max_len=5)
         assert aggregate(values, mask, mode, max_len=5).item() == pytest.approx(flat.item(), abs=1e-15)
     # by hand: constant divides by rows * T whatever the leading shape
-    assert aggregate(torch.ones(2, 3, 4), torch.ones(2, 3, 4), "constant").item() == 1.0
+    assert aggregate(torch.ones(2, 3, 4, dtype=DTYPE), torch.ones(2, 3, 4, dtype=DTYPE), "constant").item() == 1.0
 
 
 # --- value_loss ----------------------------------------------------------------------------------------------------
+@pytest.mark.exact
 def test_value_loss_clip_on_both_sides_and_its_fraction():
     # old = 0, eps = 0.5: values 2 (target 3, moved up past the range: clipped prediction .5 is worse -> kept),
     # -2 (target -3, moved down past the range -> kept), 0.3 (inside the range: both terms equal, not counted)
     values = t([2.0, -2.0, 0.3], requires_grad=True)
     returns = t([3.0, -3.0, 1.0])
-    loss, m = value_loss(values, returns, old_values=torch.zeros(3), clip_eps=0.5)
+    loss, m = value_loss(values, returns, old_values=torch.zeros(3, dtype=DTYPE), clip_eps=0.5)
     assert loss.item() == pytest.approx(0.5 * (2.5**2 + 2.5**2 + 0.7**2) / 3, abs=1e-15)
     assert m["value_clip_fraction"] == pytest.approx(2 / 3, abs=1e-15)
     (grad,) = torch.autograd.grad(loss, values)
@@ -267,6 +294,7 @@ def test_value_loss_clip_on_both_sides_and_its_fraction():
         value_loss(values, returns, clip_eps=0.5)
 
 
+@pytest.mark.exact
 def test_value_loss_one_dimensional_mask_and_aggregation():
     values, returns, mask = t([1.0, 2.0, 4.0, 0.0]), t([2.0, 2.0, 1.0, 9.0]), t([1.0, 1.0, 1.0, 0.0])
     loss, m = value_loss(values, returns, mask)
@@ -282,6 +310,7 @@ def test_value_loss_one_dimensional_mask_and_aggregation():
     assert loss.item() == pytest.approx((0.5 * (1 + 0) / 2 + 0.5 * 9) / 2, abs=1e-15)
 
 
+@pytest.mark.exact
 def test_explained_variance_edge_cases():
     # two tokens (sample variances): Var(R) = Var([1, 2]) = .5, Var(R - V) = Var([1, -1]) = 2 -> 1 - 4
     _, m = value_loss(t([0.0, 3.0]), t([1.0, 2.0]))

@@ -7,34 +7,43 @@ import torch
 
 from policygrad.regularizers import dynamic_entropy_weight, entropy, kl
 
-t = torch.tensor
+DTYPE = torch.float64  # the exact values are compared to 1e-15
 
 
+def t(data, dtype=DTYPE, **kwargs) -> torch.Tensor:
+    """``torch.tensor`` in float64 unless told otherwise."""
+    return torch.tensor(data, dtype=dtype, **kwargs)
+
+
+@pytest.mark.exact
 def test_entropy_by_hand():
-    assert entropy(torch.zeros(4)).item() == pytest.approx(math.log(4), abs=1e-15)
+    assert entropy(torch.zeros(4, dtype=DTYPE)).item() == pytest.approx(math.log(4), abs=1e-15)
     p = [0.5, 0.25, 0.25]
     logits = t(p).log() + 3.0  # a shift does not change the softmax
     assert entropy(logits).item() == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-15)
 
 
+@pytest.mark.exact
 def test_entropy_with_impossible_actions_is_finite():
     logits = t([[0.0, float("-inf"), 0.0], [5.0, float("-inf"), float("-inf")]])
     out = entropy(logits)
     torch.testing.assert_close(out, t([math.log(2), 0.0]))
 
 
+@pytest.mark.property
 def test_entropy_float32_shape():
     out = entropy(torch.randn(2, 5, 7, dtype=torch.float32))
     assert out.shape == (2, 5) and out.dtype == torch.float32
 
 
+@pytest.mark.exact
 def test_kl_values_by_hand():
     logprobs, ref = t([math.log(0.5)]), t([math.log(0.25)])  # d = log 2
     d = math.log(2)
     assert kl(logprobs, ref, "k1").item() == pytest.approx(d, abs=1e-15)
     assert kl(logprobs, ref, "k2").item() == pytest.approx(d * d / 2, abs=1e-15)
     assert kl(logprobs, ref, "k3").item() == pytest.approx(0.5 - 1 + d, abs=1e-15)
-    assert (kl(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    assert (kl(torch.randn(100, dtype=DTYPE), torch.randn(100, dtype=DTYPE), "k3") >= 0).all()
     with pytest.raises(ValueError, match="k1"):
         kl(logprobs, ref, "k4")
 
@@ -42,8 +51,8 @@ def test_kl_values_by_hand():
 def _enumerate(estimator: str):
     """Exact E_{x~pi}[k(x)] and E_{x~pi}[grad_theta k(x)] (samples held fixed) on a 5-way softmax."""
     torch.manual_seed(0)
-    theta = torch.randn(5, requires_grad=True)
-    ref_logp = torch.log_softmax(torch.randn(5), -1)
+    theta = torch.randn(5, dtype=DTYPE, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.randn(5, dtype=DTYPE), -1)
     logp = torch.log_softmax(theta, -1)
     pi = logp.exp().detach()
     values = kl(logp, ref_logp, estimator)  # one value per outcome x
@@ -60,6 +69,7 @@ def _true(theta, ref_logp, which):
     return divergence.detach(), grad
 
 
+@pytest.mark.exact
 def test_kl_estimator_values_and_gradients_by_enumeration():
     # values: k1 and k3 are unbiased for KL(pi || ref)
     for name in ("k1", "k3"):
@@ -68,13 +78,14 @@ def test_kl_estimator_values_and_gradients_by_enumeration():
         assert value.item() == pytest.approx(reverse.item(), abs=1e-12)
     # gradients, as the docstring says: k1 -> 0, k2 -> grad KL(pi||ref), k3 -> grad KL(ref||pi)
     theta, _, ref_logp, _, grad_k1 = _enumerate("k1")
-    torch.testing.assert_close(grad_k1, torch.zeros(5), atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_k1, torch.zeros(5, dtype=DTYPE), atol=1e-12, rtol=0)
     theta, _, ref_logp, _, grad_k2 = _enumerate("k2")
     torch.testing.assert_close(grad_k2, _true(theta, ref_logp, "reverse")[1], atol=1e-12, rtol=0)
     theta, _, ref_logp, _, grad_k3 = _enumerate("k3")
     torch.testing.assert_close(grad_k3, _true(theta, ref_logp, "forward")[1], atol=1e-12, rtol=0)
 
 
+@pytest.mark.exact
 def test_dynamic_entropy_weight_by_hand():
     rewards = t([0.0, 1.0, 1.0, 0.0])  # sample variance 1/3
     w = dynamic_entropy_weight(rewards, coef=0.01, min_weight=0.0, max_weight=1.0, eps=1e-2)
@@ -88,15 +99,17 @@ def test_dynamic_entropy_weight_by_hand():
     assert dynamic_entropy_weight(t([0.0, float("nan"), 1.0, 1.0, 0.0]), 0.01).item() == pytest.approx(w.item())
 
 
+@pytest.mark.property
 def test_entropy_over_the_last_dimension_of_any_shape():
     torch.manual_seed(1)
-    logits = torch.randn(2, 3, 4)
+    logits = torch.randn(2, 3, 4, dtype=DTYPE)
     p = torch.softmax(logits, -1)
     torch.testing.assert_close(entropy(logits), -(p * p.log()).sum(-1), rtol=0, atol=1e-14)
     for row in range(2):  # each (3, 4) slice alone gives the same entropies
         torch.testing.assert_close(entropy(logits[row]), entropy(logits)[row], rtol=0, atol=0)
 
 
+@pytest.mark.exact
 def test_kl_estimators_by_hand_on_several_tokens_and_their_gradients():
     # d = log pi - log pi_ref per token; per-token gradients w.r.t. log pi: k1 -> 1, k2 -> d, k3 -> 1 - exp(-d)
     d = [-1.0, -0.25, 0.0, 0.5, 2.0]
@@ -117,6 +130,7 @@ def test_kl_estimators_by_hand_on_several_tokens_and_their_gradients():
     assert torch.equal(kl(ref + t(d), ref), kl(ref + t(d), ref, "k3"))
 
 
+@pytest.mark.exact
 def test_dynamic_entropy_weight_bounds_eps_and_defaults():
     # sample variance of [0, 2] is 2: w = coef / (2 + eps), inside the bounds
     assert dynamic_entropy_weight(t([0.0, 2.0]), coef=0.3, eps=0.5).item() == pytest.approx(0.3 / 2.5, abs=1e-15)

@@ -15,15 +15,19 @@ dimensions are independent batches (vectorised environments, seeds). Letters use
     T  steps along the last dimension        N  samples (= prompts * group_size)
     G  group size (completions per prompt)   ...  any leading batch dimensions
 
-All functions are pure: tensors in, tensors out, float32 or float64, no state.
+All functions are pure: tensors in, tensors out, float32 or float64, no state. The estimators a trainer picks by name
+(:data:`policygrad.variants.ADVANTAGES`, :data:`policygrad.variants.BANDIT_BASELINES`) are small classes at the end
+of the module that call them; the one with state (the moving-average baseline) saves and restores it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from policygrad.variants import REWARD_SCALES
 
 __all__ = [
     "returns_to_go",
@@ -32,7 +36,15 @@ __all__ = [
     "moving_average",
     "leave_one_out",
     "group_advantages",
-    "GROUP_SCALES",
+    "scale_by_group_std",
+    "scale_by_batch_std",
+    "no_scale",
+    "Estimator",
+    "NoBaseline",
+    "GroupNormalized",
+    "GroupMean",
+    "LeaveOneOut",
+    "MovingAverageBaseline",
 ]
 
 
@@ -181,27 +193,22 @@ def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
     return advantages.flatten(-2)
 
 
-def _scale_by_group_std(grouped: Tensor) -> Tensor:
+def scale_by_group_std(grouped: Tensor) -> Tensor:
     """Sample (Bessel-corrected) standard deviation of each group's valid rewards: (..., N/G, G) -> (..., N/G, 1)."""
     return _nanstd(grouped, dim=-1, keepdim=True)
 
 
-def _scale_by_batch_std(grouped: Tensor) -> Tensor:
+def scale_by_batch_std(grouped: Tensor) -> Tensor:
     """Sample standard deviation of all valid rewards of the batch (over the last two dims): -> (..., 1, 1)."""
     return _nanstd(grouped.flatten(-2), dim=-1, keepdim=True).unsqueeze(-1)
 
 
-def _no_scale(grouped: Tensor) -> Tensor:
+def no_scale(grouped: Tensor) -> Tensor:
     """Dr. GRPO: no division at all (the std term re-weights prompts by their difficulty)."""
     return torch.ones_like(grouped[..., :1])
 
 
-GROUP_SCALES: dict[str, Callable[[Tensor], Tensor]] = {
-    "group": _scale_by_group_std,
-    "batch": _scale_by_batch_std,
-    "none": _no_scale,
-}
-"""The divisors of :func:`group_advantages`, by name (``scale=``); eps is added to the std ones."""
+# the registry of these divisors by name is policygrad.variants.REWARD_SCALES; eps is added to the std ones
 
 
 def _nanstd(x: Tensor, dim: int, keepdim: bool) -> Tensor:
@@ -236,17 +243,17 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     Args:
         rewards:    (..., N) with N = prompts * group_size.
         group_size: G >= 1.
-        scale:      "group", "batch" or "none" (see :data:`GROUP_SCALES`).
+        scale:      "group", "batch" or "none" (see :data:`policygrad.variants.REWARD_SCALES`).
         eps:        added to the std divisor; default 1e-4 as in TRL's GRPOTrainer.
     Returns:
         (..., N) advantages, same dtype as ``rewards``.
     """
-    if scale not in GROUP_SCALES:
-        raise ValueError(f"scale must be one of {sorted(GROUP_SCALES)}, got {scale!r}")
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(REWARD_SCALES)}, got {scale!r}")
     grouped = _grouped(rewards, group_size)  # (..., N/G, G)
     valid = ~grouped.isnan()
     centered = grouped - grouped.nanmean(-1, keepdim=True)
-    divisor = GROUP_SCALES[scale](grouped)
+    divisor = REWARD_SCALES[scale](grouped)
     if scale != "none":
         divisor = divisor + eps
     # all-equal groups: the centred value may be a rounding residue (mean of 0.1s), so zero them explicitly
@@ -256,3 +263,91 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     informative = valid & (spread > 0)
     advantages = torch.where(informative, centered / divisor, torch.zeros_like(centered))
     return advantages.flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Estimators chosen by name (policygrad.variants): rewards (..., N) -> advantages (..., N), with state()/restore()
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Estimator:
+    """An advantage estimator: ``estimator(rewards)`` -> advantages of the same shape; stateless unless it says."""
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must hold to continue exactly (plain values and tensors)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state` returned."""
+
+
+class NoBaseline(Estimator):
+    """Plain REINFORCE: the advantage is the reward."""
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        return rewards
+
+
+class GroupNormalized(Estimator):
+    """GRPO: :func:`group_advantages` with the config's group size, divisor and eps."""
+
+    def __init__(self, group_size: int, scale_rewards: str = "group", advantage_eps: float = 1e-4):
+        self.group_size, self.scale, self.eps = group_size, scale_rewards, advantage_eps
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        return group_advantages(rewards, self.group_size, self.scale, self.eps)
+
+
+class GroupMean(Estimator):
+    """The group's mean as the baseline, no division (``group_size`` None: the whole last dimension is one group)."""
+
+    def __init__(self, group_size: int | None = None):
+        self.group_size = group_size
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        return group_advantages(rewards, self.group_size or rewards.shape[-1], scale="none")
+
+
+class LeaveOneOut(Estimator):
+    """RLOO: :func:`leave_one_out` (``group_size`` None: the whole last dimension is one group)."""
+
+    def __init__(self, group_size: int | None = None):
+        self.group_size = group_size
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        return leave_one_out(rewards, self.group_size or rewards.shape[-1])
+
+
+class MovingAverageBaseline(Estimator):
+    """REINFORCE with a moving average of past batches' mean reward as the baseline (:func:`moving_average`):
+
+        A_i = r_i - b_k,        b_{k+1} = decay * b_k + (1 - decay) * mean(r^(k))
+
+    How it starts: the first batch has no past, so ``b_0`` is that batch's own mean (a group-mean baseline for one
+    step, biased by (N-1)/N for that step only) rather than 0, so that a reward offset (rewards around 3, say) does
+    not throw the first step far off; from the second batch on the baseline uses past batches only and the estimate is
+    unbiased (Williams 1992). A NaN reward (a failed reward call) gets advantage 0 and is left out of the mean; a
+    batch with no valid reward leaves the baseline as it was. Shapes: rewards (..., N), one baseline per leading index.
+    """
+
+    def __init__(self, baseline_decay: float = 0.9):
+        self.decay = baseline_decay
+        self.mean: Tensor | None = None  # (...) the baseline b_k; None before the first batch
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        if rewards.isnan().all():
+            return torch.zeros_like(rewards)
+        previous = rewards.nanmean(-1) if self.mean is None else self.mean.to(rewards.dtype)  # (...)
+        advantages = (rewards - previous.unsqueeze(-1)).nan_to_num(0.0)
+        self.mean = moving_average(previous, rewards, self.decay)
+        return advantages
+
+    def state(self) -> dict[str, Any]:
+        return {"mean": None if self.mean is None else self.mean.clone()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        mean = state.get("mean")
+        self.mean = None if mean is None else torch.as_tensor(mean).clone()

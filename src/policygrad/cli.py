@@ -21,7 +21,11 @@ from policygrad.errors import UsageError
 # whose values become the defaults that the other flags override.
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "bandit": ("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main", None),
-    "control": ("policygrad.control.config:ControlConfig", "policygrad.control.train:run", None),
+    "control": (
+        "policygrad.control.config:ControlConfig",
+        "policygrad.control.train:run",
+        "policygrad.control.config:load_config",
+    ),
     "train": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.trainer:run_train", "policygrad.lm.config:load_config"),
     "eval": ("policygrad.lm.config:EvalConfig", "policygrad.lm.evaluate:run_eval", "policygrad.lm.config:load_config"),
     "sample": ("policygrad.lm.sample:SampleConfig", "policygrad.lm.sample:run_sample", None),

@@ -7,37 +7,31 @@ tensor to minimise and a dict of detached Python floats, each metric computed he
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from policygrad.regularizers import kl
+from policygrad.variants import AGGREGATIONS
 
-__all__ = ["aggregate", "AGGREGATIONS", "policy_loss", "value_loss"]
+__all__ = ["aggregate", "constant_length_mean", "policy_loss", "sequence_mean", "token_mean", "value_loss"]
 
 
-def _token_mean(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+def token_mean(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _sequence_mean(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+def sequence_mean(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     per_row = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
     has_tokens = mask.sum(-1) > 0
     return per_row[has_tokens].sum() / has_tokens.sum().clamp(min=1)
 
 
-def _constant(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+def constant_length_mean(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
     rows = values.numel() // values.shape[-1]
     return (values * mask).sum() / (rows * (max_len if max_len is not None else values.shape[-1]))
 
 
-AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
-    "token_mean": _token_mean,
-    "sequence_mean": _sequence_mean,
-    "constant": _constant,
-}
-"""The reductions of :func:`aggregate`, by name."""
+# the registry of these reductions by name is policygrad.variants.AGGREGATIONS
 
 
 def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", max_len: int | None = None) -> Tensor:
@@ -55,13 +49,13 @@ def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", max_len: i
     Args:
         values:  (B, T) (or (..., T): leading dims count as rows).
         mask:    same shape, 1 for tokens that count.
-        mode:    one of :data:`AGGREGATIONS`.
+        mode:    a name of :data:`policygrad.variants.AGGREGATIONS`.
         max_len: for ``constant`` only.
     Returns:
         () scalar.
     """
     if mode not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {mode!r}")
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
     return AGGREGATIONS[mode](values, mask.to(values.dtype), max_len)
 
 

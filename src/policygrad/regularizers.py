@@ -6,13 +6,23 @@ All functions are pure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["entropy", "entropy_of_log_probs", "kl", "KL_ESTIMATORS", "dynamic_entropy_weight"]
+from policygrad.variants import KL_ESTIMATORS
+
+__all__ = [
+    "ConstantEntropyWeight",
+    "DynamicEntropyWeight",
+    "dynamic_entropy_weight",
+    "entropy",
+    "entropy_of_log_probs",
+    "k1",
+    "k2",
+    "k3",
+    "kl",
+]
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -46,20 +56,19 @@ def entropy_of_log_probs(logp: Tensor) -> Tensor:
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
-def _k1(d: Tensor) -> Tensor:
+def k1(d: Tensor) -> Tensor:
     return d
 
 
-def _k2(d: Tensor) -> Tensor:
+def k2(d: Tensor) -> Tensor:
     return 0.5 * d**2
 
 
-def _k3(d: Tensor) -> Tensor:
+def k3(d: Tensor) -> Tensor:
     return torch.expm1(-d) + d
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
-"""Per-sample KL estimators of :func:`kl`, by name, each a function of ``d = logprobs - ref_logprobs``."""
+# the registry of these estimators by name is policygrad.variants.KL_ESTIMATORS
 
 
 def kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
@@ -91,7 +100,7 @@ def kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
         (..., T) per-token estimates.
     """
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
+        raise ValueError(f"estimator must be one of {', '.join(KL_ESTIMATORS)}, got {estimator!r}")
     return KL_ESTIMATORS[estimator](logprobs - ref_logprobs)
 
 
@@ -126,3 +135,24 @@ def dynamic_entropy_weight(
     flat = flat[~flat.isnan()]
     variance = flat.var() if flat.numel() > 1 else flat.new_zeros(())
     return (coef / (variance + eps)).clamp(min_weight, max_weight)
+
+
+class ConstantEntropyWeight:
+    """The entropy bonus's weight, the same for every batch: ``w = entropy_coef``."""
+
+    def __init__(self, entropy_coef: float):
+        self.entropy_coef = entropy_coef
+
+    def __call__(self, rewards: Tensor) -> float:
+        return self.entropy_coef
+
+
+class DynamicEntropyWeight:
+    """The entropy bonus's weight from :func:`dynamic_entropy_weight`, with a config's bounds."""
+
+    def __init__(self, entropy_coef: float, entropy_min_weight: float, entropy_max_weight: float, entropy_eps: float):
+        self.coef, self.low, self.high, self.eps = entropy_coef, entropy_min_weight, entropy_max_weight, entropy_eps
+
+    def __call__(self, rewards: Tensor) -> float:
+        """``rewards`` (N,) -> w, a float."""
+        return float(dynamic_entropy_weight(rewards, self.coef, self.low, self.high, self.eps))

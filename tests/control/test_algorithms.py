@@ -30,22 +30,24 @@ from policygrad.control.config import ControlConfig  # noqa: E402
 from policygrad.control.policies import Policy, ValueNet  # noqa: E402
 
 CHAIN_ID = "PolicygradTestChain-v0"  # tests/control/conftest.py: terminates after 2 steps, truncated after 3, reward 1
+DTYPE = torch.float64  # the exact tests: their batch, networks and references, compared to 1e-10
 
 # ---------------------------------------------------------------------------------------------------------------- #
 # a fixed batch: 6 states of 2 features, 3 actions
 
-OBS = torch.tensor([[0.5, -1.0], [1.0, 0.3], [-0.7, 0.8], [0.2, 0.2], [-1.2, -0.4], [0.9, -0.6]])  # (B, O)
+# (B, O)
+OBS = torch.tensor([[0.5, -1.0], [1.0, 0.3], [-0.7, 0.8], [0.2, 0.2], [-1.2, -0.4], [0.9, -0.6]], dtype=DTYPE)
 ACTIONS = torch.tensor([0, 2, 1, 1, 0, 2])  # (B,)
 # mean -1/6: the signs survive standardisation (+ - - + + -), which the clip cases below rely on
-ADVANTAGES = torch.tensor([2.0, -1.0, -3.0, 0.5, 1.0, -0.5])  # (B,)
-RETURNS = torch.tensor([1.5, -0.2, 0.7, 2.0, -1.1, 0.4])  # (B,)
-W0 = torch.tensor([[0.3, -0.2], [-0.1, 0.4], [0.25, 0.1]])  # (A, O)
-B0 = torch.tensor([0.1, -0.05, 0.0])  # (A,)
-V_W0, V_B0 = torch.tensor([0.4, -0.3]), torch.tensor(0.2)  # value net: V(x) = v . x + c
+ADVANTAGES = torch.tensor([2.0, -1.0, -3.0, 0.5, 1.0, -0.5], dtype=DTYPE)  # (B,)
+RETURNS = torch.tensor([1.5, -0.2, 0.7, 2.0, -1.1, 0.4], dtype=DTYPE)  # (B,)
+W0 = torch.tensor([[0.3, -0.2], [-0.1, 0.4], [0.25, 0.1]], dtype=DTYPE)  # (A, O)
+B0 = torch.tensor([0.1, -0.05, 0.0], dtype=DTYPE)  # (A,)
+V_W0, V_B0 = torch.tensor([0.4, -0.3], dtype=DTYPE), torch.tensor(0.2, dtype=DTYPE)  # value net: V(x) = v . x + c
 
 
 def _policy(weight=W0, bias=B0, family="categorical", log_std=None) -> Policy:
-    policy = Policy(obs_size=weight.shape[1], action_size=weight.shape[0], hidden=(), family=family)
+    policy = Policy(obs_size=weight.shape[1], action_size=weight.shape[0], hidden=(), family=family).to(DTYPE)
     with torch.no_grad():
         policy.body[0].weight.copy_(weight)
         policy.body[0].bias.copy_(bias)
@@ -55,7 +57,7 @@ def _policy(weight=W0, bias=B0, family="categorical", log_std=None) -> Policy:
 
 
 def _learner(policy: Policy, lr: float = 1.0, value_lr: float = 0.1) -> Learner:
-    value_net = ValueNet(obs_size=OBS.shape[1], hidden=())
+    value_net = ValueNet(obs_size=OBS.shape[1], hidden=()).to(DTYPE)
     with torch.no_grad():
         value_net.body[0].weight.copy_(V_W0.unsqueeze(0))
         value_net.body[0].bias.copy_(V_B0.unsqueeze(0))
@@ -68,7 +70,7 @@ def _learner(policy: Policy, lr: float = 1.0, value_lr: float = 0.1) -> Learner:
 
 
 def _cfg(algo: str, **overrides) -> ControlConfig:
-    settings = dict(epochs=1, minibatches=1, max_grad_norm=0.0, ent_coef=0.0, normalize_advantages=True)
+    settings = dict(epochs=1, minibatches=1, max_grad_norm=0.0, entropy_coef=0.0, normalize_advantages=True)
     return ControlConfig(algo=algo, **{**settings, **overrides})
 
 
@@ -128,6 +130,7 @@ def _batch(old_logprobs: torch.Tensor) -> Batch:
 # REINFORCE and A2C: one step on -mean(A * log pi) - c_H * H, then the value fit
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("algo", ["reinforce", "a2c"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_vanilla_step_is_the_score_function_gradient_with_entropy(algo, normalize):
@@ -135,8 +138,8 @@ def test_vanilla_step_is_the_score_function_gradient_with_entropy(algo, normaliz
     policy = _policy()
     learner = _learner(policy)
     # the one-step methods are on-policy: old_logprobs are not used, so give them nonsense
-    batch = _batch(old_logprobs=torch.full((6,), 5.0))
-    cfg = _cfg(algo, ent_coef=ent_coef, normalize_advantages=normalize)
+    batch = _batch(old_logprobs=torch.full((6,), 5.0, dtype=DTYPE))
+    cfg = _cfg(algo, entropy_coef=ent_coef, normalize_advantages=normalize)
     metrics = UPDATES[algo](learner, batch, cfg, torch.Generator().manual_seed(0))
 
     advantages = _standardised(ADVANTAGES) if normalize else ADVANTAGES
@@ -149,14 +152,15 @@ def test_vanilla_step_is_the_score_function_gradient_with_entropy(algo, normaliz
     _assert_close(metrics["policy_loss"], -(advantages * logp).mean())
     _assert_close(metrics["entropy"], entropy.mean())
     _assert_close(metrics["grad_norm"], torch.sqrt((grad_w**2).sum() + (grad_b**2).sum()))
-    assert metrics["skipped_steps"] == 0
+    assert metrics["skipped_updates"] == 0
 
 
+@pytest.mark.exact
 def test_vanilla_step_clips_the_global_gradient_norm():
     policy = _policy()
     learner = _learner(policy)
     cfg = _cfg("reinforce", max_grad_norm=0.01)
-    metrics = UPDATES["reinforce"](learner, _batch(torch.zeros(6)), cfg, torch.Generator())
+    metrics = UPDATES["reinforce"](learner, _batch(torch.zeros(6, dtype=DTYPE)), cfg, torch.Generator())
     _, _, score, _, _ = _categorical(W0, B0, OBS, ACTIONS)
     grad_w, grad_b = _chain(-(_standardised(ADVANTAGES)[:, None] * score) / 6, OBS)
     norm = torch.sqrt((grad_w**2).sum() + (grad_b**2).sum())
@@ -167,13 +171,14 @@ def test_vanilla_step_clips_the_global_gradient_norm():
     _assert_close(metrics["grad_norm"], norm)  # reported before clipping
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("epochs, minibatches", [(1, 1), (3, 1), (2, 2)])
 def test_value_fit_is_sgd_on_half_the_squared_error(epochs, minibatches):
     learner = _learner(_policy(), value_lr=0.1)
     generator = torch.Generator().manual_seed(7)
     twin = torch.Generator().manual_seed(7)  # the same draws, so the test knows each minibatch's rows
     cfg = _cfg("a2c", epochs=epochs, minibatches=minibatches)
-    metrics = algorithms.fit_value(learner, _batch(torch.zeros(6)), cfg, generator)
+    metrics = algorithms.fit_value(learner, _batch(torch.zeros(6, dtype=DTYPE)), cfg, generator)
     v_w, v_b = V_W0.clone(), V_B0.clone()
     for _ in range(epochs):
         for rows in torch.randperm(6, generator=twin).tensor_split(minibatches):
@@ -182,7 +187,7 @@ def test_value_fit_is_sgd_on_half_the_squared_error(epochs, minibatches):
     _assert_close(learner.value_net.body[0].bias.detach()[0], v_b)
     _assert_close(metrics["value_loss"], loss)  # of the last minibatch, before its step
     _assert_close(metrics["explained_variance"], ev)
-    assert metrics["skipped_steps"] == 0
+    assert metrics["skipped_updates"] == 0
 
 
 class CountingSGD(torch.optim.SGD):
@@ -195,6 +200,7 @@ class CountingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("algo, policy_steps", [("ppo", 2 * 4), ("a2c", 1), ("reinforce", 1), ("npg", 0)])
 def test_each_epoch_takes_exactly_minibatches_steps(algo, policy_steps):
     """--minibatches is the number of minibatches per epoch, even when it does not divide the batch: 6 rows in 4
@@ -213,24 +219,26 @@ def test_each_epoch_takes_exactly_minibatches_steps(algo, policy_steps):
 # PPO: -mean min(r A, clip(r, 1 - eps, 1 + eps) A) - c_H H
 
 
-RATIOS = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.1, 0.9])  # pi / pi_old per row, with standardised A of signs + - - + + -
+# pi / pi_old per row, with standardised A of signs + - - + + -
+RATIOS = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.1, 0.9], dtype=DTYPE)
 # row 0: r > 1 + eps, A > 0: clipped above, no gradient      row 2: r > 1 + eps, A < 0: min picks r A, gradient flows
 # row 1: r < 1 - eps, A < 0: clipped below, no gradient      row 3: r < 1 - eps, A > 0: min picks r A, gradient flows
 # rows 4, 5: inside the clip range, gradient flows
-GRADIENT_FLOWS = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+GRADIENT_FLOWS = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=DTYPE)
 
 
+@pytest.mark.exact
 def test_ppo_one_minibatch_step_clips_on_both_sides():
     clip_eps, ent_coef = 0.2, 0.03
     _, logp, score, entropy, dentropy = _categorical(W0, B0, OBS, ACTIONS)
     old_logprobs = logp - torch.log(RATIOS)  # pi / pi_old = RATIOS at the current weights
     policy = _policy()
     learner = _learner(policy, value_lr=0.1)
-    cfg = _cfg("ppo", clip_eps=clip_eps, ent_coef=ent_coef)
+    cfg = _cfg("ppo", clip_eps=clip_eps, entropy_coef=ent_coef)
     metrics = UPDATES["ppo"](learner, _batch(old_logprobs), cfg, torch.Generator().manual_seed(0))
 
     a = _standardised(ADVANTAGES)
-    assert torch.equal(torch.sign(a), torch.tensor([1.0, -1, -1, 1, 1, -1]))
+    assert torch.equal(torch.sign(a), torch.tensor([1.0, -1, -1, 1, 1, -1], dtype=DTYPE))
     # the surrogate per row: min(r A, clip(r) A); where min takes r A its gradient is r A d log pi
     surrogate = torch.minimum(RATIOS * a, RATIOS.clamp(1 - clip_eps, 1 + clip_eps) * a)
     assert torch.equal(surrogate == RATIOS * a, torch.tensor([False, False, True, True, True, True]))
@@ -258,6 +266,7 @@ def _ppo_categorical_gradient(weight, bias, obs, actions, old_logprobs, advantag
     return _chain(-(flows * ratio * advantages)[:, None] * score / len(actions), obs)
 
 
+@pytest.mark.exact
 def test_ppo_epochs_and_minibatches_step_on_each_minibatch_in_turn():
     """2 epochs x 2 minibatches: four SGD steps, each on 3 rows with their own standardised advantages and the
     ratio at the weights the previous step left; then 2 x 2 value steps. The rows come from torch.randperm on the
@@ -288,12 +297,15 @@ def test_ppo_epochs_and_minibatches_step_on_each_minibatch_in_turn():
     _assert_close(learner.value_net.body[0].bias.detach()[0], v_b)
 
 
+@pytest.mark.exact
 def test_ppo_step_on_a_gaussian_policy():
     """The same clipped surrogate on a diagonal Gaussian (mean W x + b, learned log-std), the Pendulum path."""
     clip_eps, ent_coef = 0.2, 0.1
-    weight, bias = torch.tensor([[0.3, -0.2], [0.1, 0.5]]), torch.tensor([0.1, -0.3])  # (D, O), (D,)
-    log_std = torch.tensor([-0.2, 0.3])  # (D,)
-    actions = torch.tensor([[0.4, -0.3], [1.2, 0.8], [-0.5, 0.1], [0.0, -1.0], [0.7, 0.2], [-0.2, 0.9]])  # (B, D)
+    weight = torch.tensor([[0.3, -0.2], [0.1, 0.5]], dtype=DTYPE)  # (D, O)
+    bias = torch.tensor([0.1, -0.3], dtype=DTYPE)  # (D,)
+    log_std = torch.tensor([-0.2, 0.3], dtype=DTYPE)  # (D,)
+    # (B, D)
+    actions = torch.tensor([[0.4, -0.3], [1.2, 0.8], [-0.5, 0.1], [0.0, -1.0], [0.7, 0.2], [-0.2, 0.9]], dtype=DTYPE)
     mean, sigma = OBS @ weight.T + bias, log_std.exp()  # (B, D), (D,)
     z = (actions - mean) / sigma
     logp = (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
@@ -302,14 +314,14 @@ def test_ppo_step_on_a_gaussian_policy():
     metrics = UPDATES["ppo"](
         _learner(policy),
         Batch(OBS, actions, old_logprobs, ADVANTAGES, RETURNS),
-        _cfg("ppo", clip_eps=clip_eps, ent_coef=ent_coef),
+        _cfg("ppo", clip_eps=clip_eps, entropy_coef=ent_coef),
         torch.Generator(),
     )
 
     coef = (GRADIENT_FLOWS * RATIOS * _standardised(ADVANTAGES))[:, None] / 6  # (B, 1)
     grad_w, grad_b = _chain(-coef * (z / sigma), OBS)  # d log pi / d mean = (a - mu) / sigma^2
     # d log pi / d log sigma = z^2 - 1; the mean entropy sum_d (log sigma_d + 1/2 log 2 pi e) has gradient 1
-    grad_log_std = -(coef * (z**2 - 1)).sum(0) - ent_coef * torch.ones(2)
+    grad_log_std = -(coef * (z**2 - 1)).sum(0) - ent_coef * torch.ones(2, dtype=DTYPE)
     _assert_close(policy.body[0].weight.detach(), weight - grad_w)
     _assert_close(policy.body[0].bias.detach(), bias - grad_b)
     _assert_close(policy.log_std.detach(), log_std - grad_log_std)
@@ -327,9 +339,9 @@ def _fisher(weight, bias, obs) -> torch.Tensor:
     num_actions, obs_size = weight.shape
     size = num_actions * obs_size + num_actions
     p = _softmax(obs @ weight.T + bias)
-    fisher = torch.zeros(size, size)
+    fisher = torch.zeros(size, size, dtype=DTYPE)
     for s in range(len(obs)):
-        jac = torch.zeros(num_actions, size)  # logit a depends on W[a, :] and b[a]
+        jac = torch.zeros(num_actions, size, dtype=DTYPE)  # logit a depends on W[a, :] and b[a]
         for a in range(num_actions):
             jac[a, a * obs_size : (a + 1) * obs_size] = obs[s]
             jac[a, num_actions * obs_size + a] = 1.0
@@ -355,7 +367,7 @@ def _mean_kl(theta0, theta) -> float:
 
 
 THETA0 = torch.cat([W0.reshape(-1), B0])  # (P,) = 9 parameters
-NPG_RATIOS = torch.tensor([1.1, 0.95, 1.0, 1.2, 0.85, 1.05])  # a batch sampled by a slightly older policy
+NPG_RATIOS = torch.tensor([1.1, 0.95, 1.0, 1.2, 0.85, 1.05], dtype=DTYPE)  # a batch sampled by a slightly older policy
 NPG_OLD_LOGPROBS = _categorical(W0, B0, OBS, ACTIONS)[1] - torch.log(NPG_RATIOS)
 
 
@@ -366,7 +378,7 @@ def _npg_reference(advantages, max_kl, damping, ent_coef):
     _, _, score, _, dentropy = _categorical(W0, B0, OBS, ACTIONS)
     grad_w, grad_b = _chain((NPG_RATIOS * advantages)[:, None] * score / 6 + ent_coef * dentropy / 6, OBS)  # ascent
     g = torch.cat([grad_w.reshape(-1), grad_b])  # (P,)
-    fisher = _fisher(W0, B0, OBS) + damping * torch.eye(9)
+    fisher = _fisher(W0, B0, OBS) + damping * torch.eye(9, dtype=DTYPE)
     x = torch.linalg.solve(fisher, g) if damping > 0 else torch.linalg.pinv(fisher, hermitian=True, rtol=1e-12) @ g
     return torch.sqrt(2 * max_kl / (x @ fisher @ x)) * x, g, fisher
 
@@ -385,6 +397,7 @@ def _npg(advantages, normalize, **settings):
 NPG_CASES = {"standardised": (ADVANTAGES, True, 0.02, 1e-4), "large": (300 * ADVANTAGES, False, 6.0, 1e-9)}
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("damping", [0.1, 0.0])
 @pytest.mark.parametrize("case", list(NPG_CASES))
 def test_npg_takes_the_natural_gradient_step_on_the_kl_radius(case, damping):
@@ -392,7 +405,7 @@ def test_npg_takes_the_natural_gradient_step_on_the_kl_radius(case, damping):
     max_kl = 0.01
     advantages = _standardised(raw) if normalize else raw
     step, _, fisher = _npg_reference(advantages, max_kl, damping, ent_coef)
-    theta, metrics = _npg(raw, normalize, max_kl=max_kl, damping=damping, ent_coef=ent_coef)
+    theta, metrics = _npg(raw, normalize, max_kl=max_kl, damping=damping, entropy_coef=ent_coef)
     assert metrics["step_fraction"] == 1.0  # a small radius: the quadratic model holds and the full step passes
     _assert_close(theta - THETA0, step, tol=tol)
     _assert_close(0.5 * step @ fisher @ step, max_kl)  # the (damped) quadratic model of the KL sits on the radius
@@ -427,10 +440,11 @@ def _line_search(step, g, gain, kl, max_kl):
 LOSS, LITTLE = {"no gain", "little gain"}, {"little gain"}
 LINE_SEARCH_CASES = {
     "too little gain": (300 * ADVANTAGES, 100.0, [LITTLE], 0.5),
-    "a loss": (300 * torch.tensor([-2.0, 1.0, 3.0, -0.5, 1.0, -1.5]), 50.0, [LOSS, LOSS, LITTLE], 0.125),
+    "a loss": (300 * torch.tensor([-2.0, 1.0, 3.0, -0.5, 1.0, -1.5], dtype=DTYPE), 50.0, [LOSS, LOSS, LITTLE], 0.125),
 }
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("case", list(LINE_SEARCH_CASES))
 def test_npg_line_search_backtracks_to_the_first_step_that_passes(case):
     advantages, max_kl, why, fraction = LINE_SEARCH_CASES[case]
@@ -444,24 +458,25 @@ def test_npg_line_search_backtracks_to_the_first_step_that_passes(case):
         max_kl,
     )
     assert (expected, rejected) == (fraction, why)  # the case does what its name says
-    theta, metrics = _npg(advantages, False, max_kl=max_kl, damping=0.1, ent_coef=0.0)
+    theta, metrics = _npg(advantages, False, max_kl=max_kl, damping=0.1, entropy_coef=0.0)
     assert metrics["step_fraction"] == expected
     _assert_close(theta - THETA0, expected * step, tol=1e-9)
     _assert_close(metrics["kl"], _mean_kl(THETA0, theta))
 
 
+@pytest.mark.exact
 def test_npg_gaussian_step_backtracks_past_a_kl_over_one_and_a_half_times_the_radius():
     """A diagonal Gaussian (D = 1) whose advantages favour actions near the mean: the step shrinks sigma, and the
     true KL, with its 1 / sigma_new^2, outgrows the quadratic model; the full step has KL > 1.5 max_kl and is halved.
     Parameters in the policy's order: [log sigma, w (O), b]; F = mean_s diag(2, [x; 1][x; 1]^T / sigma^2)."""
     max_kl, damping = 0.5, 0.1
-    weight, bias = torch.tensor([[0.3, -0.2]]), torch.tensor([0.1])
+    weight, bias = torch.tensor([[0.3, -0.2]], dtype=DTYPE), torch.tensor([0.1], dtype=DTYPE)
     mean0 = OBS @ weight[0] + bias  # (B,), sigma = 1
-    z0 = torch.tensor([0.1, -2.0, 0.2, 2.5, -0.1, 1.8])  # actions, in sigmas from the mean
+    z0 = torch.tensor([0.1, -2.0, 0.2, 2.5, -0.1, 1.8], dtype=DTYPE)  # actions, in sigmas from the mean
     actions = (mean0 + z0)[:, None]  # (B, 1)
-    advantages = 300 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
-    xt = torch.cat([OBS, torch.ones(6, 1)], 1)  # (B, O + 1)
-    theta0 = torch.cat([torch.zeros(1), weight[0], bias])  # (P,) = [log sigma, w, b]
+    advantages = 300 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=DTYPE)
+    xt = torch.cat([OBS, torch.ones(6, 1, dtype=DTYPE)], 1)  # (B, O + 1)
+    theta0 = torch.cat([torch.zeros(1, dtype=DTYPE), weight[0], bias])  # (P,) = [log sigma, w, b]
 
     def logp(theta):
         z = (actions[:, 0] - xt @ theta[1:]) / theta[0].exp()
@@ -474,9 +489,9 @@ def test_npg_gaussian_step_backtracks_past_a_kl_over_one_and_a_half_times_the_ra
     old_logprobs = logp(theta0)  # on-policy: ratio 1
     surrogate = lambda theta: float((torch.exp(logp(theta) - old_logprobs) * advantages).mean())  # noqa: E731
     g = torch.cat([(advantages * (z0**2 - 1)).mean().reshape(1), ((advantages * z0)[:, None] * xt).mean(0)])
-    fisher = torch.zeros(4, 4)
+    fisher = torch.zeros(4, 4, dtype=DTYPE)
     fisher[0, 0], fisher[1:, 1:] = 2.0, xt.T @ xt / 6
-    fisher += damping * torch.eye(4)
+    fisher += damping * torch.eye(4, dtype=DTYPE)
     x = torch.linalg.solve(fisher, g)
     step = torch.sqrt(2 * max_kl / (x @ fisher @ x)) * x
     expected, rejected = _line_search(
@@ -484,7 +499,7 @@ def test_npg_gaussian_step_backtracks_past_a_kl_over_one_and_a_half_times_the_ra
     )
     assert (expected, rejected) == (0.5, [{"kl"}]) and step[0] < 0  # rejected for its KL alone; sigma shrinks
 
-    policy = _policy(weight, bias, family="gaussian", log_std=torch.zeros(1))
+    policy = _policy(weight, bias, family="gaussian", log_std=torch.zeros(1, dtype=DTYPE))
     metrics = UPDATES["npg"](
         _learner(policy),
         Batch(OBS, actions, old_logprobs, advantages, RETURNS),
@@ -506,8 +521,8 @@ def test_npg_gaussian_step_backtracks_past_a_kl_over_one_and_a_half_times_the_ra
 class ZeroValueNet(ValueNet):
     """A value net that starts at V = 0 everywhere: REINFORCE without a baseline on the first batch."""
 
-    def __init__(self, obs_size, hidden):
-        super().__init__(obs_size, hidden)
+    def __init__(self, obs_size, hidden, **kwargs):
+        super().__init__(obs_size, hidden, **kwargs)
         with torch.no_grad():
             self.body[-1].weight.zero_()
             self.body[-1].bias.zero_()
@@ -538,12 +553,7 @@ def _first_batch(monkeypatch, algo: str, value_net_class=ValueNet, gamma: float 
         eval_episodes=0,
         progress=False,
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # the trainer's networks are float32
-    try:
-        train_module.train(cfg)
-    finally:
-        torch.set_default_dtype(previous)
+    train_module.train(cfg)  # in float32, as the CLI runs
     return seen["batch"], seen["V"]
 
 
@@ -565,25 +575,29 @@ def _per_step(batch_values: torch.Tensor) -> torch.Tensor:
     return per_env[:, 0].double()
 
 
+@pytest.mark.smoke
 def test_reinforce_advantages_are_discounted_returns_to_go_minus_the_baseline(monkeypatch):
     g = 0.9
     batch, V = _first_batch(monkeypatch, "reinforce", gamma=g)
     assert _per_step(batch.obs[:, 0]).tolist() == STATES
-    returns = torch.tensor(_reinforce_returns(g, V))
-    baseline = torch.tensor([V[s] for s in STATES])
+    returns = torch.tensor(_reinforce_returns(g, V), dtype=DTYPE)
+    baseline = torch.tensor([V[s] for s in STATES], dtype=DTYPE)
     _assert_close(_per_step(batch.returns), returns, tol=1e-5)
     _assert_close(_per_step(batch.advantages), returns - baseline, tol=1e-5)
 
 
+@pytest.mark.smoke
 def test_reinforce_without_a_baseline_gets_the_plain_returns_to_go(monkeypatch):
     g = 0.9
     batch, V = _first_batch(monkeypatch, "reinforce", ZeroValueNet, gamma=g)
     assert set(V.values()) == {0.0}
-    plain = torch.tensor([1 + g, 1, 1 + g + g**2, 1 + g, 1, 1 + g, 1, 1])  # cut where each episode (or batch) ends
+    # cut where each episode (or batch) ends
+    plain = torch.tensor([1 + g, 1, 1 + g + g**2, 1 + g, 1, 1 + g, 1, 1], dtype=DTYPE)
     _assert_close(_per_step(batch.advantages), plain, tol=1e-6)
     _assert_close(_per_step(batch.returns), plain, tol=1e-6)
 
 
+@pytest.mark.smoke
 def test_a2c_advantages_are_gae_of_the_td_errors(monkeypatch):
     g, lam = 0.9, ControlConfig(algo="a2c").gae_lambda
     assert lam == 0.95
@@ -604,8 +618,12 @@ def test_a2c_advantages_are_gae_of_the_td_errors(monkeypatch):
     advantages = [
         sum((g * lam) ** k * delta[s] for k, s in enumerate(ep[i:])) for ep in episodes for i in range(len(ep))
     ]
-    _assert_close(_per_step(batch.advantages), torch.tensor(advantages), tol=1e-5)
-    _assert_close(_per_step(batch.returns), torch.tensor(advantages) + torch.tensor([V[s] for s in STATES]), tol=1e-5)
+    _assert_close(_per_step(batch.advantages), torch.tensor(advantages, dtype=DTYPE), tol=1e-5)
+    _assert_close(
+        _per_step(batch.returns),
+        torch.tensor(advantages, dtype=DTYPE) + torch.tensor([V[s] for s in STATES], dtype=DTYPE),
+        tol=1e-5,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------- #
@@ -619,15 +637,11 @@ untrained policy's first batch. Broken on purpose (seeds 0-2): with the advantag
 near 9; with the policy's step removed (a zero learning rate, or a zero NPG step) between 17 and 31."""
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("algo", ["reinforce", "a2c", "ppo", "npg"])
 def test_each_algorithm_learns_cartpole(algo):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # as the CLI runs
-    try:
-        cfg = ControlConfig(algo=algo, total_steps=LEARNING_STEPS, seed=0, eval_episodes=0, progress=False)
-        result = train_module.train(cfg)
-    finally:
-        torch.set_default_dtype(previous)
+    cfg = ControlConfig(algo=algo, total_steps=LEARNING_STEPS, seed=0, eval_episodes=0, progress=False)
+    result = train_module.train(cfg)
     untrained = result.records[0]["episode_returns"]  # the first batch is sampled before any update
     assert sum(untrained) / len(untrained) < 25  # near the random policy's 22
     assert result.records[-1]["return_recent"] > LEARNED_RETURN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from policygrad.control.policies import Categorical, Gaussian, Policy, ValueNet
@@ -9,6 +10,7 @@ from policygrad.control.policies import Categorical, Gaussian, Policy, ValueNet
 B, O, A, D = 5, 3, 4, 2  # noqa: E741 (batch, observation, action, dimension)
 
 
+@pytest.mark.exact
 def test_categorical_matches_torch_distributions():
     torch.manual_seed(0)
     logits, old = torch.randn(B, A), torch.randn(B, A)
@@ -22,6 +24,7 @@ def test_categorical_matches_torch_distributions():
     assert Categorical.sample(logits).shape == (B,) and torch.equal(Categorical.mode(logits), logits.argmax(-1))
 
 
+@pytest.mark.exact
 def test_gaussian_matches_torch_distributions():
     torch.manual_seed(1)
     params, old = torch.randn(B, 2 * D), torch.randn(B, 2 * D)
@@ -36,6 +39,7 @@ def test_gaussian_matches_torch_distributions():
     assert Gaussian.sample(params).shape == (B, D) and torch.equal(Gaussian.mode(params), params[:, :D])
 
 
+@pytest.mark.property
 def test_gaussian_samples_have_the_policy_spread():
     params = torch.tensor([[1.0, -2.0, 0.5, -1.0]]).expand(200_000, 4)  # mean (1, -2), std (e^0.5, e^-1)
     samples = Gaussian.sample(params, torch.Generator().manual_seed(0))
@@ -43,6 +47,7 @@ def test_gaussian_samples_have_the_policy_spread():
     assert torch.allclose(samples.std(0), torch.tensor([0.5, -1.0]).exp(), atol=0.02)
 
 
+@pytest.mark.property
 def test_networks_shapes_and_learnable_log_std():
     obs = torch.randn(B, O)
     assert Policy(O, A, (8, 8), "categorical")(obs).shape == (B, A)

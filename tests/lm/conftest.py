@@ -20,16 +20,6 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    """The repository's top-level conftest makes float64 the default for exact-value tests; models here are
-    float32, as they are in real use."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def make_tokenizer(chat: bool):
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
@@ -68,22 +58,17 @@ def make_model(kind: str, tokenizer, seed: int = 0):
     )
     torch.manual_seed(seed)
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).float()
-    return Qwen2ForCausalLM(Qwen2Config(**common)).float()
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
 def save_tiny(folder: Path, kind: str, chat: bool) -> Path:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        tokenizer = make_tokenizer(chat)
-        model = make_model(kind, tokenizer)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    finally:
-        torch.set_default_dtype(previous)
+    tokenizer = make_tokenizer(chat)
+    model = make_model(kind, tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -124,3 +109,11 @@ def tiny_prompts(tmp_path) -> Path:
 def char_tokenizer():
     """The character-level tokenizer without a chat template (one token per character)."""
     return make_tokenizer(chat=False)
+
+
+@pytest.fixture
+def eager_eos_model(tiny_llama_chat):
+    """The tiny Llama with +2 on the EOS logit, so sampled completions end early and at different lengths."""
+    from lm_helpers import eos_boosted
+
+    return eos_boosted(tiny_llama_chat, 2.0)

@@ -11,10 +11,12 @@ from policygrad.errors import UsageError
 from policygrad.lm import data, tasks
 
 
+@pytest.mark.exact
 def test_docstring_examples_run():
     assert doctest.testmod(data).failed == 0
 
 
+@pytest.mark.property
 def test_corpus_is_prose_and_deterministic():
     passages = data.corpus_passages()
     assert len(passages) >= 300
@@ -22,6 +24,7 @@ def test_corpus_is_prose_and_deterministic():
     assert all(len(p) >= data.MIN_PASSAGE_CHARS and "\n" not in p for p in passages)
 
 
+@pytest.mark.property
 def test_pydoc_prompts_split_and_cut_to_tokens(char_tokenizer):
     tokenizer = char_tokenizer  # one token per character
     prompts = data.load_prompts("pydoc", tokenizer, heldout=100, max_passage_tokens=40, target_length=32)
@@ -37,18 +40,21 @@ def test_pydoc_prompts_split_and_cut_to_tokens(char_tokenizer):
     assert [r["prompt"] for r in again.heldout] == [r["prompt"] for r in prompts.heldout]
 
 
+@pytest.mark.exact
 def test_truncate_keeps_short_text_and_cuts_at_a_word(char_tokenizer):
     tokenizer = char_tokenizer
     assert data.truncate_to_tokens("short text", tokenizer, 50) == "short text"
     assert data.truncate_to_tokens("alpha beta gamma", tokenizer, 13) == "alpha beta"
 
 
+@pytest.mark.exact
 def test_jsonl_records_keep_their_fields(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "answer": 2}\n')
     assert data.read_jsonl(path) == [{"prompt": "a", "answer": 1}, {"prompt": "b", "answer": 2}]
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize(
     "lines, line_number, fragment",
     [
@@ -67,6 +73,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, lines, line_number, fragm
     assert message.startswith(f"{path}:{line_number}: ") and fragment in message and "\n" not in message
 
 
+@pytest.mark.exact
 def test_missing_or_empty_files(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         data.read_jsonl(tmp_path / "absent.jsonl")
@@ -75,6 +82,7 @@ def test_missing_or_empty_files(tmp_path):
         data.read_jsonl(tmp_path / "empty.jsonl")
 
 
+@pytest.mark.exact
 def test_unknown_source_and_missing_datasets_package(monkeypatch):
     with pytest.raises(UsageError, match="expected 'pydoc'"):
         data.load_prompts("prompts.txt", None)
@@ -84,6 +92,7 @@ def test_unknown_source_and_missing_datasets_package(monkeypatch):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.property
 def test_split_is_fixed_whatever_the_input_order_seed():
     records = [{"prompt": str(i)} for i in range(300)]
     first, second = data.split_records(records, 100), data.split_records(records, 100)

@@ -47,6 +47,7 @@ def _rollout(model, tokenizer, seed=0):
     return rollout
 
 
+@pytest.mark.exact
 def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradients(eos_prone):
     model, tokenizer = eos_prone
     rollout = _rollout(model, tokenizer)
@@ -71,6 +72,7 @@ def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradient
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.property
 def test_micro_batch_that_splits_a_group_uses_the_right_prompts(eos_prone):
     model, tokenizer = eos_prone
     rollout = _rollout(model, tokenizer)
@@ -85,6 +87,7 @@ def test_micro_batch_that_splits_a_group_uses_the_right_prompts(eos_prone):
     assert torch.allclose(torch.cat(pieces) * mask, whole * mask, atol=1e-5)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_greedy_decoding_equals_transformers_generate(tiny_qwen_base, group_size):
     model, tokenizer = load_model(str(tiny_qwen_base))
@@ -113,6 +116,7 @@ def test_greedy_decoding_equals_transformers_generate(tiny_qwen_base, group_size
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.exact
 def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_llama_chat):
     """Rows are dropped from the cache when they end; the rows that go on must decode exactly as ``generate`` does
     with every row kept to the end."""
@@ -132,6 +136,7 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(tiny_llama_ch
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.exact
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
     kept = top_p_filter(probs, 0.8)  # 0.5 + 0.3 reaches 0.8: the two largest
@@ -140,6 +145,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.equal(top_p_filter(probs, 0.1) > 0, probs == probs.max(-1, keepdim=True).values)  # argmax always
 
 
+@pytest.mark.exact
 def test_update_gradient_equals_the_hand_written_grpo_loss(eos_prone):
     """One optimiser step of ``update`` (SGD, lr 1) moves the weights by minus the gradient of
 
@@ -173,6 +179,7 @@ def test_update_gradient_equals_the_hand_written_grpo_loss(eos_prone):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.property
 def test_draw_follows_the_categorical_distribution():
     from policygrad.lm.rollout import draw
 

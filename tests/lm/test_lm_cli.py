@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.smoke
+
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 

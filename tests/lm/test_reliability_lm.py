@@ -21,17 +21,22 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.smoke
+
 pytest.importorskip("transformers")
 import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
 from lm_helpers import tiny_config, weights  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 from policygrad import checkpointing  # noqa: E402
+from policygrad.configs import config_to_dict  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
 from policygrad.lm import trainer  # noqa: E402
 from policygrad.lm import update as update_module  # noqa: E402
-from policygrad.lm.config import GRPOConfig, config_to_dict  # noqa: E402
+from policygrad.lm.config import GRPOConfig  # noqa: E402
 from policygrad.lm.rewards import RewardError  # noqa: E402
-from policygrad.stopping import Stopped  # noqa: E402
+from policygrad.lm.state import TRAINER_STATE, load_trainer_state  # noqa: E402
+from policygrad.runs import latest_checkpoint  # noqa: E402
+from policygrad.stopping import EXIT_DIVERGED, Stopped  # noqa: E402
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -117,11 +122,33 @@ def test_n_steps_then_resume_to_2n_is_bit_identical_to_2n_steps(tiny_llama_chat,
 
     _assert_same_weights(straight / "final", split / "final")
     assert _metrics(straight) == _metrics(split)  # rewards, advantages, losses, baseline, entropy weight: all equal
-    saved = [trainer.load_trainer_state(run / "final") for run in (straight, split)]
-    assert saved[0]["baseline"] == saved[1]["baseline"] != 0.0
-    for a, b in zip(saved[0]["optimizer"]["state"].values(), saved[1]["optimizer"]["state"].values()):
+    saved = [load_trainer_state(run / "final") for run in (straight, split)]
+    assert torch.equal(saved[0].advantage["mean"], saved[1].advantage["mean"])
+    assert saved[0].advantage["mean"] != 0.0
+    for a, b in zip(saved[0].optimizer["state"].values(), saved[1].optimizer["state"].values()):
         assert all(torch.equal(a[key], b[key]) for key in a)  # AdamW's moments and step counts
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000002", "step-000003"]  # keep 2
+
+
+def test_a_checkpoint_written_before_issue_13_resumes_exactly(tiny_llama_chat, tiny_prompts, tmp_path, noisy_reward):
+    """Run folders of the code before issue 13 hold the REINFORCE baseline as ``"baseline"`` (a float) and no
+    ``"advantage"``: rewritten into that layout, a checkpoint still resumes to the same run."""
+    settings = _exact_settings(noisy_reward)
+    straight = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=3, **settings))
+    split = tmp_path / "split"
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=2, **settings))
+    folder = split / "final"
+    state = torch.load(folder / TRAINER_STATE, weights_only=True)
+    state["baseline"] = float(state.pop("advantage")["mean"])  # the old layout, exactly as it was written
+    torch.save(state, folder / TRAINER_STATE)
+    manifest = json.loads((folder / checkpointing.MANIFEST).read_text())
+    entry = manifest["files"][TRAINER_STATE]
+    entry["sha256"] = checkpointing.sha256_file(folder / TRAINER_STATE)
+    entry["bytes"] = (folder / TRAINER_STATE).stat().st_size
+    (folder / checkpointing.MANIFEST).write_text(json.dumps(manifest))
+    trainer.train(_config(tiny_llama_chat, tiny_prompts, split, max_steps=3, resume=True, **settings))
+    _assert_same_weights(straight / "final", split / "final")
+    assert _metrics(straight) == _metrics(split)
 
 
 def test_resume_refuses_a_changed_config_and_names_the_fields(tiny_llama_chat, tiny_prompts, tmp_path):
@@ -154,9 +181,9 @@ def test_damaged_checkpoints_are_reported_and_passed_over(tiny_llama_chat, tiny_
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
     model_file.write_bytes(bytes(data))
-    state = out / "checkpoints" / f"step-{DAMAGED_STEP:06d}" / trainer.TRAINER_STATE
+    state = out / "checkpoints" / f"step-{DAMAGED_STEP:06d}" / TRAINER_STATE
     state.write_bytes(state.read_bytes()[:TRUNCATED_TO])  # truncated
-    assert trainer.latest_checkpoint(out, warn=lambda line: None).name == f"step-{DAMAGED_STEP - 1:06d}"
+    assert latest_checkpoint(out, warn=lambda line: None).name == f"step-{DAMAGED_STEP - 1:06d}"
     capsys.readouterr()
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=4, resume=True))
     err = capsys.readouterr().err
@@ -173,7 +200,7 @@ def test_resume_with_every_checkpoint_damaged_is_refused(tiny_llama_chat, tiny_p
     out = tmp_path / "run"
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=2, save_every=1))
     for folder in (out / "final", out / "checkpoints" / "step-000001"):
-        state = folder / trainer.TRAINER_STATE
+        state = folder / TRAINER_STATE
         state.write_bytes(state.read_bytes()[:100])
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     capsys.readouterr()
@@ -449,8 +476,8 @@ def test_reward_fault_error_policy_saves_and_stops_naming_function_prompt_comple
     assert EXPECTED_MESSAGE[kind] in message and "completion" in message
     assert "saved the run at step 1 in" in message and "resume with: policygrad train --recipe" in message
     folder = out / "checkpoints" / "step-000001"
-    assert checkpointing.verify(folder) is None and trainer.load_trainer_state(folder)["step"] == 1
-    assert trainer.latest_checkpoint(out) == folder  # what --resume continues from: nothing after step 1 is lost
+    assert checkpointing.verify(folder) is None and load_trainer_state(folder).step == 1
+    assert latest_checkpoint(out) == folder  # what --resume continues from: nothing after step 1 is lost
 
 
 @pytest.mark.parametrize("kind", REWARD_FAULTS)
@@ -534,6 +561,7 @@ def test_a_non_finite_update_is_skipped_and_logged(kind, tiny_llama_chat, tiny_p
 def test_non_finite_steps_in_a_row_stop_with_the_state_from_before_the_first(
     kind, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch
 ):
+
     good = BAD_STEPS[0] - 1  # the last good step
     two = trainer.train(_config(tiny_llama_chat, tiny_prompts, tmp_path / "two", max_steps=good))
     _poison(monkeypatch, kind, {*BAD_STEPS, BAD_STEPS[-1] + 1})
@@ -542,10 +570,10 @@ def test_non_finite_steps_in_a_row_stop_with_the_state_from_before_the_first(
         trainer.train(
             _config(tiny_llama_chat, tiny_prompts, out, max_steps=8, max_bad_steps=len(BAD_STEPS), save_every=1)
         )
-    assert info.value.exit_code == trainer.EXIT_DIVERGED
+    assert info.value.exit_code == EXIT_DIVERGED
     assert f"{len(BAD_STEPS)} steps in a row" in str(info.value) and f"(step {good})" in str(info.value)
-    folder = trainer.latest_checkpoint(out)
-    assert folder.name == f"step-{good:06d}" and trainer.load_trainer_state(folder)["step"] == good
+    folder = latest_checkpoint(out)
+    assert folder.name == f"step-{good:06d}" and load_trainer_state(folder).step == good
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(
         range(1, BAD_STEPS[-1] + 1)
     )  # stopped after the last bad step, not later
@@ -566,11 +594,11 @@ def test_a_tampered_trainer_state_is_refused_without_running_it(tiny_llama_chat,
     out = tmp_path / "run"
     trainer.train(_config(tiny_llama_chat, tiny_prompts, out, max_steps=1))
     final = out / "final"
-    torch.save({"step": 1, "baseline": 0.0, "evil": _Payload()}, final / trainer.TRAINER_STATE)
+    torch.save({"step": 1, "baseline": 0.0, "evil": _Payload()}, final / TRAINER_STATE)
     manifest = json.loads((final / checkpointing.MANIFEST).read_text())  # even with a matching checksum
-    entry = manifest["files"][trainer.TRAINER_STATE]
-    entry["sha256"] = checkpointing.sha256_file(final / trainer.TRAINER_STATE)
-    entry["bytes"] = (final / trainer.TRAINER_STATE).stat().st_size
+    entry = manifest["files"][TRAINER_STATE]
+    entry["sha256"] = checkpointing.sha256_file(final / TRAINER_STATE)
+    entry["bytes"] = (final / TRAINER_STATE).stat().st_size
     (final / checkpointing.MANIFEST).write_text(json.dumps(manifest))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=r"^--resume: .*trainer_state.pt cannot be read safely"):
@@ -647,7 +675,7 @@ def _fault_table_rows() -> list:
             "The same faults, on steps",
             "train",
             f"{len(NONFINITE_KINDS)} (one each)",
-            [*BAD_STEPS, len(BAD_STEPS), trainer.EXIT_DIVERGED, BAD_STEPS[0] - 1],
+            [*BAD_STEPS, len(BAD_STEPS), EXIT_DIVERGED, BAD_STEPS[0] - 1],
             "nothing",
         ),
         Row("`trainer_state.pt` replaced by a pickle", "train", "1", [], "nothing"),

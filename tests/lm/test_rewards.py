@@ -1,4 +1,4 @@
-"""Reward functions: loading from specs, combining with weights, and one-line errors that name the culprit."""
+"""Reward functions: loading from specs and combining with weights (the calls and their faults: test_reward_calls.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 from policygrad.errors import UsageError
 from policygrad.lm import rewards
-from policygrad.lm.rewards import RewardError, RewardFunction, RewardSet, load_reward, load_rewards
+from policygrad.lm.rewards import RewardFunction, RewardSet, load_reward, load_rewards
+
+pytestmark = pytest.mark.exact  # each a spec or a batch against the value or error worked out by hand
 
 PROMPTS = ["first prompt", "first prompt", "second prompt", "second prompt"]
 COMPLETIONS = ["aa", "bbbb", "1", "22"]
@@ -19,8 +21,15 @@ def test_docstring_examples_run():
     assert doctest.testmod(rewards).failed == 0
 
 
-def _set(*functions):
+def reward_set(*functions):
     return RewardSet([RewardFunction(f.__name__, f, 1.0) for f in functions])
+
+
+def test_fault_machinery_names_are_importable_from_here():
+    from policygrad.lm import reward_calls
+
+    assert rewards.RewardFault is reward_calls.RewardFault and rewards.FAULT_KINDS is reward_calls.FAULT_KINDS
+    assert rewards.MAX_ABANDONED_CALLS == reward_calls.MAX_ABANDONED_CALLS
 
 
 def test_builtins_and_module_specs_load():
@@ -48,47 +57,9 @@ def test_nan_passes_through_and_is_counted():
     def sometimes(prompts, completions, **fields):
         return [math.nan if c == "1" else 1.0 for c in completions]
 
-    scores = _set(sometimes).score(PROMPTS, COMPLETIONS, {})
+    scores = reward_set(sometimes).score(PROMPTS, COMPLETIONS, {})
     assert math.isnan(scores.rewards[2]) and scores.rewards[:2] == [1.0, 1.0]
     assert scores.nan_count == 1
-
-
-def _error(function, fields=None) -> str:
-    with pytest.raises(RewardError) as info:
-        _set(function).score(PROMPTS, COMPLETIONS, fields or {})
-    message = str(info.value)
-    assert "\n" not in message
-    assert isinstance(info.value, UsageError)  # the CLI prints it as one line, exit 2
-    return message
-
-
-def test_raising_function_is_named_with_the_sample():
-    def picky(prompts, completions, **fields):
-        return [1.0 / (len(c) - 1) for c in completions]  # "1" has length 1: ZeroDivisionError
-
-    message = _error(picky)
-    assert "reward picky" in message and "ZeroDivisionError" in message
-    assert "sample 2" in message and "'second prompt'" in message
-
-
-def test_wrong_count():
-    message = _error(lambda prompts, completions, **f: [1.0])
-    assert "<lambda>" in message and "returned 1 rewards for 4 completions" in message
-
-
-def test_none_and_non_numbers():
-    assert "returned None" in _error(lambda p, c, **f: None)
-    message = _error(lambda p, c, **f: [1.0, 2.0, "3", 4.0])
-    assert "sample 2" in message and "str" in message and "'second prompt'" in message
-    assert "sample 1" in _error(lambda p, c, **f: [1.0, None, 1.0, 1.0])
-    assert "finite" in _error(lambda p, c, **f: [1.0, 1.0, 1.0, math.inf])
-
-
-def test_unknown_field_name_is_reported_by_the_function():
-    def needs_target(prompts, completions, target, **fields):
-        return target
-
-    assert "needs_target" in _error(needs_target)  # TypeError: missing 'target'
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 QUICK = ["--max-new-tokens", "6", "--device", "cpu", "--threads", "1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+pytestmark = pytest.mark.smoke  # the CLI's sample, plot and eval commands
+
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():

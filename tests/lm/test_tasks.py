@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from policygrad.lm import tasks
 
 
+@pytest.mark.exact
 def test_docstring_examples_run():
     assert doctest.testmod(tasks).failed == 0
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize(
     "completion, length, digits, tolerance, expected",
     [
@@ -35,12 +37,14 @@ def test_check(completion, length, digits, tolerance, expected):
     assert result.passed == all(expected)
 
 
+@pytest.mark.exact
 def test_binary_is_one_exactly_on_a_pass():
     assert tasks.binary("9" * 2 + "x" * 62, 64, 18) == 1.0
     assert tasks.binary("9" * 2 + "x" * 61, 64, 18) == 0.0
     assert tasks.binary("9" * 2 + "x" * 62, 64, 17) == 0.0
 
 
+@pytest.mark.exact
 def test_shaped_values_by_hand():
     # 10 of 20 characters: length credit 1 - 10/20 = 0.5; digit sum 3 of 12: credit 1 - 9/12 = 0.25
     assert tasks.shaped("12abcdefgh", 20, 12) == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)
@@ -52,11 +56,13 @@ def test_shaped_values_by_hand():
     assert tasks.shaped("99-----", 7, 18) == 1.0
 
 
+@pytest.mark.property
 def test_only_a_pass_scores_one():
     for completion in ["99----", "99------", "98-----", "99-- -"]:
         assert tasks.shaped(completion, 7, 18) < 1.0
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize(
     "completion",
     [
@@ -70,6 +76,7 @@ def test_shaped_gives_no_credit_for_echoing_the_instruction(completion):
     assert tasks.shaped(completion, len(completion.strip()), tasks.digit_sum(completion)) == 0.0
 
 
+@pytest.mark.exact
 def test_echo_would_earn_credit_without_the_guard():
     # the reason the guard exists: the echoed sentence is on-length and carries the target's digits
     echo = tasks.DIGITS_SENTENCE.format(digit_sum=12)
@@ -77,12 +84,14 @@ def test_echo_would_earn_credit_without_the_guard():
     assert result.length == 43 and result.digit_sum == 3  # close on length, some digit credit
 
 
+@pytest.mark.exact
 def test_prompt_holds_both_targets():
     prompt = tasks.make_prompt("  A passage.  ", 64, 13)
     assert prompt.startswith("A passage.\n\n")
     assert "exactly 64 characters" in prompt and "add up to 13." in prompt
 
 
+@pytest.mark.property
 def test_draw_digit_sum_is_deterministic_and_covers_the_range():
     draws = [tasks.draw_digit_sum(f"passage {i}") for i in range(400)]
     assert draws == [tasks.draw_digit_sum(f"passage {i}") for i in range(400)]
@@ -92,6 +101,7 @@ def test_draw_digit_sum_is_deterministic_and_covers_the_range():
         tasks.draw_digit_sum("x", 5, 4)
 
 
+@pytest.mark.exact
 def test_batch_reward_functions():
     kwargs = dict(target_length=[2, 2, 3], target_digit_sum=[10, 10, 1], tolerance=[0, 0, 1])
     assert tasks.binary_reward(["p"] * 3, ["55", "5", "1a"], **kwargs) == [1.0, 0.0, 1.0]
@@ -101,6 +111,7 @@ def test_batch_reward_functions():
         tasks.shaped_reward(["p"], ["x"], target_length=[1])
 
 
+@pytest.mark.property
 @settings(max_examples=200, deadline=None)
 @given(
     completion=st.text(alphabet="0123456789ab -", max_size=40),
@@ -118,6 +129,7 @@ def test_shaped_and_sharp_are_in_unit_interval_and_one_exactly_on_a_pass(complet
     assert tasks.binary(completion, length, target, tolerance) == float(reward == 1.0)
 
 
+@pytest.mark.exact
 def test_sharp_values_by_hand():
     assert tasks.sharp("99-----", 7, 18) == 1.0  # a pass
     assert tasks.sharp("99---", 7, 18) == 0.5  # 2 characters short: half

@@ -163,6 +163,7 @@ def _config(**overrides) -> GRPOConfig:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient(
@@ -209,6 +210,7 @@ def test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradi
     assert_same_step(policy, expected, start)
 
 
+@pytest.mark.exact
 def test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts(policy_and_reference):
     """``updates_per_batch=2``: the first step is at ratio 1 against the SAMPLING log-probs, the second at
     r = pi_new / pi_old, and there the clip removes the gradient of tokens on both sides (eps_low = 0.1 and
@@ -240,6 +242,7 @@ def test_two_updates_per_batch_follow_the_clipped_surrogate_where_the_clip_acts(
     assert_same_step(policy, expected, start, rel=1e-3)
 
 
+@pytest.mark.property
 def test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32(policy_and_reference):
     """The same batch, the same weights, one SGD step under bfloat16 autocast and in float32 (the trainer's two
     precisions; on a CPU without bf16 matrix products ``precision: auto`` picks float32, so without this test the
@@ -333,6 +336,7 @@ def _rloo_formula(r, G=3):
     return (groups - (groups.sum(1, keepdim=True) - groups) / (G - 1)).flatten()
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "advantage,scale_rewards",
     [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("rloo", "group"), ("reinforce", "group")],
@@ -343,8 +347,8 @@ def test_logged_advantages_of_a_real_run_follow_the_variant(
     """A three-step run logs every reward and the advantages' mean, std, min and max; the advantages the loop hands
     to the update (row by row) and those statistics are recomputed here from the rewards with the variant's formula,
     with ``advantage_eps = 0.5`` (large, so ignoring it shows), and for reinforce the moving-average baseline
-    ``b_k = decay b_{k-1} + (1 - decay) mean(r_k)`` from ``b_0 = 0``, each batch's advantages against the baseline
-    from BEFORE it. The reinforce run takes two clipped updates per batch: the
+    ``b_k = decay b_{k-1} + (1 - decay) mean(r_k)`` from ``b_0 = mean(r_1)`` (the first batch has no past), each
+    batch's advantages against the baseline from BEFORE it. The reinforce run takes two clipped updates per batch: the
     second sees a ratio that is not 1 (the sampling log-probs are the old policy's).
 
     Fails on: an advantage function that ignores scale_rewards or advantage_eps, RLOO replaced by the group mean, a
@@ -371,15 +375,16 @@ def test_logged_advantages_of_a_real_run_follow_the_variant(
         updates_per_batch=2 if advantage == "reinforce" else 1,
     )
     assert len(handed) == len(records) == 3
-    baseline = 0.0
+    baseline = None  # before the first batch
     for record, r, given in zip(records, rewards, handed):
         if advantage == "grpo":
             expected = _group_formula(r, scale_rewards, 0.5)
         elif advantage == "rloo":
             expected = _rloo_formula(r)
         else:
-            expected = r - baseline
-            baseline = 0.6 * baseline + 0.4 * r.mean().item()
+            previous = r.mean().item() if baseline is None else baseline
+            expected = r - previous
+            baseline = 0.6 * previous + 0.4 * r.mean().item()
             assert record["baseline"] == pytest.approx(baseline, rel=1e-6)
             assert abs(record["ratio_mean"] - 1.0) > 1e-3  # more than rounding: the old policy's log-probs
         assert given.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)  # each row its own reward's
@@ -387,6 +392,7 @@ def test_logged_advantages_of_a_real_run_follow_the_variant(
         assert logged == pytest.approx(_stats(expected), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.smoke
 def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the_kl(
     tiny_llama_chat, tiny_prompts, tmp_path
 ):
@@ -429,6 +435,7 @@ def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.exact
 def test_update_uses_every_row_when_tokens_are_fewer_than_rows_and_skips_empty_micro_batches(policy_and_reference):
     """Completions of at most 2 tokens for 6 rows (T < N), the first micro-batch's rows emptied (no token counts):
     the step is the reference's over the other rows, and no forward pass sees more than ``micro_batch_size`` rows.
@@ -473,6 +480,7 @@ def test_update_uses_every_row_when_tokens_are_fewer_than_rows_and_skips_empty_m
     assert rows_seen and max(rows_seen) <= 2
 
 
+@pytest.mark.exact
 def test_update_clips_the_gradient_norm_and_logs_it_before_clipping(policy_and_reference):
     """With ``max_grad_norm = c`` below the gradient's norm (and below 1): the step is ``-g c / (|g| + 1e-6)``
     (torch's clip_grad_norm_), and ``grad_norm`` is |g| before clipping.
@@ -497,6 +505,7 @@ def test_update_clips_the_gradient_norm_and_logs_it_before_clipping(policy_and_r
     assert_same_step(policy, expected, start)
 
 
+@pytest.mark.property
 def test_update_casts_the_advantages_to_float32(policy_and_reference):
     """float64 advantages (a reward function's numbers often are) give bit for bit the step of float32 ones."""
     policy, _, tokenizer = policy_and_reference
@@ -509,6 +518,7 @@ def test_update_casts_the_advantages_to_float32(policy_and_reference):
     assert torch.equal(*steps)
 
 
+@pytest.mark.exact
 def test_several_updates_without_sampling_logprobs_is_one_clear_error(policy_and_reference):
     policy, _, tokenizer = policy_and_reference
     rollout = _rollout(policy, tokenizer, score_tokens=False)
@@ -528,6 +538,7 @@ def test_several_updates_without_sampling_logprobs_is_one_clear_error(policy_and
         )
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("poison", ["nan_loss_finite_gradient", "finite_loss_nan_gradient", "inf_loss"])
 def test_a_non_finite_loss_or_gradient_never_reaches_the_weights_or_adamw(poison, policy_and_reference, monkeypatch):
     """The loss poisoned three ways (a NaN added as a constant, so the gradient stays finite; a NaN gradient under a
@@ -560,6 +571,7 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights_or_adamw(poison
     assert all(p.grad is None for p in policy.parameters())
 
 
+@pytest.mark.exact
 def test_grpo_loss_defaults_are_reinforce_without_bonus_or_penalty():
     """``grpo_loss(logprobs, entropies, mask, advantages)`` alone is REINFORCE's token mean; a reference given
     without ``kl_coef`` is measured (the k3 estimate) but not added; old log-probs alone clip at 1 -/+ 0.2."""
@@ -582,6 +594,7 @@ def test_grpo_loss_defaults_are_reinforce_without_bonus_or_penalty():
     assert metrics["clip_fraction_low"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.exact
 def test_micro_batch_share_of_a_batch_with_one_token_or_one_row():
     from policygrad.lm.update import micro_batch_share
 
@@ -592,28 +605,33 @@ def test_micro_batch_share_of_a_batch_with_one_token_or_one_row():
     assert micro_batch_share(mask[:1], mask, "constant") == 0.5
 
 
+@pytest.mark.exact
 def test_dynamic_entropy_weight_takes_its_bounds_and_eps_from_the_config():
     """w = clip(coef / (Var(r) + eps), min, max) with the config's min, max and eps: Var([0, 1]) = 1/2."""
-    from policygrad.lm.update import ENTROPY_WEIGHTS
+    from policygrad.variants import ENTROPY_WEIGHTS, build
 
     rewards = torch.tensor([0.0, 1.0])
     for coef, expected in ((0.1, 0.2), (0.3, 0.3), (1.0, 0.5)):  # below the lower bound, inside, above the upper
         config = GRPOConfig(
             entropy_weight="dynamic", entropy_coef=coef, entropy_min_weight=0.2, entropy_max_weight=0.5, entropy_eps=0.5
         )
-        assert ENTROPY_WEIGHTS["dynamic"](rewards, config) == pytest.approx(expected), coef
+        assert build(ENTROPY_WEIGHTS, "dynamic", config)(rewards) == pytest.approx(expected), coef
 
 
+@pytest.mark.exact
 def test_moving_average_baseline_keeps_float64_rewards_exact():
     """b' = decay b + (1 - decay) mean(r) in the rewards' own precision (a float32 baseline would round 0.1)."""
-    from policygrad.lm.update import ADVANTAGES
+    from policygrad.variants import ADVANTAGES, build
 
     rewards = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    advantages, baseline = ADVANTAGES["reinforce"](rewards, GRPOConfig(baseline_decay=0.5), 0.1)
-    assert baseline == 0.5 * 0.1 + 0.5 * ((0.3 + 0.7) / 2)
+    estimator = build(ADVANTAGES, "reinforce", GRPOConfig(baseline_decay=0.5))
+    estimator.restore({"mean": torch.tensor(0.1, dtype=torch.float64)})
+    advantages = estimator(rewards)
+    assert estimator.state()["mean"].item() == 0.5 * 0.1 + 0.5 * ((0.3 + 0.7) / 2)
     assert advantages.tolist() == [0.3 - 0.1, 0.7 - 0.1]
 
 
+@pytest.mark.exact
 def test_an_update_on_a_batch_with_no_token_that_counts_changes_nothing(policy_and_reference):
     """After a real AdamW step, a batch whose every completion mask is empty: no micro-batch has a share of the loss,
     so there is no loss, a gradient norm of 0, no skipped update and no change to the weights.

@@ -9,6 +9,7 @@ from typing import Literal
 
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
+from policygrad.variants import BANDIT_BASELINES
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -21,7 +22,7 @@ class BanditConfig:
     """mean reward of each arm (one number per arm); the default's common offset of 3 is what a baseline removes"""
     noise: float = 0.5
     """standard deviation of the Gaussian reward noise"""
-    baseline: Literal["none", "mean", "loo", "group"] = "loo"
+    baseline: Literal[BANDIT_BASELINES.names] = "loo"
     """none: raw rewards; mean: moving average of past rewards; loo: leave-one-out mean of the other samples (RLOO);
     group: mean of all samples including itself (GRPO without std, biased by (N-1)/N)"""
     baseline_decay: float = 0.9
@@ -55,6 +56,7 @@ class BanditConfig:
         _require(
             math.isfinite(self.noise) and self.noise >= 0, "--noise", f"must be a finite number >= 0, got {self.noise}"
         )
+        BANDIT_BASELINES.check("--baseline", self.baseline)
         _require(0 <= self.baseline_decay < 1, "--baseline-decay", f"must be in [0, 1), got {self.baseline_decay}")
         _require(
             math.isfinite(self.entropy_coef) and self.entropy_coef >= 0,

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policygrad.advantages import group_advantages, leave_one_out, moving_average
 from policygrad.losses import policy_loss
 from policygrad.regularizers import entropy
+from policygrad.variants import BANDIT_BASELINES, build
 
 __all__ = [
     "expected_reward",
     "exact_gradient",
     "gradient_estimate",
-    "BASELINES",
     "BanditRun",
     "run_bandit",
 ]
@@ -68,39 +68,6 @@ def gradient_estimate(logits: Tensor, actions: Tensor, advantages: Tensor, entro
     loss = loss * theta.shape[0] - entropy_coef * entropy(theta).sum()
     (grad,) = torch.autograd.grad(loss, theta)
     return -grad
-
-
-# A baseline turns rewards (S, N) and its running state into advantages (S, N) and the next state.
-Baseline = Callable[[Tensor, "Tensor | None", float], "tuple[Tensor, Tensor | None]"]
-
-
-def _no_baseline(rewards: Tensor, state: Tensor | None, decay: float) -> tuple[Tensor, Tensor | None]:
-    return rewards, state
-
-
-def _moving_average_baseline(rewards: Tensor, state: Tensor | None, decay: float) -> tuple[Tensor, Tensor | None]:
-    # The baseline comes from past batches only, so this batch's estimate stays unbiased. The very first batch has no
-    # past: it uses its own mean (a group-mean baseline, biased by (N-1)/N for that one step) rather than 0, so a large
-    # reward offset does not throw the first step far off.
-    previous = rewards.mean(-1) if state is None else state  # (S,)
-    return rewards - previous.unsqueeze(-1), moving_average(previous, rewards, decay)
-
-
-def _leave_one_out_baseline(rewards: Tensor, state: Tensor | None, decay: float) -> tuple[Tensor, Tensor | None]:
-    return leave_one_out(rewards, rewards.shape[-1]), state
-
-
-def _group_mean_baseline(rewards: Tensor, state: Tensor | None, decay: float) -> tuple[Tensor, Tensor | None]:
-    return group_advantages(rewards, rewards.shape[-1], scale="none"), state
-
-
-BASELINES: dict[str, Baseline] = {
-    "none": _no_baseline,
-    "mean": _moving_average_baseline,
-    "loo": _leave_one_out_baseline,
-    "group": _group_mean_baseline,
-}
-"""Baselines of the playground by name: (rewards (S, N), state, decay) -> (advantages (S, N), state)."""
 
 
 @dataclasses.dataclass
@@ -144,17 +111,17 @@ def run_bandit(
         FloatingPointError: when a step makes the logits non-finite (learning rate or rewards far too large).
     """
     generator = torch.Generator().manual_seed(seed)
-    advantage_fn = BASELINES[baseline]
+    # one estimator for all S runs: each row of rewards (S, N) is one run's batch, and one group
+    advantage_fn = build(BANDIT_BASELINES, baseline, SimpleNamespace(baseline_decay=baseline_decay))
     logits = torch.zeros(seeds, means.shape[0], dtype=means.dtype)  # (S, K)
     probs = [logits.softmax(-1)]
     estimates, exact = [], []
-    state: Tensor | None = None
     for step in range(steps):
         pi = probs[-1]  # (S, K)
         actions = torch.multinomial(pi, samples, replacement=True, generator=generator)  # (S, N)
         noise_draw = torch.randn(actions.shape, generator=generator, dtype=means.dtype)
         rewards = means[actions] + noise * noise_draw  # (S, N)
-        advantages, state = advantage_fn(rewards, state, baseline_decay)
+        advantages = advantage_fn(rewards)  # (S, N)
         g = gradient_estimate(logits, actions, advantages, entropy_coef)  # (S, K)
         estimates.append(g)
         exact.append(exact_gradient(pi, means))

@@ -13,8 +13,8 @@ returns, ``epochs x minibatches`` Adam steps.
 
 A step whose loss or gradient norm is NaN or inf (an environment that returned NaN, an overflow) is skipped: the
 gradients are dropped before ``optimizer.step()``, so neither the weights nor Adam's moments see them, and the
-update reports how many it skipped as ``skipped_steps`` (the trainer stops a run after several such updates in a
-row, see docs/reliability.md).
+update reports how many it skipped as ``skipped_updates`` (the trainer stops a run after several steps in a row that
+skipped any, see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Learner:
 
 @dataclass
 class Batch:
-    """A flattened rollout (B = T * N rows) with its estimates."""
+    """A flattened rollout (B = T * N rows, time-major: t0 env0, t0 env1, ..., t1 env0, ...) with its estimates."""
 
     obs: Tensor  # (B, O)
     actions: Tensor  # (B,) or (B, D)
@@ -102,13 +102,13 @@ def fit_value(learner: Learner, batch: Batch, cfg: ControlConfig, generator: tor
     return {
         "value_loss": float(loss.detach()),
         "explained_variance": metrics["explained_variance"],
-        "skipped_steps": skipped,
+        "skipped_updates": skipped,
     }
 
 
 def _with_policy_skips(metrics: dict[str, float], skipped: int) -> dict[str, float]:
-    """The value fit's metrics with the policy's skipped steps added to its own."""
-    return {**metrics, "skipped_steps": metrics["skipped_steps"] + skipped}
+    """The value fit's metrics with the policy's skipped optimiser steps added to its own."""
+    return {**metrics, "skipped_updates": metrics["skipped_updates"] + skipped}
 
 
 def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
@@ -119,7 +119,7 @@ def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator
         family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages)
     )
     entropy = family.entropy(params).mean()
-    grad_norm, skipped = _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)
+    grad_norm, skipped = _step(learner.policy_opt, loss - cfg.entropy_coef * entropy, learner.policy, cfg.max_grad_norm)
     return {
         "policy_loss": float(loss.detach()),
         "entropy": float(entropy.detach()),
@@ -143,7 +143,9 @@ def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
                 clip_eps_low=cfg.clip_eps,
             )
             entropy = family.entropy(params).mean()
-            skipped += _step(learner.policy_opt, loss - cfg.ent_coef * entropy, learner.policy, cfg.max_grad_norm)[1]
+            skipped += _step(learner.policy_opt, loss - cfg.entropy_coef * entropy, learner.policy, cfg.max_grad_norm)[
+                1
+            ]
             clip_fractions.append(metrics["clip_fraction"])
             kls.append(metrics["approx_kl"])
     return {
@@ -171,7 +173,7 @@ def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
     def surrogate() -> Tensor:
         params = policy(batch.obs)
         ratio = torch.exp(family.log_prob(params, batch.actions) - batch.old_logprobs)
-        return (ratio * advantages).mean() + cfg.ent_coef * family.entropy(params).mean()
+        return (ratio * advantages).mean() + cfg.entropy_coef * family.entropy(params).mean()
 
     objective = surrogate()
     gradient = flat_grad(objective, params_list)  # (P,)

@@ -1,6 +1,7 @@
 """Saved policies: a state_dict plus the facts needed to rebuild the network, in one torch file read back with
 ``weights_only=True`` (no arbitrary unpickling, so a downloaded file cannot run code). And training checkpoints for
-``--resume``: networks, optimisers, random generators and the environments' state, written crash-safe."""
+``--resume`` (``checkpoints/step-N`` of a run folder, :func:`policygrad.runs.checkpoint_dir`): networks, optimisers,
+random generators and the environments' state, written crash-safe."""
 
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ def load_policy(path: Path) -> tuple[Policy, dict]:
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format is {metadata.get('format')!r}, expected {FORMAT!r}")
         policy = Policy(
-            int(metadata["obs_size"]), int(metadata["action_size"]), tuple(metadata["hidden"]), metadata["family"]
-        ).float()
+            int(metadata["obs_size"]),
+            int(metadata["action_size"]),
+            tuple(metadata["hidden"]),
+            metadata["family"],
+            dtype=torch.float32,
+        )
         policy.load_state_dict(saved["state_dict"])
     except Exception as err:  # a truncated download, a different file: one line, not a traceback
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -159,21 +164,23 @@ def set_env_state(envs: Any, state: dict[str, Any]) -> None:
 
 def save_training(
     folder: Path,
-    update: int,
+    step: int,
     networks: dict[str, torch.Tensor],
     state: dict[str, Any],
     environments: dict[str, Any] | None,
 ) -> Path:
     """One crash-safe checkpoint (see :mod:`policygrad.checkpointing`): the networks' weights in safetensors, the
-    optimisers, generators and counters in a torch file of tensors and plain values, the environments in JSON."""
+    optimisers, generators and counters in a torch file of tensors and plain values (``step``: the steps done), the
+    environments in JSON."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().clone() for k, v in networks.items()}, str(tmp / NETWORKS))
-        torch.save({**state, "update": update}, tmp / TRAINER_STATE)
+        torch.save({**state, "step": step}, tmp / TRAINER_STATE)
+        # plain writes: the folder itself goes into place atomically (checkpointing.save_atomic)
         (tmp / ENV_STATE).write_text(json.dumps({"exact": environments is not None, "state": environments}))
 
-    return checkpointing.save_atomic(folder, write, update)
+    return checkpointing.save_atomic(folder, write, step)
 
 
 def load_training(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
@@ -188,4 +195,7 @@ def load_training(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except Exception as err:  # checked by the manifest already; this is a foreign or tampered file
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError("--resume", f"{folder} cannot be read safely ({message})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(environments, dict):
+        raise UsageError("--resume", f"{folder} is not a policygrad control checkpoint (no step, or no environments)")
     return networks, state, environments["state"] if environments.get("exact") else None

@@ -1,13 +1,20 @@
 """Configuration of ``policygrad control``. Imports nothing heavy (no torch, no gymnasium), so ``--help`` and argument
-errors are instant; checks that need the environment (its id, its action space) happen in :func:`train.run`."""
+errors are instant; checks that need the environment (its id, its action space) happen in :func:`train.run`.
+
+Like ``policygrad train``, a run can be described by a YAML recipe of field values (``--recipe FILE``; a run's own
+``config.yaml`` is one, which is how a run is resumed) with command-line flags on top, see :func:`load_config`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from policygrad import configs
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
 
@@ -26,7 +33,7 @@ ALGO_DEFAULTS: dict[str, dict[str, object]] = {
         gae_lambda=1.0,
         epochs=10,
         minibatches=4,
-        ent_coef=0.0,
+        entropy_coef=0.0,
     ),
     "a2c": dict(
         num_envs=4,
@@ -38,7 +45,7 @@ ALGO_DEFAULTS: dict[str, dict[str, object]] = {
         gae_lambda=0.95,
         epochs=10,
         minibatches=4,
-        ent_coef=0.0,
+        entropy_coef=0.0,
     ),
     "ppo": dict(
         num_envs=8,
@@ -50,7 +57,7 @@ ALGO_DEFAULTS: dict[str, dict[str, object]] = {
         gae_lambda=0.8,
         epochs=10,
         minibatches=4,
-        ent_coef=0.0,
+        entropy_coef=0.0,
     ),
     "npg": dict(
         num_envs=8,
@@ -62,7 +69,7 @@ ALGO_DEFAULTS: dict[str, dict[str, object]] = {
         gae_lambda=0.8,
         epochs=10,
         minibatches=4,
-        ent_coef=0.0,
+        entropy_coef=0.0,
     ),
 }
 """Per-algorithm defaults of the fields that are None in :class:`ControlConfig`. For NPG ``lr`` is unused (the step
@@ -79,7 +86,7 @@ PRESET_FIELDS = (
     "gae_lambda",
     "epochs",
     "minibatches",
-    "ent_coef",
+    "entropy_coef",
 )
 
 
@@ -118,7 +125,7 @@ class ControlConfig:
     """minibatches per epoch (default: per algorithm)"""
     clip_eps: float = 0.2
     """PPO clip range of the probability ratio"""
-    ent_coef: float | None = None
+    entropy_coef: float | None = None
     """weight of the entropy bonus (default: per algorithm)"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm of each network to this (0 for no clipping)"""
@@ -136,8 +143,17 @@ class ControlConfig:
     """random seed (environments, network initialisation, action sampling)"""
     eval_episodes: int = 10
     """episodes of the deterministic policy (argmax / mean action) after training, or with --eval"""
-    run_dir: Path = Path("runs")
-    """each run writes metrics.jsonl and policy.pt into a new folder here"""
+    output_dir: Path = Path("runs/control")
+    """run folder: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, policy.pt (and curves.png with
+    --plot); refused if it holds a run already, unless --resume or --overwrite"""
+    overwrite: bool = False
+    """delete a previous run in output_dir and start again"""
+    resume: bool = False
+    """continue the run in output_dir from its newest checkpoint; give the run's own settings with
+    --recipe <output_dir>/config.yaml"""
+    allow_config_change: bool = False
+    """with --resume: continue even though the settings differ from the ones the checkpoint was trained with (the
+    resumed run is then not the same run)"""
     plot: bool = False
     """also write curves.png: episode return against environment steps and wall time"""
     eval: Path | None = None
@@ -147,16 +163,13 @@ class ControlConfig:
     threads: int = 1
     """torch CPU threads; 1 is fastest for these small networks"""
     save_every: int = 10
-    """write a checkpoint (networks, optimisers, random generators, environment state) every this many updates; 0 never"""
+    """write a checkpoint (networks, optimisers, random generators, environment state) every this many steps (one
+    step: a batch of num_envs * num_steps environment steps and its update); 0 never"""
     keep_checkpoints: int = 3
     """checkpoints kept in the run's checkpoints/ folder, the newest (0 keeps all)"""
-    max_bad_updates: int = 3
-    """stop the run (exit 3, saving the state from before the first of them) after this many updates in a row with a
-    non-finite loss or gradient norm; each such optimiser step is skipped and counted in skipped_steps"""
-    resume: Path | None = None
-    """continue the run in this folder (one that runs/ holds) from its last checkpoint, with the run's own settings"""
-    allow_config_change: bool = False
-    """with --resume: accept flags that change the run's settings (the resumed run is then not the same run)"""
+    max_bad_steps: int = 3
+    """stop the run (exit 3, saving the state from before the first of them) after this many steps in a row with a
+    non-finite loss or gradient norm; each such optimiser update is skipped and counted in skipped_updates"""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -189,9 +202,9 @@ class ControlConfig:
         )
         _require(0 < self.clip_eps < 1, "--clip-eps", f"must be in (0, 1), got {self.clip_eps}")
         _require(
-            math.isfinite(self.ent_coef) and self.ent_coef >= 0,
-            "--ent-coef",
-            f"must be a finite number >= 0, got {self.ent_coef}",
+            math.isfinite(self.entropy_coef) and self.entropy_coef >= 0,
+            "--entropy-coef",
+            f"must be a finite number >= 0, got {self.entropy_coef}",
         )
         _require(
             math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
@@ -219,15 +232,11 @@ class ControlConfig:
             _require(self.eval_episodes >= 1, "--eval-episodes", "must be at least 1 with --eval")
         _require(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
         _require(self.keep_checkpoints >= 0, "--keep-checkpoints", f"must be >= 0, got {self.keep_checkpoints}")
-        _require(self.max_bad_updates >= 1, "--max-bad-updates", f"must be at least 1, got {self.max_bad_updates}")
-        if self.resume is not None:
-            self.resume = Path(self.resume)
-            _require(self.eval is None, "--resume", "cannot be combined with --eval")
-            _require(
-                (self.resume / "config.json").is_file(),
-                "--resume",
-                f"{self.resume} holds no policygrad control run (no config.json)",
-            )
+        _require(self.max_bad_steps >= 1, "--max-bad-steps", f"must be at least 1, got {self.max_bad_steps}")
+        self.output_dir = Path(self.output_dir)
+        _require("\x00" not in str(self.output_dir), "--output-dir", "must not contain a NUL character")
+        _require(not (self.overwrite and self.resume), "--overwrite", "cannot be combined with --resume")
+        _require(self.eval is None or not self.resume, "--resume", "cannot be combined with --eval")
 
     @property
     def batch_size(self) -> int:
@@ -237,3 +246,53 @@ class ControlConfig:
 
 def _positive(value: float, field: str) -> None:
     _require(math.isfinite(value) and value > 0, field, f"must be a finite number > 0, got {value}")
+
+
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "output_dir",
+        "threads",
+        "progress",
+        "plot",
+        "eval",
+        "eval_episodes",
+        "save_every",
+        "keep_checkpoints",
+        "max_bad_steps",
+    }
+)
+"""Fields a resumed run may change without ``--allow-config-change`` (besides ``resume``, ``overwrite`` and
+``allow_config_change`` themselves): where and how often to save, how to show and evaluate the run, when to give up
+on non-finite steps; none of them changes what a step does."""
+
+OLD_RUN = (
+    "holds a run written by an older policygrad control (config.json, checkpoints/update-N), which this version "
+    "cannot resume"
+)
+
+
+def older_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run written by policygrad control before issue 13: a ``config.json`` of control
+    settings (``run_dir``, ``ent_coef``) or ``checkpoints/update-N`` folders, and no ``config.yaml``."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "config.yaml").is_file():
+        return False
+    if any((folder / "checkpoints").glob("update-*")):
+        return True
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"algo", "run_dir"} <= set(saved)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()) -> ControlConfig:
+    """A :class:`ControlConfig` from a YAML recipe and overrides (:func:`policygrad.configs.load_config`); the recipe
+    loader of ``policygrad control --recipe FILE``."""
+    if path is not None and Path(path).name == "config.json" and older_run(Path(path).parent):
+        raise UsageError(
+            "--recipe",
+            f"{Path(path).parent} {OLD_RUN}; start it again with --output-dir {Path(path).parent} --overwrite, or "
+            "choose another --output-dir",
+        )
+    return configs.load_config(ControlConfig, path, overrides)

@@ -8,7 +8,8 @@ __all__ = ["plot_curves"]
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
-    """Two panels sharing the y axis, from the per-update records of :func:`policygrad.control.train.train`.
+    """Two panels sharing the y axis, from the per-step records of :func:`policygrad.control.train.train`
+    (``env_steps``, ``time``, ``episode_returns``, ``return_recent``).
 
     Dots are single episodes (at the end of the batch they finished in); the line is the mean of the last 10.
     """
@@ -18,7 +19,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, label in ((axes[0], "steps", "environment steps"), (axes[1], "time", "wall time (s)")):
+    for ax, key, label in ((axes[0], "env_steps", "environment steps"), (axes[1], "time", "wall time (s)")):
         xs = [r[key] for r in records for _ in r["episode_returns"]]
         ys = [g for r in records for g in r["episode_returns"]]
         ax.scatter(xs, ys, s=4, alpha=0.25, color="tab:blue", label="episode")

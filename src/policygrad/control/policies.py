@@ -93,15 +93,16 @@ FAMILIES: dict[str, type] = {"categorical": Categorical, "gaussian": Gaussian}
 """Action distributions by the name of ``--policy``."""
 
 
-def mlp(sizes: list[int], output_gain: float) -> nn.Sequential:
+def mlp(sizes: list[int], output_gain: float, dtype: torch.dtype | None = None) -> nn.Sequential:
     """Tanh MLP with orthogonal initialisation: gain sqrt(2) on hidden layers and ``output_gain`` on the last.
+    Its parameters are ``dtype`` (None: torch's default dtype).
 
     A small output gain (0.01 for a policy) starts the policy near uniform / zero-mean, which the PPO
     implementation study found to matter (Andrychowicz et al. 2021, "What Matters in On-Policy RL?", section 3.2).
     """
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(fan_in, fan_out)
+        linear = nn.Linear(fan_in, fan_out, dtype=dtype)
         last = i == len(sizes) - 2
         nn.init.orthogonal_(linear.weight, output_gain if last else math.sqrt(2.0))
         nn.init.zeros_(linear.bias)
@@ -113,18 +114,25 @@ class Policy(nn.Module):
     """Observation (B, O) -> distribution parameters: logits (B, A) or ``[mean | log_std]`` (B, 2D).
 
     The Gaussian log-std is one learned vector shared by all states (Schulman et al. 2015, TRPO; the PPO default),
-    initialised to ``log_std_init``.
+    initialised to ``log_std_init``. The parameters are ``dtype`` (None: torch's default dtype); the trainer builds
+    float32 networks (``train.NETWORK_DTYPE``), a test may build float64 ones.
     """
 
     def __init__(
-        self, obs_size: int, action_size: int, hidden: tuple[int, ...], family: str, log_std_init: float = 0.0
+        self,
+        obs_size: int,
+        action_size: int,
+        hidden: tuple[int, ...],
+        family: str,
+        log_std_init: float = 0.0,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.family_name = family
         self.family = FAMILIES[family]
-        self.body = mlp([obs_size, *hidden, action_size], output_gain=0.01)
+        self.body = mlp([obs_size, *hidden, action_size], output_gain=0.01, dtype=dtype)
         if family == "gaussian":
-            self.log_std = nn.Parameter(torch.full((action_size,), float(log_std_init)))
+            self.log_std = nn.Parameter(torch.full((action_size,), float(log_std_init), dtype=dtype))
 
     def forward(self, obs: Tensor) -> Tensor:
         out = self.body(obs)
@@ -134,11 +142,11 @@ class Policy(nn.Module):
 
 
 class ValueNet(nn.Module):
-    """State-value baseline V(s): (B, O) -> (B,)."""
+    """State-value baseline V(s): (B, O) -> (B,), with parameters of ``dtype`` (None: torch's default dtype)."""
 
-    def __init__(self, obs_size: int, hidden: tuple[int, ...]):
+    def __init__(self, obs_size: int, hidden: tuple[int, ...], dtype: torch.dtype | None = None):
         super().__init__()
-        self.body = mlp([obs_size, *hidden, 1], output_gain=1.0)
+        self.body = mlp([obs_size, *hidden, 1], output_gain=1.0, dtype=dtype)
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.body(obs).squeeze(-1)

@@ -1,6 +1,7 @@
 """Sampling: step N vectorised environments T times with the current policy and keep what the update needs.
 
-Letters: T steps per environment, N environments, O observation size; actions are (T, N) integers or (T, N, D) reals.
+Letters: N environments, T steps per environment, O observation size; actions are (N, T) integers or (N, T, D) reals.
+Rows first and time last, the layout of :func:`policygrad.advantages.gae` and of the language-model rollouts.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ __all__ = ["Rollout", "Collector", "evaluate_policy"]
 
 @dataclass
 class Rollout:
-    """One batch of experience, time first. ``rewards`` already include the truncation bootstrap (see Collector)."""
+    """One batch of experience, one row per environment, time last. ``rewards`` already include the truncation
+    bootstrap (see Collector)."""
 
-    obs: Tensor  # (T, N, O)
-    actions: Tensor  # (T, N) or (T, N, D)
-    logprobs: Tensor  # (T, N) log pi_old(a_t | s_t) when sampled
-    values: Tensor  # (T, N) V(s_t) when sampled
-    rewards: Tensor  # (T, N)
-    dones: Tensor  # (T, N) 1 where the episode ended (terminated or truncated) after step t
+    obs: Tensor  # (N, T, O)
+    actions: Tensor  # (N, T) or (N, T, D)
+    logprobs: Tensor  # (N, T) log pi_old(a_t | s_t) when sampled
+    values: Tensor  # (N, T) V(s_t) when sampled
+    rewards: Tensor  # (N, T)
+    dones: Tensor  # (N, T) 1 where the episode ended (terminated or truncated) after step t
     last_value: Tensor  # (N,) V of the observation after the last step
     episode_returns: list[float] = field(default_factory=list)  # undiscounted returns of episodes finished here
     episode_lengths: list[int] = field(default_factory=list)
@@ -50,33 +52,29 @@ class Collector:
         :func:`policygrad.advantages.gae` bootstraps it exactly without peeking into the next, unrelated episode.
         """
         n, family = self.envs.num_envs, policy.family
-        dtype = next(policy.parameters()).dtype  # observations follow the networks (float32 or float64)
-        obs_buf = torch.empty((num_steps, n, self.spec.obs_size), dtype=dtype)
-        act_buf, logp_buf, val_buf = (
-            [],
-            torch.empty((num_steps, n), dtype=dtype),
-            torch.empty((num_steps, n), dtype=dtype),
-        )
-        rew_buf, done_buf = torch.empty((num_steps, n), dtype=dtype), torch.empty((num_steps, n), dtype=dtype)
-        episode_returns, episode_lengths = [], []
+        dtype = next(policy.parameters()).dtype  # observations follow the networks (float32, or float64 in tests)
+        obs_buf = torch.empty((n, num_steps, self.spec.obs_size), dtype=dtype)
+        logp_buf, val_buf = torch.empty((n, num_steps), dtype=dtype), torch.empty((n, num_steps), dtype=dtype)
+        rew_buf, done_buf = torch.empty((n, num_steps), dtype=dtype), torch.empty((n, num_steps), dtype=dtype)
+        act_buf, episode_returns, episode_lengths = [], [], []
         for t in range(num_steps):
             obs = torch.as_tensor(self.obs, dtype=dtype)  # (N, O)
             params = policy(obs)
             actions = family.sample(params, generator)
-            obs_buf[t], logp_buf[t], val_buf[t] = obs, family.log_prob(params, actions), value_net(obs)
+            obs_buf[:, t], logp_buf[:, t], val_buf[:, t] = obs, family.log_prob(params, actions), value_net(obs)
             act_buf.append(actions)
             env_actions = actions.numpy()
             if self.spec.action_low is not None:  # the Gaussian is unbounded; the environment is not
                 env_actions = np.clip(env_actions, self.spec.action_low, self.spec.action_high)
             self.obs, rewards, terminated, truncated, info = self.envs.step(env_actions)
-            rew_buf[t] = torch.as_tensor(rewards, dtype=dtype)
+            rew_buf[:, t] = torch.as_tensor(rewards, dtype=dtype)
             done = terminated | truncated
-            done_buf[t] = torch.as_tensor(done, dtype=dtype)
+            done_buf[:, t] = torch.as_tensor(done, dtype=dtype)
 
             cut = truncated & ~terminated  # time limit reached: bootstrap from the state it stopped in
             if cut.any():
                 final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), dtype=dtype)
-                rew_buf[t, torch.as_tensor(cut)] += self.gamma * value_net(final_obs)
+                rew_buf[torch.as_tensor(cut), t] += self.gamma * value_net(final_obs)
 
             self.running_return += rewards
             self.running_length += 1
@@ -88,7 +86,7 @@ class Collector:
         last_value = value_net(torch.as_tensor(self.obs, dtype=dtype))  # (N,)
         return Rollout(
             obs_buf,
-            torch.stack(act_buf),
+            torch.stack(act_buf, dim=1),  # (N, T) or (N, T, D)
             logp_buf,
             val_buf,
             rew_buf,

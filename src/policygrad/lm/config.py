@@ -10,35 +10,35 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from policygrad import configs
+from policygrad.configs import choice as _choice
+from policygrad.configs import flag as _flag
+from policygrad.configs import positive as _positive
+from policygrad.configs import short as _short
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
+from policygrad.variants import ADVANTAGES, AGGREGATIONS, ENTROPY_WEIGHTS, KL_ESTIMATORS, REWARD_SCALES, TASKS
 
-ADVANTAGES = ("grpo", "rloo", "reinforce")
-REWARD_SCALES = ("group", "batch", "none")
-AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
-ENTROPY_WEIGHTS = ("constant", "dynamic")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 PRECISIONS = ("auto", "float32", "bfloat16")
 DECODINGS = ("greedy", "sampled")
 REWARD_FAULTS = ("error", "skip")
-"""Allowed values of the choice fields. The trainer's dicts of variants use the same names (a test checks)."""
-
-CONFIG_FILE = "config.yaml"
-"""The resolved config in every run directory; its presence is what marks a folder as a policygrad LM run."""
+"""Allowed values of the choice fields that are settings rather than variants; the variants' names come from their
+registries in :mod:`policygrad.variants`."""
 
 
 @dataclasses.dataclass
 class GRPOConfig:
     """Train a language model with group-relative policy gradients (GRPO, RLOO or REINFORCE) on rule-based rewards."""
 
-    # --- model and data ---
+    # --- model, task and data ---
     model: str = "default"
     """model folder or Hugging Face id; "default" is the embedded SmolLM2-135M-Instruct (converted offline once)"""
+    task: Literal[TASKS.names] = "length_digits"
+    """the task: what the logged and held-out rates measure and the summary rows show (policygrad.variants.TASKS)"""
     prompts: str = "pydoc"
     """prompt source: "pydoc" (embedded corpus as length_digits prompts), a .jsonl file, or hf:<dataset>[:split]"""
     target_length: int = 64
@@ -79,16 +79,16 @@ class GRPOConfig:
     """nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]"""
 
     # --- advantages and loss ---
-    advantage: Literal["grpo", "rloo", "reinforce"] = "grpo"
+    advantage: Literal[ADVANTAGES.names] = "grpo"
     """grpo: reward minus group mean, divided by a std (see scale_rewards); rloo: leave-one-out group mean;
     reinforce: reward minus a moving average of past batch means"""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: Literal[REWARD_SCALES.names] = "group"
     """grpo: divide by the group's reward std, the whole batch's, or not at all (Dr. GRPO)"""
     advantage_eps: float = 1e-4
     """grpo: added to the std divisor"""
     baseline_decay: float = 0.9
     """reinforce: memory of the moving-average baseline, in [0, 1)"""
-    aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    aggregation: Literal[AGGREGATIONS.names] = "token_mean"
     """how per-token losses average: every token equal, every sequence equal, or sum / (N * max_new_tokens)"""
     updates_per_batch: int = 1
     """gradient steps on each sampled batch; above 1 the loss is the clipped importance-ratio surrogate"""
@@ -96,7 +96,7 @@ class GRPOConfig:
     """clipped surrogate: ratio clipped below at 1 - clip_eps_low"""
     clip_eps_high: float | None = None
     """clipped surrogate: ratio clipped above at 1 + clip_eps_high (default: clip_eps_low; DAPO uses 0.28)"""
-    entropy_weight: Literal["constant", "dynamic"] = "constant"
+    entropy_weight: Literal[ENTROPY_WEIGHTS.names] = "constant"
     """constant: the bonus weight is entropy_coef; dynamic: entropy_coef / (Var(rewards) + entropy_eps), bounded"""
     entropy_coef: float = 0.0
     """entropy bonus weight (constant) or its numerator (dynamic); 0 for no bonus"""
@@ -108,7 +108,7 @@ class GRPOConfig:
     """dynamic entropy weight: added to the reward variance"""
     kl_coef: float = 0.0
     """beta: weight of the KL penalty to a frozen copy of the initial model; 0 loads no reference model"""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal[KL_ESTIMATORS.names] = "k3"
     """per-token KL estimator in the loss (Schulman 2020): k3 as in GRPO, k2 for the exact reverse-KL gradient"""
 
     # --- optimisation ---
@@ -175,11 +175,12 @@ class GRPOConfig:
         self.rewards = tuple(self.rewards)
         self.eval_decoding = tuple(self.eval_decoding)
         self.output_dir = Path(self.output_dir)
-        _choice("--advantage", self.advantage, ADVANTAGES)
-        _choice("--scale-rewards", self.scale_rewards, REWARD_SCALES)
-        _choice("--aggregation", self.aggregation, AGGREGATIONS)
-        _choice("--entropy-weight", self.entropy_weight, ENTROPY_WEIGHTS)
-        _choice("--kl-estimator", self.kl_estimator, KL_ESTIMATORS)
+        TASKS.check("--task", self.task)
+        ADVANTAGES.check("--advantage", self.advantage)
+        REWARD_SCALES.check("--scale-rewards", self.scale_rewards)
+        AGGREGATIONS.check("--aggregation", self.aggregation)
+        ENTROPY_WEIGHTS.check("--entropy-weight", self.entropy_weight)
+        KL_ESTIMATORS.check("--kl-estimator", self.kl_estimator)
         _choice("--precision", self.precision, PRECISIONS)
         for decoding in self.eval_decoding:
             _choice("--eval-decoding", decoding, DECODINGS)
@@ -272,160 +273,6 @@ class EvalConfig(GRPOConfig):
     # docstring, which tyro shows as `policygrad eval --help`'s description.
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise UsageError(field, f"must be one of {', '.join(allowed)}, got {_short(value)}")
-
-
-def _positive(field: str, value: float, allow_zero: bool = False) -> None:
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    _require(ok, field, f"must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Recipes: YAML files of field values, with overrides
-# --------------------------------------------------------------------------------------------------------------
-
-
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()) -> GRPOConfig:
-    """A :class:`GRPOConfig` from a YAML recipe, then ``overrides`` on top, then validated.
-
-    ``overrides`` is a mapping of field -> value or a list of ``"field=value"`` strings (the value parsed as YAML,
-    so ``lr=3e-6`` or ``rewards=[binary, shaped=0.5]``). Dashes and underscores in names are interchangeable. An
-    unknown field, in the file or the overrides, is a one-line :class:`UsageError` naming it.
-    """
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(_read_recipe(Path(path)))
-    if isinstance(overrides, Mapping):
-        pairs = list(overrides.items())
-    else:
-        pairs = [_parse_override(item) for item in overrides]
-    for name, value in pairs:
-        values[_field_name(name, "override")] = value
-    hints = typing.get_type_hints(GRPOConfig)
-    coerced = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
-    return GRPOConfig(**coerced)
-
-
-def config_to_dict(config: GRPOConfig) -> dict[str, Any]:
-    """Plain YAML/JSON-safe values (paths as strings, tuples as lists), in field order."""
-    out = {}
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[item.name] = value
-    return out
-
-
-def _read_recipe(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError("--recipe", f"no such file {path}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(str(path), f"not a text file (byte {exc.start} is not UTF-8)") from None
-    except OSError as exc:  # a folder, no permission
-        raise UsageError("--recipe", f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.reader.ReaderError as exc:  # a control character: no problem_mark, but a position in the text
-        line = text.count("\n", 0, exc.position) + 1
-        code = ord(str(exc.character)[:1] or " ")
-        raise UsageError(f"{path}:{line}", f"{exc.reason} (character #x{code:04x})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise UsageError(where, problem) from None
-    except RecursionError:
-        raise UsageError(str(path), "nested too deeply to be a recipe") from None
-    except (ValueError, OverflowError) as exc:  # a scalar YAML parsed but could not build: 2020-13-45, a 5000-digit int
-        raise UsageError(str(path), f"invalid value: {' '.join(str(exc).split())[:120]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(str(path), f"a recipe is a mapping of field: value, got {type(data).__name__}")
-    return {_field_name(str(key), str(path)): value for key, value in data.items()}
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    import yaml
-
-    name, sep, text = item.partition("=")
-    if not sep:
-        raise UsageError("override", f"expected field=value, got {item!r}")
-    try:
-        return name.strip(), yaml.safe_load(text)
-    except yaml.YAMLError:
-        return name.strip(), text
-
-
-def _field_name(name: str, where: str) -> str:
-    known = [item.name for item in dataclasses.fields(GRPOConfig)]
-    normal = name.strip().lstrip("-").replace("-", "_")
-    if normal not in known:
-        raise UsageError(where, f"unknown field {name!r}")
-    return normal
-
-
-def _short(value: Any, width: int = 60) -> str:
-    """``repr(value)`` cut to ``width`` characters: an error message quotes a value, it does not dump it."""
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """YAML's types -> the field's: "1e-5" and 1 to float, lists to tuples, strings to paths; anything else is a
-    one-line UsageError naming the field. (YAML 1.1 reads ``1e-5`` as a string, a classic recipe bug.)"""
-    flag = _flag(name)
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise UsageError(flag, "must not be empty (null)")
-    if type(None) in args:  # Optional[X]: coerce to X
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)])  # noqa: UP007 (a Union built at run time)
-    if origin is Literal:
-        return value
-    if origin is tuple:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                raise UsageError(flag, f"must be a list of names, got {_short(item)}")
-        return tuple(str(item) for item in items)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UsageError(flag, f"must be true or false, got {_short(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(flag, f"must be an integer, got {_short(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, bool):
-            raise UsageError(flag, f"must be a number, got {_short(value)}")
-        try:
-            return float(value)
-        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float's range
-            raise UsageError(flag, f"must be a number, got {_short(value)}") from None
-    if hint is Path:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UsageError(flag, f"must be a path, got {_short(value)}")
-        return Path(str(value))
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UsageError(flag, f"must be a string, got {_short(value)}")
-        return str(value)
-    return value
+    """A :class:`GRPOConfig` from a YAML recipe and overrides (:func:`policygrad.configs.load_config`)."""
+    return configs.load_config(GRPOConfig, path, overrides)

@@ -262,3 +262,17 @@ def load_prompts(
     else:
         raise UsageError("--prompts", f"expected 'pydoc', a .jsonl file or hf:<dataset>, got {source!r}")
     return split_records(records, heldout)
+
+
+def prompts_for(config: Any, tokenizer: PreTrainedTokenizerBase | None, source: str | None = None) -> Prompts:
+    """The prompts of a training or evaluation config: ``source`` (default ``config.prompts``) with the config's
+    held-out split and length_digits settings, so training, evaluation and sampling see the same records."""
+    return load_prompts(
+        config.prompts if source is None else source,
+        tokenizer,
+        config.heldout_prompts,
+        config.max_passage_tokens,
+        config.target_length,
+        (config.digit_sum_min, config.digit_sum_max),
+        config.length_tolerance,
+    )

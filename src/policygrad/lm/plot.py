@@ -283,7 +283,7 @@ def plot_run(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> li
 
 def _title(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> str:
     """The run folder, with the model and advantage its config.yaml names when it has one."""
-    from policygrad.lm.config import CONFIG_FILE
+    from policygrad.runs import CONFIG_FILE
 
     title = f"{run_dir}  ({records[-1]['step']} steps)"
     config = run_dir / CONFIG_FILE

@@ -31,8 +31,9 @@ import tyro
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
 from policygrad.lm import tasks
-from policygrad.lm.config import CONFIG_FILE, PRECISIONS
+from policygrad.lm.config import PRECISIONS
 from policygrad.lm.plot import METRICS_FILE
+from policygrad.runs import CONFIG_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from policygrad.lm.config import GRPOConfig
@@ -141,7 +142,7 @@ def _model_folder(model: str, run: Path | None) -> str:
     """``model``, or for a run folder the latest model it saved (``final`` once the run has finished)."""
     if run is None or Path(model).expanduser().resolve() != run.resolve():
         return model
-    from policygrad.lm.trainer import latest_checkpoint
+    from policygrad.runs import latest_checkpoint
 
     saved = latest_checkpoint(run)
     if saved is None:
@@ -158,21 +159,13 @@ def _task_config(run: Path | None) -> GRPOConfig:
 
 def _records(config: SampleConfig, source: str, task: GRPOConfig, tokenizer: Any) -> list[dict[str, Any]]:
     """The prompt records to complete (see the module docstring for which)."""
-    from policygrad.lm.data import load_prompts, read_jsonl
+    from policygrad.lm.data import prompts_for, read_jsonl
 
     if config.prompt:
         return [{"prompt": p} for p in config.prompt]
     if config.prompts is not None and config.prompts.endswith(".jsonl"):
         return read_jsonl(config.prompts)[: config.num_prompts]
-    prompts = load_prompts(
-        source,
-        tokenizer,
-        task.heldout_prompts,
-        task.max_passage_tokens,
-        task.target_length,
-        (task.digit_sum_min, task.digit_sum_max),
-        task.length_tolerance,
-    )
+    prompts = prompts_for(task, tokenizer, source)
     if not prompts.heldout:
         raise UsageError("--prompts", f"{source} has no held-out prompts; give --prompt TEXT or --prompts FILE.jsonl")
     return prompts.heldout[: config.num_prompts]
@@ -348,8 +341,8 @@ def run_sample(config: SampleConfig) -> int:
     import torch
 
     from policygrad.lm.data import check_prompt_source
+    from policygrad.lm.device import resolve_device
     from policygrad.lm.models import load_model
-    from policygrad.lm.trainer import resolve_device
 
     run = checkpoint_run(config.model)
     model_folder = _model_folder(config.model, run)

@@ -13,14 +13,20 @@ targets arriving as the per-completion fields ``target_length``, ``target_digit_
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from policygrad.lm.task import Task
+from policygrad.variants import REWARD_MODES
 
 __all__ = [
     "DEFAULT_TARGET_LENGTH",
     "DIGIT_SUM_RANGE",
     "Check",
-    "REWARD_MODES",
+    "LENGTH_DIGITS",
+    "SUMMARY_ROWS",
+    "rates",
     "batch_reward",
     "binary",
     "binary_reward",
@@ -250,8 +256,8 @@ def sharp(completion: str, target_length: int, target_digit_sum: int, tolerance:
     return 2.0 ** (-length_miss / 2) * 2.0 ** (-digits_miss)
 
 
-REWARD_MODES: dict[str, Callable[[str, int, int, int], float]] = {"binary": binary, "shaped": shaped, "sharp": sharp}
-"""The task's reward modes by name: ``(completion, target_length, target_digit_sum, tolerance) -> float``."""
+# the task's reward modes by name, ``(completion, target_length, target_digit_sum, tolerance) -> float``, are the
+# registry policygrad.variants.REWARD_MODES
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -277,7 +283,7 @@ def _batch(
 
 
 def batch_reward(mode: str) -> Callable[..., list[float]]:
-    """The reward mode ``mode`` (a key of :data:`REWARD_MODES`) for a batch, in the reward-function interface
+    """The reward mode ``mode`` (a name of :data:`policygrad.variants.REWARD_MODES`) for a batch, in the reward-function interface
     ``(prompts, completions, target_length=..., target_digit_sum=..., tolerance=..., **fields) -> list[float]``.
 
     >>> batch_reward("binary")(["p", "p"], ["55", "5"], target_length=[2, 2], target_digit_sum=[10, 10])
@@ -306,3 +312,37 @@ def batch_reward(mode: str) -> Callable[..., list[float]]:
 binary_reward = batch_reward("binary")
 shaped_reward = batch_reward("shaped")
 sharp_reward = batch_reward("sharp")
+
+
+def rates(completions: Sequence[str], fields: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+    """Fractions of completions that pass both rules, the length rule and the digits rule.
+
+    Empty when the prompts are not ``length_digits`` prompts (no ``target_length``/``target_digit_sum`` fields).
+
+    >>> rates(["55", "5x"], {"target_length": [2, 2], "target_digit_sum": [10, 10]})
+    {'pass_rate': 0.5, 'length_rate': 1.0, 'digits_rate': 0.5}
+    """
+    lengths, sums = fields.get("target_length"), fields.get("target_digit_sum")
+    if not completions or lengths is None or sums is None or None in lengths or None in sums:
+        return {}
+    tolerances = fields.get("tolerance") or [0] * len(completions)
+    checks = [check(c, int(n), int(s), int(t or 0)) for c, n, s, t in zip(completions, lengths, sums, tolerances)]
+    n = len(checks)
+    return {
+        "pass_rate": sum(c.passed for c in checks) / n,
+        "length_rate": sum(c.length_ok for c in checks) / n,
+        "digits_rate": sum(c.digits_ok for c in checks) / n,
+    }
+
+
+SUMMARY_ROWS = {
+    "pass_rate": "pass rate (both rules)",
+    "length_rate": "length rule",
+    "digits_rate": "digit-sum rule",
+}
+"""The held-out numbers ``policygrad train`` prints at the end, before and after training (keys of
+:func:`policygrad.lm.evaluate.evaluate`'s results), with their labels."""
+
+
+LENGTH_DIGITS = Task("length_digits", rates, SUMMARY_ROWS)
+"""The task as the trainer, evaluation and reports see it (:data:`policygrad.variants.TASKS`)."""

@@ -1,4 +1,4 @@
-"""One GRPO update: the variants chosen by name (advantages, entropy weight), the per-batch loss and the optimiser
+"""One GRPO update: the per-batch loss and the optimiser
 steps on one rollout. Pure of everything a run owns (folders, logs, checkpoints, signals): tensors, a model and an
 optimiser in, metrics out. :mod:`policygrad.lm.trainer` runs the loop around it.
 
@@ -10,67 +10,16 @@ Letters as in :mod:`policygrad.lm.rollout`: N rows (B prompts x G completions), 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from policygrad.advantages import group_advantages, leave_one_out, moving_average
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches
 from policygrad.losses import aggregate, policy_loss
-from policygrad.regularizers import dynamic_entropy_weight, kl
+from policygrad.regularizers import kl
 
-__all__ = ["ADVANTAGES", "ENTROPY_WEIGHTS", "grpo_loss", "micro_batch_share", "update"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Variants, chosen by name
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _grpo(rewards: Tensor, config: GRPOConfig, baseline: float) -> tuple[Tensor, float]:
-    return group_advantages(rewards, config.group_size, config.scale_rewards, config.advantage_eps), baseline
-
-
-def _rloo(rewards: Tensor, config: GRPOConfig, baseline: float) -> tuple[Tensor, float]:
-    return leave_one_out(rewards, config.group_size), baseline
-
-
-def _reinforce(rewards: Tensor, config: GRPOConfig, baseline: float) -> tuple[Tensor, float]:
-    # the baseline from PAST batches only (it starts at 0), so the estimate stays unbiased (Williams 1992)
-    advantages = (rewards - baseline).nan_to_num(0.0)  # an unscored completion carries no signal
-    if rewards.isnan().all():
-        return advantages, baseline
-    updated = moving_average(torch.tensor(baseline, dtype=rewards.dtype), rewards, config.baseline_decay)
-    return advantages, float(updated)
-
-
-ADVANTAGES: dict[str, Callable[[Tensor, GRPOConfig, float], tuple[Tensor, float]]] = {
-    "grpo": _grpo,
-    "rloo": _rloo,
-    "reinforce": _reinforce,
-}
-"""``(rewards (N,), config, baseline) -> (advantages (N,), new baseline)``; only reinforce uses the baseline."""
-
-
-def _constant_entropy_weight(rewards: Tensor, config: GRPOConfig) -> float:
-    return config.entropy_coef
-
-
-def _dynamic_entropy_weight(rewards: Tensor, config: GRPOConfig) -> float:
-    return float(
-        dynamic_entropy_weight(
-            rewards, config.entropy_coef, config.entropy_min_weight, config.entropy_max_weight, config.entropy_eps
-        )
-    )
-
-
-ENTROPY_WEIGHTS: dict[str, Callable[[Tensor, GRPOConfig], float]] = {
-    "constant": _constant_entropy_weight,
-    "dynamic": _dynamic_entropy_weight,
-}
-"""``(rewards (N,), config) -> w_H``, the weight of the entropy bonus for this batch."""
+__all__ = ["grpo_loss", "micro_batch_share", "update"]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""What a training loop does between its steps to survive its own failures, the same for ``policygrad train`` and
+``policygrad control`` (docs/reliability.md): remember the state before each step, count steps whose update was
+skipped for a non-finite loss or gradient, write the periodic checkpoint, and stop cleanly on SIGINT/SIGTERM.
+
+The loop calls two methods and holds no reliability branch itself::
+
+    with StepGuard(...) as guard:
+        for step in range(start, total):
+            guard.remember(step)            # the state a stop inside this step saves
+            ...                             # sample, score, advantages, update, log
+            guard.after(step + 1, skipped)  # streak of skipped updates / periodic checkpoint / stop signal
+
+``max_bad_steps`` skipped steps in a row stop the run with :data:`~policygrad.stopping.EXIT_DIVERGED`, saving the
+state from before the first of them; a signal finishes the step, saves and stops with 128 + the signal's number. No
+periodic checkpoint is written while a streak is open (the run may be going wrong). Every stop raises
+:class:`~policygrad.stopping.Stopped`, whose message says where the checkpoint is and the command that resumes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from policygrad.stopping import EXIT_DIVERGED, Stopped, StopSignals
+
+__all__ = ["StepGuard"]
+
+S = TypeVar("S")  # a snapshot: whatever the trainer needs to save the state after some number of steps
+
+
+class StepGuard(Generic[S]):
+    """Skipped-update streaks, periodic checkpoints and stop signals of one run.
+
+    Args:
+        command:       the program, for messages (``"policygrad train"``).
+        total_steps:   the run's last step (no checkpoint or stop after it: the run is finishing).
+        max_bad_steps: skipped steps in a row that stop the run.
+        save_every:    a periodic checkpoint every this many steps (0: none).
+        snapshot:      ``step -> S``, the state after ``step`` steps, taken now (``step`` is the steps done).
+        save:          ``S -> folder``, writes a snapshot's checkpoint (with the trainer's current weights).
+        resume_hint:   the command that resumes the run, quoted at the end of every stop message.
+        advice:        what to check after a divergence (``"check the rewards"``).
+    """
+
+    def __init__(
+        self,
+        command: str,
+        total_steps: int,
+        max_bad_steps: int,
+        save_every: int,
+        snapshot: Callable[[int], S],
+        save: Callable[[S], Path],
+        resume_hint: str,
+        advice: str = "check the rewards",
+    ):
+        self.command, self.total_steps = command, total_steps
+        self.max_bad_steps, self.save_every = max_bad_steps, save_every
+        self.snapshot, self.save, self.resume_hint, self.advice = snapshot, save, resume_hint, advice
+        self.before: tuple[int, S] | None = None  # (step, state) before the current step
+        self.first_bad: tuple[int, S] | None = None  # the state before the first step of a streak of skipped ones
+        self.bad_steps = 0
+        self.signals = StopSignals(command)
+
+    def __enter__(self) -> StepGuard[S]:
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.signals.__exit__(*exc)
+
+    def remember(self, step: int) -> None:
+        """Take the snapshot of the state before this step (what a stop inside it, or a streak from it, saves)."""
+        self.before = (step, self.snapshot(step))
+
+    def save_before(self) -> Path:
+        """Save the state from before the current step (a fault inside the step), or the streak's first one."""
+        return self.save((self.first_bad or self.before)[1])
+
+    def after(self, done: int, skipped: bool, detail: str = "") -> None:
+        """Between steps: ``done`` steps are done; ``skipped`` says whether this one's update was skipped for a
+        non-finite loss or gradient (``detail`` adds the numbers to the warning)."""
+        if skipped:
+            self.bad_steps += 1
+            self.first_bad = self.first_bad or self.before
+            self.warn(
+                f"step {done}: non-finite loss or gradient norm{detail}; update skipped ({self.bad_steps} of "
+                f"{self.max_bad_steps} in a row)"
+            )
+            if self.bad_steps >= self.max_bad_steps:
+                step, state = self.first_bad
+                raise Stopped(
+                    f"stopped: {self.bad_steps} steps in a row had a non-finite loss or gradient norm; saved the "
+                    f"state from before the first of them (step {step}) in {self.save(state)}; lower --lr or "
+                    f"{self.advice}, then resume with: {self.resume_hint}",
+                    EXIT_DIVERGED,
+                )
+        else:
+            self.bad_steps, self.first_bad = 0, None
+            if self.save_every and done % self.save_every == 0 and done < self.total_steps:
+                self.save(self.snapshot(done))
+        if self.signals.requested and done < self.total_steps:
+            state = self.first_bad[1] if self.first_bad else self.snapshot(done)
+            raise Stopped(
+                f"stopped by {self.signals.name} after step {done} of {self.total_steps}; saved {self.save(state)}; "
+                f"resume with: {self.resume_hint}",
+                self.signals.exit_code,
+            )
+
+    def warn(self, message: str) -> None:
+        print(f"{self.command}: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,74 @@
+"""Step 5 of the loop, what a step logs: every metric's definition lives here or in the function that returns it
+(the update's metrics in :mod:`policygrad.lm.update`, the task's rates in its :class:`~policygrad.lm.task.Task`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from policygrad.lm.rollout import Rollout
+from policygrad.lm.task import Task
+
+__all__ = ["curriculum_record", "flat_scalars", "samples", "step_record"]
+
+
+def step_record(
+    task: Task,
+    rollout: Rollout,
+    scored: Any,
+    advantages: Tensor,
+    entropy_weight: float,
+    update_metrics: dict[str, float],
+) -> dict[str, float]:
+    """The numbers logged each step about the batch, its rewards (and the task's rates), advantages and update."""
+    rewards, scores = scored.rewards, scored.scores
+    valid = rewards[~rewards.isnan()]
+    lengths = rollout.completion_lengths.float()  # (N,)
+    record: dict[str, float] = {
+        "reward_mean": valid.mean().item() if valid.numel() else float("nan"),
+        "reward_std": valid.std().item() if valid.numel() > 1 else 0.0,
+        "reward_nan": float(scores.nan_count),
+        "advantage_mean": advantages.mean().item(),
+        "advantage_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
+        "advantage_min": advantages.min().item(),
+        "advantage_max": advantages.max().item(),
+        "entropy_weight": float(entropy_weight),
+        "completion_tokens": lengths.mean().item(),
+        "completion_chars": sum(len(c.strip()) for c in rollout.completions) / len(rollout.completions),
+        "truncated": rollout.truncated.float().mean().item(),
+        **task.rates(rollout.completions, scored.task_fields),
+        **update_metrics,
+    }
+    if len(scores.per_function) > 1:
+        for name, values in scores.per_function.items():
+            finite = [v for v in values if not math.isnan(v)]
+            record[f"reward/{name}"] = sum(finite) / len(finite) if finite else float("nan")
+    return record
+
+
+def curriculum_record(task: Task, curriculum: Any, rollout: Rollout, scored: Any) -> dict[str, float]:
+    """The curriculum's stage and the pass rate under it (which the curriculum then observes); {} without one."""
+    if curriculum is None:
+        return {}
+    staged = task.rates(rollout.completions, scored.fields)["pass_rate"]
+    record = {"curriculum/tolerance": float(curriculum.tolerance), "curriculum/pass_rate": staged}
+    curriculum.observe(staged)
+    return record
+
+
+def flat_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``{decoding: {metric: value}}`` -> ``{"eval/<decoding>/<metric>": value}`` for the numbers only (no examples)."""
+    return {
+        f"eval/{decoding}/{key}": value
+        for decoding, values in results.items()
+        for key, value in values.items()
+        if isinstance(value, (int, float))
+    }
+
+
+def samples(rollout: Rollout, rewards: list[float], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` (prompt, completion, reward) of a batch, for completions.jsonl."""
+    rows = zip(rollout.prompts, rollout.completions, rewards)
+    return [{"prompt": p, "completion": c, "reward": r} for p, c, r in list(rows)[:count]]

@@ -1,0 +1,101 @@
+"""Step 2 of the loop, scoring a rollout: the reward functions on every completion, their faults handled by the run's
+policy, the reward of a cut-off reply, and the log-probs of the frozen reference for the KL term.
+
+A reward function's fault under ``reward_fault: error`` saves the state from before the step and stops the run with
+the command that resumes it; under ``skip`` the samples concerned score NaN (advantage 0), one line each goes to
+``faults.jsonl`` and one warning per step to stderr (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from policygrad.guard import StepGuard
+from policygrad.lm.evaluate import group_fields
+from policygrad.lm.rewards import RewardError
+from policygrad.lm.rollout import Rollout, rollout_logprobs
+from policygrad.runlog import RunLog
+from policygrad.runs import resume_command
+
+__all__ = ["Scored", "reference_logprobs", "score"]
+
+
+@dataclass
+class Scored:
+    """A rollout's rewards: ``rewards`` (N,) float32 (NaN where a fault was skipped), the reward set's ``scores``
+    (per function, faults), the task's per-row fields and those the rewards saw (with a curriculum's tolerance)."""
+
+    rewards: Tensor
+    scores: Any  # policygrad.lm.rewards.Scores
+    task_fields: dict[str, list[Any]]
+    fields: dict[str, list[Any]]
+
+
+def score(
+    run: Any, guard: StepGuard, log: RunLog, rollout: Rollout, records: list[dict[str, Any]], step: int
+) -> Scored:
+    """Score the N completions of ``rollout`` (``records`` are its B prompt records; ``step`` the steps done before)."""
+    config = run.config
+    task_fields = fields = group_fields(records, config.group_size)
+    if run.curriculum is not None:  # the rewards see this stage's tolerance; the logged rates the task's
+        fields = {**task_fields, "tolerance": [run.curriculum.tolerance] * len(rollout.completions)}
+    try:
+        scores = run.reward_set.score(
+            rollout.prompts,
+            rollout.completions,
+            fields,
+            on_fault=config.reward_fault,
+            timeout=config.reward_timeout or None,
+            allow_nan=False,
+        )
+    except RewardError as err:  # policy "error": keep everything up to this step, then say how to go on
+        folder = guard.save_before()
+        raise RewardError(
+            err.field,
+            f"{str(err)[len(err.field) + 2 :]}; saved the run at step {step} in {folder}; fix the function (or pass "
+            f"--reward-fault skip) and resume with: {resume_command('train', run.output_dir)}",
+        ) from err
+    _log_faults(log, step + 1, scores, rollout)
+    rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
+    if config.truncated_reward is not None:  # a reply must end itself, not be cut off by the budget
+        rewards[rollout.truncated.cpu() & ~rewards.isnan()] = config.truncated_reward
+    return Scored(rewards, scores, task_fields, fields)
+
+
+def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout) -> None:
+    """Reward faults skipped under ``reward_fault: skip``: one line each in faults.jsonl, one warning per step."""
+    rows = []
+    for fault in scores.faults:
+        row = 0 if fault.sample is None else fault.sample
+        rows.append(
+            {
+                "function": fault.function,
+                "kind": fault.kind,
+                "sample": fault.sample,
+                "prompt": rollout.prompts[row],
+                "completion": rollout.completions[row],
+                "message": fault.message,
+            }
+        )
+    log.rows("faults", step, rows)
+    if scores.faults:
+        more = f" (and {len(scores.faults) - 1} more)" if len(scores.faults) > 1 else ""
+        print(
+            f"policygrad train: step {step}: {scores.faulted_samples} samples get advantage 0 after a reward fault: "
+            f"{scores.faults[0].line()}{more}; see faults.jsonl",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def reference_logprobs(run: Any, rollout: Rollout) -> Tensor | None:
+    """Log-probs of the sampled tokens under the frozen reference model: (N, T), or None without a KL term."""
+    if run.reference is None:
+        return None
+    config = run.config
+    return rollout_logprobs(run.reference, rollout, config.temperature, config.micro_batch_size, run.autocast_dtype)

@@ -73,6 +73,20 @@ def _recipe(command: str, args: list[str]) -> tuple[list[str], object]:
     return args[:at] + args[at + 2 :], _load(loader)(args[at + 1])
 
 
+def _refuse_old_resume(command: str, args: list[str]) -> None:
+    """``--resume DIR`` (policygrad control before issue 13) is a flag now: say how to resume instead of tyro's
+    "unrecognized option"."""
+    if "--resume" in args:
+        at = args.index("--resume")
+        if at + 1 < len(args) and not args[at + 1].startswith("-"):
+            folder = args[at + 1].rstrip("/")
+            raise UsageError(
+                "--resume",
+                f"is a flag and takes no folder; continue the run in {folder} with: policygrad {command} --recipe "
+                f"{folder}/config.yaml --resume",
+            )
+
+
 def _parse(argv: Sequence[str]):
     import tyro
 
@@ -84,6 +98,7 @@ def _parse(argv: Sequence[str]):
             if command is None:  # `policygrad --help`, or no/unknown command: tyro lists the commands
                 configs = {name: _load(config) for name, (config, _, _) in COMMANDS.items()}
                 return tyro.extras.subcommand_cli_from_dict(configs, prog="policygrad", args=argv)
+            _refuse_old_resume(command, argv[1:])
             args, default = _recipe(command, argv[1:])
             return tyro.cli(_load(COMMANDS[command][0]), args=args, default=default, prog=f"policygrad {command}")
     except SystemExit as exit_:

@@ -20,8 +20,8 @@ from types import FrameType
 __all__ = ["EXIT_DIVERGED", "Stopped", "StopSignals"]
 
 EXIT_DIVERGED = 3
-"""Exit status of a run stopped after several non-finite updates in a row (``max_bad_steps`` of ``policygrad
-train``, ``--max-bad-updates`` of ``policygrad control``). The others: 0 finished, 2 bad input (or a reward fault
+"""Exit status of a run stopped after several non-finite updates in a row (``--max-bad-steps`` of ``policygrad
+train`` and ``policygrad control``). The others: 0 finished, 2 bad input (or a reward fault
 under ``reward_fault: error``), 130/143 stopped by SIGINT/SIGTERM; all but 0 and bad input after a checkpoint."""
 
 

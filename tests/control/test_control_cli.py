@@ -218,3 +218,14 @@ def test_a_run_folder_of_an_older_policygrad_is_refused_in_one_line(tmp_path, ca
     assert main(["control", "--output-dir", str(old), "--overwrite", *args]) == 0
     assert sorted(p.name for p in old.iterdir()) == ["config.yaml", "metrics.jsonl", "policy.pt", "tensorboard"]
     assert [r["step"] for r in _records(old)] == [1, 2]
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("command", ["control", "train"])
+def test_the_old_resume_with_a_folder_says_how_to_resume_now(command, capsys, tmp_path):
+    """``--resume DIR`` (policygrad control before issue 13) is one line with the command that works now."""
+    assert main([command, "--resume", f"{tmp_path}/run/"]) == 2
+    assert capsys.readouterr().err == (
+        f"policygrad {command}: error: --resume: is a flag and takes no folder; continue the run in {tmp_path}/run "
+        f"with: policygrad {command} --recipe {tmp_path}/run/config.yaml --resume\n"
+    )

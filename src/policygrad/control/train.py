@@ -22,7 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,142 @@ def train(
     from before the first of them: everything a checkpoint holds is copied at the start of each step (the networks
     are small), because the environments and generators move on even when the weights do not.
     """
-    out = None if output_dir is None else Path(output_dir)
+    run = _setup(cfg, None if output_dir is None else Path(output_dir))
+    learner, update = run.learner, UPDATES[cfg.algo]
+    try:
+        with run.guard() as guard, run.log() as log:
+            for k in range(run.first, run.total):
+                guard.remember(k)  # the state a stop inside this step, or a streak from it, saves
+                run.anneal(k)
+                # 1. sample a batch with the current policy
+                rollout = run.collector.collect(learner.policy, learner.value_net, cfg.num_steps, run.generator)
+                # 2. estimate advantages: (N, T) each, last_value (N,)
+                advantages, returns = gae(
+                    rollout.rewards, rollout.values, rollout.dones, rollout.last_value, cfg.gamma, cfg.gae_lambda
+                )
+                # 3. update the policy and the baseline
+                metrics = update(learner, _flatten(rollout, advantages, returns), cfg, run.generator)
+                # 4. log
+                record = run.record(k + 1, rollout, metrics)
+                if log is not None:
+                    log.write(k + 1, {key: value for key, value in record.items() if key != "step"})
+                if on_step is not None:
+                    on_step(record)
+                # 5. a non-finite loss or gradient skipped those updates; several such steps in a row stop the run.
+                # Then the periodic checkpoint, and a stop signal
+                skipped = metrics["skipped_updates"]
+                guard.after(k + 1, bool(skipped), f" ({skipped} optimiser updates skipped)" if skipped else "")
+        return run.finish()
+    finally:
+        run.envs.close()
+
+
+@dataclass
+class _Run:
+    """What the loop of :func:`train` reads: built by :func:`_setup`, snapshotted and saved between steps."""
+
+    cfg: ControlConfig
+    out: Path | None
+    spec: EnvSpec
+    learner: Learner
+    generator: torch.Generator  # action sampling and minibatch order
+    envs: Any
+    collector: Collector
+    total: int  # steps (batches) in the run
+    first: int = 0  # steps done before this invocation (a resume)
+    start: float = 0.0  # perf_counter() at step 0, carried over a resume
+    trained_with: str = ""  # the settings as JSON, kept in every checkpoint for a resume to compare with
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
+    records: list[dict] = field(default_factory=list)
+    saved: int = -1  # the step of the newest checkpoint written, so a stop does not write the same one twice
+
+    def anneal(self, k: int) -> None:
+        """Both learning rates decayed linearly to 0 over the run, with ``anneal_lr``."""
+        if self.cfg.anneal_lr:
+            for opt, lr in ((self.learner.policy_opt, self.cfg.lr), (self.learner.value_opt, self.cfg.value_lr)):
+                opt.param_groups[0]["lr"] = lr * (1.0 - k / self.total)
+
+    def record(self, step: int, rollout: Rollout, metrics: dict[str, float]) -> dict:
+        """The step's record (also kept in :attr:`records`)."""
+        self.recent.extend(rollout.episode_returns)
+        record = {
+            "step": step,
+            "env_steps": step * self.cfg.batch_size,
+            "time": time.perf_counter() - self.start,
+            "return_recent": statistics.fmean(self.recent) if self.recent else None,
+            "episode_returns": rollout.episode_returns,
+            # NaN (e.g. explained variance of constant returns) is not JSON; null is
+            **{name: None if value != value else value for name, value in metrics.items()},
+        }
+        self.records.append(record)
+        return record
+
+    def snapshot(self, k: int) -> tuple[int, dict, dict, dict | None]:
+        """A copy of everything the checkpoint after ``k`` steps holds, taken now and saved now or later."""
+        learner, collector = self.learner, self.collector
+        state = {
+            "policy_opt": copy.deepcopy(learner.policy_opt.state_dict()),
+            "value_opt": copy.deepcopy(learner.value_opt.state_dict()),
+            "generator": self.generator.get_state(),
+            "recent": list(self.recent),
+            "elapsed": time.perf_counter() - self.start,
+            "obs": torch.tensor(np.asarray(collector.obs)),
+            "running_return": torch.tensor(collector.running_return),
+            "running_length": torch.tensor(collector.running_length),
+            "config": self.trained_with,
+        }
+        networks = {
+            **{f"policy.{n}": t.detach().clone() for n, t in learner.policy.state_dict().items()},
+            **{f"value.{n}": t.detach().clone() for n, t in learner.value_net.state_dict().items()},
+        }
+        return k, networks, state, env_state(self.envs)
+
+    def save(self, snapshot: tuple[int, dict, dict, dict | None]) -> Path:
+        """``checkpoints/step-N`` from a snapshot (unless the newest checkpoint already is step N), then prune."""
+        k = snapshot[0]
+        folder = runs.checkpoint_dir(self.out, k)
+        if self.saved != k or checkpointing.verify(folder) is not None:
+            save_training(folder, *snapshot)
+            checkpointing.prune(folder.parent, self.cfg.keep_checkpoints)
+            self.saved = k
+        return folder
+
+    def guard(self) -> StepGuard:
+        if self.out is None:
+            return _Unsaved(self.total, self.cfg.max_bad_steps)
+        hint, advice = runs.resume_command("control", self.out), "check the environment's rewards"
+        cfg = self.cfg
+        return StepGuard(COMMAND, self.total, cfg.max_bad_steps, cfg.save_every, self.snapshot, self.save, hint, advice)
+
+    def log(self) -> contextlib.AbstractContextManager[RunLog | None]:
+        """The run's RunLog; a resumed run's keeps the records up to its checkpoint and drops what came after."""
+        if self.out is None:
+            return contextlib.nullcontext(None)
+        return RunLog(self.out, append_after=self.first if self.cfg.resume else None, command=COMMAND)
+
+    def finish(self) -> TrainResult:
+        """Evaluate the deterministic policy, save ``policy.pt`` (and ``curves.png``)."""
+        cfg, policy, spec = self.cfg, self.learner.policy, self.spec
+        eval_returns = (
+            evaluate_policy(policy, spec, cfg.eval_episodes, seed=cfg.seed + 10_000) if cfg.eval_episodes else []
+        )
+        if self.out is not None:
+            save_policy(
+                self.out / "policy.pt", policy, spec.env_id, spec.obs_size, spec.action_size, cfg.hidden, cfg.algo
+            )
+            if cfg.plot:
+                from policygrad.control.plots import plot_curves
+
+                plot_curves(self.records, self.out / "curves.png", f"{cfg.env}, {cfg.algo}, seed {cfg.seed}")
+        return TrainResult(self.records, policy, spec, eval_returns, self.out)
+
+
+def _setup(cfg: ControlConfig, out: Path | None) -> _Run:
+    """Networks, optimisers, environments and collector, restored from the newest checkpoint with ``resume``; the run
+    folder is checked first and written last (nothing is written until the inputs have loaded)."""
     if out is not None:
-        check_output_dir(cfg, out)  # before anything heavy; nothing is written until the inputs have loaded
+        check_output_dir(cfg, out)
     torch.set_num_threads(cfg.threads)
-    generator = torch.Generator().manual_seed(cfg.seed)  # action sampling and minibatch order
     spec = inspect_env(cfg.env, cfg.policy)
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
@@ -152,115 +283,36 @@ def train(
         torch.optim.Adam(value_net.parameters(), lr=cfg.value_lr, eps=1e-5),
     )
     envs = make_vector_env(cfg.env, cfg.num_envs)
-    try:
-        return _train(cfg, out, on_step, spec, learner, generator, envs)
-    finally:
-        envs.close()
-
-
-def _train(cfg, out, on_step, spec, learner, generator, envs) -> TrainResult:
-    policy, value_net = learner.policy, learner.value_net
-    collector = Collector(envs, spec, cfg.gamma, cfg.seed)
-    update = UPDATES[cfg.algo]
-    recent: deque[float] = deque(maxlen=RECENT_EPISODES)
+    generator = torch.Generator().manual_seed(cfg.seed)
     total = math.ceil(cfg.total_steps / cfg.batch_size)
-    first, elapsed = 0, 0.0
+    run = _Run(cfg, out, spec, learner, generator, envs, Collector(envs, spec, cfg.gamma, cfg.seed), total)
     settings = config_to_dict(cfg)
-    if out is not None:
-        if cfg.resume:
-            first, elapsed = _restore(cfg, out, settings, learner, generator, envs, collector, recent)
-        if cfg.overwrite and older_run(out):
-            shutil.rmtree(out)
-        runs.prepare_output_dir(out, cfg.resume, cfg.overwrite, settings)  # the run's first write
-    trained_with = json.dumps(settings)  # kept in every checkpoint: what a resume compares its settings with
-
-    def snapshot(k: int) -> tuple[int, dict, dict, dict | None]:
-        """A copy of everything the checkpoint after ``k`` steps holds, taken now and saved now or later."""
-        state = {
-            "policy_opt": copy.deepcopy(learner.policy_opt.state_dict()),
-            "value_opt": copy.deepcopy(learner.value_opt.state_dict()),
-            "generator": generator.get_state(),
-            "recent": list(recent),
-            "elapsed": time.perf_counter() - start,
-            "obs": torch.tensor(np.asarray(collector.obs)),
-            "running_return": torch.tensor(collector.running_return),
-            "running_length": torch.tensor(collector.running_length),
-            "config": trained_with,
-        }
-        networks = {
-            **{f"policy.{n}": t.detach().clone() for n, t in policy.state_dict().items()},
-            **{f"value.{n}": t.detach().clone() for n, t in value_net.state_dict().items()},
-        }
-        return k, networks, state, env_state(envs)
-
-    saved = [-1]  # the step of the newest checkpoint written, so a stop does not write the same one twice
-
-    def save(snap: tuple[int, dict, dict, dict | None]) -> Path:
-        k = snap[0]
-        folder = runs.checkpoint_dir(out, k)
-        if saved[0] != k or checkpointing.verify(folder) is not None:
-            save_training(folder, *snap)
-            checkpointing.prune(folder.parent, cfg.keep_checkpoints)
-            saved[0] = k
-        return folder
-
-    if out is None:
-        guard, log = _Unsaved(total, cfg.max_bad_steps), None
-    else:
-        hint = runs.resume_command("control", out)
-        advice = "check the environment's rewards"
-        guard = StepGuard(COMMAND, total, cfg.max_bad_steps, cfg.save_every, snapshot, save, hint, advice)
-        # a resumed run's log keeps the records up to its checkpoint and drops what the stopped run wrote after it
-        log = RunLog(out, append_after=first if cfg.resume else None, command=COMMAND)
-    records = _read_records(out / "metrics.jsonl") if out is not None and cfg.resume else []
-    start = time.perf_counter() - elapsed  # seconds trained, carried over a resume
-    with guard, contextlib.nullcontext() if log is None else log:
-        for k in range(first, total):
-            guard.remember(k)  # the state a stop inside this step, or a streak from it, saves
-            if cfg.anneal_lr:
-                for opt, lr in ((learner.policy_opt, cfg.lr), (learner.value_opt, cfg.value_lr)):
-                    opt.param_groups[0]["lr"] = lr * (1.0 - k / total)
-            # 1. sample a batch with the current policy
-            rollout = collector.collect(policy, value_net, cfg.num_steps, generator)
-            # 2. estimate advantages: (N, T) each, last_value (N,)
-            advantages, returns = gae(
-                rollout.rewards, rollout.values, rollout.dones, rollout.last_value, cfg.gamma, cfg.gae_lambda
-            )
-            # 3. update the policy and the baseline
-            metrics = update(learner, _flatten(rollout, advantages, returns), cfg, generator)
-            # 4. log
-            recent.extend(rollout.episode_returns)
-            values = {
-                "env_steps": (k + 1) * cfg.batch_size,
-                "time": time.perf_counter() - start,
-                "return_recent": statistics.fmean(recent) if recent else None,
-                "episode_returns": rollout.episode_returns,
-                # NaN (e.g. explained variance of constant returns) is not JSON; null is
-                **{name: None if value != value else value for name, value in metrics.items()},
-            }
-            records.append({"step": k + 1, **values})
-            if log is not None:
-                log.write(k + 1, values)
-            if on_step is not None:
-                on_step(records[-1])
-            # 5. a non-finite loss or gradient skipped those updates; several such steps in a row stop the run.
-            # Then the periodic checkpoint, and a stop signal
-            skipped = metrics["skipped_updates"]
-            guard.after(k + 1, bool(skipped), f" ({skipped} optimiser updates skipped)" if skipped else "")
-
-    eval_returns = evaluate_policy(policy, spec, cfg.eval_episodes, seed=cfg.seed + 10_000) if cfg.eval_episodes else []
-    if out is not None:
-        save_policy(out / "policy.pt", policy, spec.env_id, spec.obs_size, spec.action_size, cfg.hidden, cfg.algo)
-        if cfg.plot:
-            from policygrad.control.plots import plot_curves
-
-            plot_curves(records, out / "curves.png", f"{cfg.env}, {cfg.algo}, seed {cfg.seed}")
-    return TrainResult(records, policy, spec, eval_returns, out)
+    run.trained_with = json.dumps(settings)
+    elapsed = 0.0
+    try:
+        if out is not None:
+            if cfg.resume:
+                run.first, elapsed = _restore(cfg, out, settings, learner, generator, envs, run.collector, run.recent)
+                run.records = _read_records(out / "metrics.jsonl", run.first)
+            if cfg.overwrite and older_run(out):
+                shutil.rmtree(out)
+            runs.prepare_output_dir(out, cfg.resume, cfg.overwrite, settings)  # the run's first write
+    except BaseException:
+        envs.close()
+        raise
+    run.start = time.perf_counter() - elapsed  # seconds trained, carried over a resume
+    return run
 
 
-def _read_records(path: Path) -> list[dict]:
-    """The records of metrics.jsonl (already cut back to the checkpoint's step by :class:`RunLog`)."""
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def _read_records(path: Path, last_step: int) -> list[dict]:
+    """The records of metrics.jsonl up to the checkpoint's step (what the resumed run continues)."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut off by a kill
+            continue
+    return [record for record in records if record.get("step", math.inf) <= last_step]
 
 
 def _refuse_changes(cfg: ControlConfig, saved: dict[str, Any] | None, now: dict[str, Any], source: str, out: Path):

@@ -187,6 +187,11 @@ class GRPOConfig:
         _require(bool(self.model), "--model", "give a model folder, a Hugging Face id or 'default'")
         for name in ("model", "prompts", "device", "output_dir", "rewards"):  # a recipe can spell "\0"; the OS cannot
             _require("\x00" not in str(getattr(self, name)), _flag(name), "must not contain a NUL character")
+        self._check_task_and_data()
+        self._check_sampling_and_loss()
+        self._check_run()
+
+    def _check_task_and_data(self) -> None:
         _require(bool(self.rewards), "--rewards", "give at least one reward function")
         _require(self.target_length >= 1, "--target-length", f"must be at least 1, got {self.target_length}")
         _require(self.length_tolerance >= 0, "--length-tolerance", f"must be >= 0, got {self.length_tolerance}")
@@ -213,6 +218,8 @@ class GRPOConfig:
             self.max_passage_tokens >= 1, "--max-passage-tokens", f"must be at least 1, got {self.max_passage_tokens}"
         )
         _require(self.heldout_prompts >= 0, "--heldout-prompts", f"must be >= 0, got {self.heldout_prompts}")
+
+    def _check_sampling_and_loss(self) -> None:
         _require(self.prompts_per_step >= 1, "--prompts-per-step", f"must be at least 1, got {self.prompts_per_step}")
         _require(self.group_size >= 1, "--group-size", f"must be at least 1, got {self.group_size}")
         if self.advantage in ("grpo", "rloo") and self.group_size < 2:
@@ -239,6 +246,9 @@ class GRPOConfig:
             "--entropy-max-weight",
             f"must be >= --entropy-min-weight ({self.entropy_min_weight}), got {self.entropy_max_weight}",
         )
+
+    def _check_run(self) -> None:
+        """Optimisation, device, evaluation, logging and reliability settings."""
         _positive("--lr", self.lr)
         _require(self.micro_batch_size >= 1, "--micro-batch-size", f"must be at least 1, got {self.micro_batch_size}")
         _require(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")

@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo bandit test lint format mutation install clean
+.PHONY: demo bandit test lint format lock mutation install clean
 
 demo: $(STAMP)
 	$(BIN)/policygrad train --recipe recipes/default-cpu.yaml --overwrite
@@ -53,12 +53,26 @@ mutation: $(STAMP)
 
 install: $(STAMP)
 
-# torch first, pinned, so the package's own `torch>=...` is already satisfied and pip pulls nothing else.
-$(STAMP): pyproject.toml Makefile
+# torch first, pinned, so the package's own `torch>=...` is already satisfied and pip pulls nothing else; then every
+# other dependency at the exact version of constraints.txt (the locked environment; `make lock` refreshes it).
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# The lock: a fresh venv with the newest versions pip resolves today, frozen into constraints.txt (torch left out: it
+# is pinned above). Commit the result with the test run that passed on it.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	head -3 constraints.txt > constraints.txt.new
+	$(LOCK_VENV)/bin/pip freeze --disable-pip-version-check --exclude-editable | grep -v '^torch==' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) bandit.png runs/default-cpu mutants

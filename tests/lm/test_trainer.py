@@ -64,6 +64,8 @@ def test_train_end_to_end_changes_the_model_and_writes_the_run(tiny_llama_chat, 
     ):
         assert math.isfinite(records[0][key]), key
     assert "eval/greedy/pass_rate" in records[-1]
+    for record in records[:2]:  # the groups with no reward spread, out of the step's prompts_per_step
+        assert record["zero_spread_groups"] in [k / config.prompts_per_step for k in range(config.prompts_per_step + 1)]
     assert len((run_dir / "completions.jsonl").read_text().splitlines()) == 2 * config.log_completions
     assert load_config(run_dir / "config.yaml") == config  # the resolved config reloads as itself
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from policygrad.lm.rollout import Rollout
 from policygrad.lm.task import Task
 
-__all__ = ["curriculum_record", "flat_scalars", "samples", "step_record"]
+__all__ = ["curriculum_record", "flat_scalars", "samples", "step_record", "zero_spread_fraction"]
 
 
 def step_record(
@@ -21,6 +21,7 @@ def step_record(
     advantages: Tensor,
     entropy_weight: float,
     update_metrics: dict[str, float],
+    group_size: int,
 ) -> dict[str, float]:
     """The numbers logged each step about the batch, its rewards (and the task's rates), advantages and update."""
     rewards, scores = scored.rewards, scored.scores
@@ -30,6 +31,7 @@ def step_record(
         "reward_mean": valid.mean().item() if valid.numel() else float("nan"),
         "reward_std": valid.std().item() if valid.numel() > 1 else 0.0,
         "reward_nan": float(scores.nan_count),
+        "zero_spread_groups": zero_spread_fraction(rewards, group_size),
         "advantage_mean": advantages.mean().item(),
         "advantage_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
         "advantage_min": advantages.min().item(),
@@ -46,6 +48,23 @@ def step_record(
             finite = [v for v in values if not math.isnan(v)]
             record[f"reward/{name}"] = sum(finite) / len(finite) if finite else float("nan")
     return record
+
+
+def zero_spread_fraction(rewards: Tensor, group_size: int) -> float:
+    """The fraction of groups (consecutive blocks of ``group_size`` rewards) whose valid rewards are all equal, or
+    that have fewer than two valid rewards: such a group carries no preference, so GRPO and RLOO give all its
+    completions advantage exactly 0 and it teaches nothing (TRL logs the same as ``frac_reward_zero_std``).
+
+    >>> import torch
+    >>> zero_spread_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, float("nan")]), group_size=2)
+    0.6666666666666666
+    """
+    grouped = rewards.detach().reshape(-1, group_size)  # (B, G)
+    valid = ~grouped.isnan()
+    high = grouped.nan_to_num(float("-inf")).amax(-1)
+    low = grouped.nan_to_num(float("inf")).amin(-1)
+    flat = (valid.sum(-1) < 2) | (high == low)  # (B,)
+    return int(flat.sum()) / flat.numel()
 
 
 def curriculum_record(task: Task, curriculum: Any, rollout: Rollout, scored: Any) -> dict[str, float]:

@@ -82,7 +82,7 @@ def train(config: GRPOConfig) -> Path:
             )
 
             # 5. log, and now and then evaluate; the guard then checkpoints or stops
-            record = step_record(run.task, rollout, scored, advantages, entropy_weight, metrics)
+            record = step_record(run.task, rollout, scored, advantages, entropy_weight, metrics, config.group_size)
             record.update(curriculum_record(run.task, run.curriculum, rollout, scored))
             record.update(_timings(run, rollout, step, started, sampled))
             record.update(_estimator_record(run), reward_faults=float(scored.scores.faulted_samples))

@@ -56,4 +56,9 @@ def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts,
     for decoding in ("greedy", "sampled"):
         assert set(report[decoding]) >= {"pass_rate", "length_rate", "digits_rate", "mean_reward", "examples"}
         assert len(report[decoding]["examples"]) == 3
+        parts = report[decoding]["by_part"]  # the rates of each digit-sum target, adding up to the whole
+        assert list(parts) == sorted(parts, key=lambda part: int(part[2:])) and all(p.startswith("S=") for p in parts)
+        assert sum(part["prompts"] for part in parts.values()) == 3
+        passed = sum(part["pass_rate"] * part["prompts"] for part in parts.values())
+        assert passed == pytest.approx(report[decoding]["pass_rate"] * 3)
     assert not (tmp_path / "unused").exists()  # evaluation writes no run directory

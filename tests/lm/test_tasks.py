@@ -140,3 +140,16 @@ def test_sharp_values_by_hand():
     assert tasks.sharp("Reply with exactly 7 characters.", 32, 7) == 0.0  # an echo earns nothing
     # where shaped pays almost everything for a near miss, sharp pays half
     assert tasks.shaped("99---", 7, 18) > 0.8 and tasks.sharp("99---", 7, 18) == 0.5
+
+
+@pytest.mark.exact
+def test_rates_by_digit_sum_target_by_hand():
+    """Each target S apart, in increasing S: a template that serves some targets only shows at once."""
+    completions = ["55", "64", "19", "x", "99"]
+    fields = {"target_length": [2, 2, 2, 2, 2], "target_digit_sum": [10, 10, 10, 18, 18], "tolerance": [0] * 5}
+    assert tasks.by_target(completions, fields) == {
+        "S=10": {"prompts": 3, "pass_rate": 1.0, "length_rate": 1.0, "digits_rate": 1.0},
+        "S=18": {"prompts": 2, "pass_rate": 0.5, "length_rate": 0.5, "digits_rate": 0.5},
+    }
+    assert tasks.by_target(["a"], {"prompt_id": [1]}) == {}  # prompts of another kind have no parts
+    assert tasks.LENGTH_DIGITS.breakdown is tasks.by_target

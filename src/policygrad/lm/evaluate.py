@@ -83,7 +83,8 @@ def evaluate(
     """Generate one completion per record for each decoding of ``settings`` and score it.
 
     Returns:
-        ``{decoding: {<the task's rates, e.g. "pass_rate">, "mean_reward",
+        ``{decoding: {<the task's rates, e.g. "pass_rate">, "by_part" (the rates of each part of the prompts, for
+        a task with parts: ``{"S=5": {"prompts", "pass_rate", ...}, ...}``), "mean_reward",
         "nan_rewards", "mean_length" (characters), "truncated_rate" (the fraction cut off at ``max_new_tokens``
         instead of ended by the model), "examples": [{"prompt", "completion", "reward"}, ...]}}``
     """
@@ -122,6 +123,7 @@ def evaluate(
         valid = [r for r in (scores.rewards if scores else []) if not math.isnan(r)]
         results[decoding] = {
             **TASKS[settings.task].rates(completions, fields),
+            **_breakdown(TASKS[settings.task], completions, fields),
             "mean_reward": sum(valid) / len(valid) if valid else float("nan"),
             "nan_rewards": scores.nan_count if scores else 0,
             "mean_length": sum(len(c.strip()) for c in completions) / max(len(completions), 1),
@@ -133,6 +135,12 @@ def evaluate(
         }
     model.train(was_training)
     return results
+
+
+def _breakdown(task: Any, completions: list[str], fields: dict[str, list[Any]]) -> dict[str, Any]:
+    """``{"by_part": {part: rates}}`` when the task has parts (length_digits: each digit-sum target), else ``{}``."""
+    parts = task.breakdown(completions, fields) if task.breakdown is not None else {}
+    return {"by_part": parts} if parts else {}
 
 
 def evaluate_heldout(config: GRPOConfig) -> dict[str, Any] | None:

@@ -78,13 +78,20 @@ def curriculum_record(task: Task, curriculum: Any, rollout: Rollout, scored: Any
 
 
 def flat_scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """``{decoding: {metric: value}}`` -> ``{"eval/<decoding>/<metric>": value}`` for the numbers only (no examples)."""
-    return {
-        f"eval/{decoding}/{key}": value
-        for decoding, values in results.items()
-        for key, value in values.items()
-        if isinstance(value, (int, float))
-    }
+    """``{decoding: {metric: value}}`` -> ``{"eval/<decoding>/<metric>": value}`` for the numbers only (no examples),
+    and the rates of each part of the prompts as ``"eval/<decoding>/<part>/<metric>"`` (``eval/greedy/S=5/pass_rate``).
+
+    >>> flat_scalars({"greedy": {"pass_rate": 0.5, "examples": [], "by_part": {"S=5": {"prompts": 2, "pass_rate": 1.0}}}})
+    {'eval/greedy/pass_rate': 0.5, 'eval/greedy/S=5/prompts': 2, 'eval/greedy/S=5/pass_rate': 1.0}
+    """
+    flat: dict[str, float] = {}
+    for decoding, values in results.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                flat[f"eval/{decoding}/{key}"] = value
+        for part, rates in values.get("by_part", {}).items():
+            flat.update({f"eval/{decoding}/{part}/{key}": value for key, value in rates.items()})
+    return flat
 
 
 def samples(rollout: Rollout, rewards: list[float], count: int) -> list[dict[str, Any]]:

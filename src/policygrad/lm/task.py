@@ -26,8 +26,12 @@ class Task:
                       task's rules (``fields``: the per-completion record fields, as the rewards get them); ``{}``
                       when the records lack the task's fields (prompts of another kind).
         summary_rows: ``{result key: label}``, the held-out numbers ``policygrad train`` prints before and after.
+        breakdown:    ``(completions, fields) -> {part: {rate name: fraction, "prompts": count}}``, the rates of
+                      each part of the prompts (length_digits: each digit-sum target), so that a policy that serves
+                      some parts only is visible at once; None for a task without parts.
     """
 
     name: str
     rates: Callable[[Sequence[str], Mapping[str, Sequence[Any]]], dict[str, float]]
     summary_rows: Mapping[str, str]
+    breakdown: Callable[[Sequence[str], Mapping[str, Sequence[Any]]], dict[str, dict[str, float]]] | None = None

@@ -26,6 +26,7 @@ __all__ = [
     "Check",
     "LENGTH_DIGITS",
     "SUMMARY_ROWS",
+    "by_target",
     "rates",
     "batch_reward",
     "binary",
@@ -344,5 +345,24 @@ SUMMARY_ROWS = {
 :func:`policygrad.lm.evaluate.evaluate`'s results), with their labels."""
 
 
-LENGTH_DIGITS = Task("length_digits", rates, SUMMARY_ROWS)
+def by_target(completions: Sequence[str], fields: Mapping[str, Sequence[Any]]) -> dict[str, dict[str, float]]:
+    """:func:`rates` for each digit-sum target S apart, keyed ``"S=<S>"`` in increasing S, with the number of
+    prompts; ``{}`` for prompts of another kind.
+
+    >>> by_target(["55", "5x", "9"], {"target_length": [2, 2, 1], "target_digit_sum": [10, 10, 9]})
+    {'S=9': {'prompts': 1, 'pass_rate': 1.0, 'length_rate': 1.0, 'digits_rate': 1.0}, 'S=10': {'prompts': 2, \
+'pass_rate': 0.5, 'length_rate': 1.0, 'digits_rate': 0.5}}
+    """
+    if not rates(completions, fields):
+        return {}
+    sums = [int(s) for s in fields["target_digit_sum"]]
+    parts = {}
+    for target in sorted(set(sums)):
+        rows = [i for i, s in enumerate(sums) if s == target]
+        subset = {name: [values[i] for i in rows] for name, values in fields.items() if values is not None}
+        parts[f"S={target}"] = {"prompts": len(rows), **rates([completions[i] for i in rows], subset)}
+    return parts
+
+
+LENGTH_DIGITS = Task("length_digits", rates, SUMMARY_ROWS, by_target)
 """The task as the trainer, evaluation and reports see it (:data:`policygrad.variants.TASKS`)."""

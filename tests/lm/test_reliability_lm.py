@@ -231,7 +231,9 @@ def test_periodic_evaluation_starts_at_step_0_and_a_resume_does_not_repeat_it(ti
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 5]  # step 0, steps 1-5, the final evaluation
     metrics = ("pass_rate", "length_rate", "digits_rate", "mean_reward", "nan_rewards", "mean_length", "truncated_rate")
-    assert set(records[0]) == {"step", *(f"eval/{d}/{k}" for d in ("greedy", "sampled") for k in metrics)}
+    overall = {k for k in records[0] if k.count("/") == 2}  # the rates of each target S are eval/<d>/S=<S>/<rate>
+    assert overall | {"step"} == {"step", *(f"eval/{d}/{k}" for d in ("greedy", "sampled") for k in metrics)}
+    assert {k.split("/")[2] for k in set(records[0]) - overall - {"step"}} <= {f"S={s}" for s in range(5, 21)}
     assert [("eval/greedy/pass_rate" in r) for r in records] == [True, False, False, True, False, False, True]
 
     split = tmp_path / "split"

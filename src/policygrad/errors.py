@@ -16,6 +16,12 @@ class UsageError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a library's error can run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def require(ok: bool, field: str, message: str) -> None:
     """Raise a UsageError naming ``field`` unless ``ok`` (NaN compares False, so range checks reject it too)."""
     if not ok:

@@ -159,25 +159,10 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_not_resumed(tmp_path, capsys
 @pytest.mark.smoke
 @pytest.mark.slow
 def test_sigterm_through_the_cli_and_the_printed_resume_command(tmp_path):
-    args = [
-        "--env",
-        "CartPole-v1",
-        "--algo",
-        "a2c",
-        "--num-envs",
-        "2",
-        "--num-steps",
-        "64",
-        "--total-steps",
-        str(20 * 128),
-        "--seed",
-        "5",
-        "--eval-episodes",
-        "0",
-        "--save-every",
-        "0",
-        "--no-progress",
-    ]
+    args = (
+        f"--env CartPole-v1 --algo a2c --num-envs 2 --num-steps 64 --total-steps {20 * 128} --seed 5 "
+        "--eval-episodes 0 --save-every 0 --no-progress"
+    ).split()
     out = tmp_path / "run"
     child = subprocess.Popen(
         [POLICYGRAD, "control", *args, "--output-dir", str(out)], stderr=subprocess.PIPE, text=True
@@ -217,27 +202,10 @@ def _flags(args: list[str]) -> dict:
 @pytest.mark.smoke
 @pytest.mark.slow
 def test_killed_while_saving_resumes_to_the_same_run(tmp_path):
-    args = [
-        "--env",
-        "CartPole-v1",
-        "--algo",
-        "a2c",
-        "--num-envs",
-        "2",
-        "--num-steps",
-        "32",
-        "--total-steps",
-        str(24 * 64),
-        "--seed",
-        "9",
-        "--eval-episodes",
-        "0",
-        "--save-every",
-        "1",
-        "--keep-checkpoints",
-        "2",
-        "--no-progress",
-    ]
+    args = (
+        f"--env CartPole-v1 --algo a2c --num-envs 2 --num-steps 32 --total-steps {24 * 64} --seed 9 "
+        "--eval-episodes 0 --save-every 1 --keep-checkpoints 2 --no-progress"
+    ).split()
     root = tmp_path / "run"
     rng, table, kills, cut_short = random.Random(7), fault_table, 0, 0
     child = subprocess.Popen([POLICYGRAD, "control", *args, "--output-dir", str(root)], stderr=subprocess.DEVNULL)

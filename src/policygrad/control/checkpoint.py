@@ -14,7 +14,7 @@ import torch
 
 from policygrad import checkpointing
 from policygrad.control.policies import Policy
-from policygrad.errors import UsageError
+from policygrad.errors import UsageError, first_line
 
 __all__ = ["save_policy", "load_policy", "env_state", "set_env_state", "save_training", "load_training"]
 
@@ -55,8 +55,7 @@ def load_policy(path: Path) -> tuple[Policy, dict]:
         )
         policy.load_state_dict(saved["state_dict"])
     except Exception as err:  # a truncated download, a different file: one line, not a traceback
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UsageError("--eval", f"{path} is not a policy saved by policygrad control ({message})") from None
+        raise UsageError("--eval", f"{path} is not a policy saved by policygrad control ({first_line(err)})") from None
     return policy.eval(), metadata
 
 
@@ -193,8 +192,7 @@ def load_training(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         environments = json.loads((folder / ENV_STATE).read_text())
     except Exception as err:  # checked by the manifest already; this is a foreign or tampered file
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UsageError("--resume", f"{folder} cannot be read safely ({message})") from None
+        raise UsageError("--resume", f"{folder} cannot be read safely ({first_line(err)})") from None
     step = state.get("step") if isinstance(state, dict) else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(environments, dict):
         raise UsageError("--resume", f"{folder} is not a policygrad control checkpoint (no step, or no environments)")

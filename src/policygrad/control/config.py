@@ -22,72 +22,22 @@ ALGORITHMS = ("reinforce", "a2c", "ppo", "npg")
 
 # Tuned on CartPole-v1 (see docs/control.md for how they were chosen and what they reach). A field left at None takes
 # its algorithm's value from here, so `--algo npg` alone is a sensible run and every number can still be overridden.
+_ONE_STEP = dict(num_envs=4, num_steps=64, lr=1e-2, value_lr=1e-2, anneal_lr=True, gamma=0.99, epochs=10, minibatches=4)
+_SEVERAL_STEPS = dict(
+    num_envs=8, num_steps=32, lr=1e-3, value_lr=1e-3, anneal_lr=False, gamma=0.98, epochs=10, minibatches=4
+)
 ALGO_DEFAULTS: dict[str, dict[str, object]] = {
-    "reinforce": dict(
-        num_envs=4,
-        num_steps=64,
-        lr=1e-2,
-        value_lr=1e-2,
-        anneal_lr=True,
-        gamma=0.99,
-        gae_lambda=1.0,
-        epochs=10,
-        minibatches=4,
-        entropy_coef=0.0,
-    ),
-    "a2c": dict(
-        num_envs=4,
-        num_steps=64,
-        lr=1e-2,
-        value_lr=1e-2,
-        anneal_lr=True,
-        gamma=0.99,
-        gae_lambda=0.95,
-        epochs=10,
-        minibatches=4,
-        entropy_coef=0.0,
-    ),
-    "ppo": dict(
-        num_envs=8,
-        num_steps=32,
-        lr=1e-3,
-        value_lr=1e-3,
-        anneal_lr=False,
-        gamma=0.98,
-        gae_lambda=0.8,
-        epochs=10,
-        minibatches=4,
-        entropy_coef=0.0,
-    ),
-    "npg": dict(
-        num_envs=8,
-        num_steps=32,
-        lr=1e-3,
-        value_lr=1e-3,
-        anneal_lr=False,
-        gamma=0.98,
-        gae_lambda=0.8,
-        epochs=10,
-        minibatches=4,
-        entropy_coef=0.0,
-    ),
+    "reinforce": {**_ONE_STEP, "gae_lambda": 1.0, "entropy_coef": 0.0},
+    "a2c": {**_ONE_STEP, "gae_lambda": 0.95, "entropy_coef": 0.0},
+    "ppo": {**_SEVERAL_STEPS, "gae_lambda": 0.8, "entropy_coef": 0.0},
+    "npg": {**_SEVERAL_STEPS, "gae_lambda": 0.8, "entropy_coef": 0.0},
 }
 """Per-algorithm defaults of the fields that are None in :class:`ControlConfig`. For NPG ``lr`` is unused (the step
 size comes from ``max_kl``); for REINFORCE, A2C and NPG ``epochs``/``minibatches`` apply to the value network only
 (a well-fitted baseline was the biggest single gain for the one-step methods)."""
 
-PRESET_FIELDS = (
-    "num_envs",
-    "num_steps",
-    "lr",
-    "value_lr",
-    "anneal_lr",
-    "gamma",
-    "gae_lambda",
-    "epochs",
-    "minibatches",
-    "entropy_coef",
-)
+PRESET_FIELDS = tuple(ALGO_DEFAULTS["ppo"])
+"""The fields that take their algorithm's value when left at None."""
 
 
 @dataclasses.dataclass

@@ -45,7 +45,7 @@ from policygrad.control.config import OLD_RUN, RESUME_MAY_CHANGE, ControlConfig,
 from policygrad.control.envs import EnvSpec, inspect_env, make_vector_env
 from policygrad.control.policies import Policy, ValueNet
 from policygrad.control.rollout import Collector, Rollout, evaluate_policy
-from policygrad.errors import UsageError
+from policygrad.errors import UsageError, first_line
 from policygrad.guard import StepGuard
 from policygrad.runlog import RunLog
 from policygrad.stopping import EXIT_DIVERGED, Stopped
@@ -360,8 +360,7 @@ def _restore(cfg, out, settings, learner, generator, envs, collector, recent) ->
         learner.value_opt.load_state_dict(state["value_opt"])
         generator.set_state(state["generator"])
     except Exception as err:  # another run's shapes (a changed --hidden with --allow-config-change), a damaged state
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError("--resume", f"{folder} does not fit this run: {message}") from None
+        raise UsageError("--resume", f"{folder} does not fit this run: {first_line(err)}") from None
     recent.extend(state["recent"])
     step = state["step"]
     if environments is not None:

@@ -20,13 +20,13 @@ import torch
 
 from policygrad import checkpointing, runs
 from policygrad.configs import config_to_dict
-from policygrad.errors import UsageError
+from policygrad.errors import UsageError, first_line
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.device import fused_adamw_supported, resolve_device
 from policygrad.lm.evaluate import EvalSettings, evaluate, group_fields
 from policygrad.lm.rewards import RewardError
-from policygrad.lm.state import Snapshot, TrainerState, first_line, load_trainer_state, save_checkpoint
+from policygrad.lm.state import TRAINER_STATE, Snapshot, TrainerState, load_trainer_state, save_checkpoint
 from policygrad.lm.task import Task
 from policygrad.rng import rng_state, seed_everything, set_rng_state
 from policygrad.variants import ADVANTAGES, ENTROPY_WEIGHTS, TASKS, build
@@ -292,9 +292,7 @@ def _restore(run: Run, folder: Path, state: TrainerState) -> None:
         if run.curriculum is not None and state.curriculum is not None:
             run.curriculum.restore(state.curriculum)
     except Exception as exc:  # ValueError, KeyError, TypeError, RuntimeError: all "this file does not fit"
-        raise UsageError(
-            "--resume", f"{folder / 'trainer_state.pt'} does not fit this run: {first_line(exc)}"
-        ) from None
+        raise UsageError("--resume", f"{folder / TRAINER_STATE} does not fit this run: {first_line(exc)}") from None
     if state.optimizer is None:
         print(
             f"policygrad train: {folder} has no optimiser state (save_optimizer: false); AdamW's "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from policygrad import checkpointing
-from policygrad.errors import UsageError
+from policygrad.errors import UsageError, first_line
 
 __all__ = ["TRAINER_STATE", "Snapshot", "TrainerState", "load_trainer_state", "save_checkpoint"]
 
@@ -126,8 +126,3 @@ def load_trainer_state(folder: Path, device: torch.device | str = "cpu") -> Trai
     if found:
         raise UsageError("--resume", f"{path} is not a policygrad trainer state: {found}")
     return TrainerState.from_file(state)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

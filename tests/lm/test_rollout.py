@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policygrad.lm.models import load_model
-from policygrad.lm.rollout import completion_mask, sample, sequence_logprobs
+from policygrad.lm.rollout import completion_mask, join_groups, rollout_logprobs, sample, sequence_logprobs
 
 pytestmark = pytest.mark.exact
 
@@ -52,6 +52,32 @@ def test_sample_layout_masks_and_logprobs(eager_eos_model):
     assert logprobs.shape == entropies.shape == (6, t)
     assert torch.allclose(rollout.logprobs, logprobs * rollout.completion_mask, atol=1e-5)
     assert (rollout.logprobs[rollout.completion_mask == 0] == 0).all()
+
+
+def test_join_groups_rebuilds_rows_that_score_as_before(eager_eos_model):
+    """Groups of two rollouts with different prompt and completion widths, joined: every row keeps its text, its
+    tokens (re-padded), its truncation flag and, scored again, its log-probs."""
+    model, tokenizer = eager_eos_model
+    torch.manual_seed(0)
+    first = sample(model, tokenizer, ["hi", "a much longer prompt"], group_size=2, max_new_tokens=12, temperature=0.7)
+    second = sample(model, tokenizer, ["a prompt of middling size"], group_size=2, max_new_tokens=5, temperature=0.7)
+    joined = join_groups([(second, 0), (first, 1)], tokenizer.pad_token_id)
+    assert joined.prompts == second.prompts + first.prompts[2:]
+    assert joined.completions == second.completions + first.completions[2:]
+    assert torch.equal(joined.truncated, torch.cat([second.truncated, first.truncated[2:]]))
+    assert joined.completion_start == max(first.completion_start, second.completion_start)
+    assert joined.completion_ids.shape[1] == max(first.completion_ids.shape[1], second.completion_ids.shape[1])
+    for row, (source, source_row) in enumerate([(second, 0), (second, 1), (first, 2), (first, 3)]):
+        length = int(source.completion_lengths[source_row])
+        assert joined.completion_lengths[row] == length
+        assert torch.equal(joined.completion_ids[row, :length], source.completion_ids[source_row, :length])
+        prompt = source.prompt_ids[source_row][source.prompt_mask[source_row].bool()]
+        assert torch.equal(joined.prompt_ids[row][joined.prompt_mask[row].bool()], prompt)
+    rescored = rollout_logprobs(model, joined, 0.7)
+    assert torch.allclose(rescored[:2, :5], second.logprobs, atol=1e-5)
+    width = first.logprobs.shape[1]
+    assert torch.allclose(rescored[2:, :width], first.logprobs[2:], atol=1e-5)
+    assert torch.equal(joined.logprobs[2:, :width], first.logprobs[2:])
 
 
 def test_sequence_logprobs_match_generate_scores_with_left_padding(tiny_qwen_base):

@@ -167,3 +167,32 @@ def test_truncated_reward_replaces_the_reward_of_completions_cut_off(tiny_llama_
     assert any(r["truncated"] > 0 for r in records)
     for r in records:  # -1 for the rows cut off at 3 tokens, 0.5 for the rows that ended with EOS
         assert r["reward_mean"] == pytest.approx(-1.0 * r["truncated"] + 0.5 * (1 - r["truncated"]))
+
+
+def test_dynamic_sampling_replaces_groups_without_spread_and_resumes_exactly(tiny_llama_chat, tiny_prompts, tmp_path):
+    """Prompts of even-numbered notes all score 0 (no spread); odd ones score by length (spread). With dynamic
+    sampling the batch trained on keeps B groups, swaps flat groups for fresh ones within the budget, counts the extra
+    groups, and a resumed run draws the same fresh prompts."""
+    reward = tmp_path / "parity.py"
+    reward.write_text(
+        "import re\n"
+        "def parity(prompts, completions, **fields):\n"
+        "    odd = [int(re.search(r'Note (\\d+)', p).group(1)) % 2 for p in prompts]\n"
+        "    return [float(len(c)) if o else 0.0 for o, c in zip(odd, completions)]\n"
+    )
+    settings = dict(rewards=(f"{reward}:parity",), max_extra_groups=3, max_new_tokens=6, log_completions=100)
+    straight = train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=4, **settings))
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["dynamic/first_zero_spread"] > 0 for r in records)
+    for r in records:
+        assert 0 <= r["dynamic/extra_groups"] <= 3
+        assert r["zero_spread_groups"] <= r["dynamic/first_zero_spread"]
+        if r["dynamic/first_zero_spread"] == 0:
+            assert r["dynamic/extra_groups"] == 0  # nothing to replace, nothing extra sampled
+    rows = [json.loads(line) for line in (straight / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 2 * 3  # still B groups of G each step
+    split = tmp_path / "split"
+    train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=2, **settings))
+    train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=4, resume=True, **settings))
+    for name, tensor in weights(straight / "final").items():
+        assert torch.equal(weights(split / "final")[name], tensor), name

@@ -77,6 +77,9 @@ class GRPOConfig:
     """sampling temperature (> 0); the log-probs of the update use the same temperature"""
     top_p: float = 1.0
     """nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]"""
+    max_extra_groups: int = 0
+    """dynamic sampling (DAPO): groups whose rewards are all equal are replaced by fresh prompts' groups, at most
+    this many extra groups sampled per step (0: off)"""
 
     # --- advantages and loss ---
     advantage: Literal[ADVANTAGES.names] = "grpo"
@@ -229,6 +232,7 @@ class GRPOConfig:
         _require(self.max_new_tokens >= 1, "--max-new-tokens", f"must be at least 1, got {self.max_new_tokens}")
         _positive("--temperature", self.temperature)
         _require(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.max_extra_groups >= 0, "--max-extra-groups", f"must be >= 0, got {self.max_extra_groups}")
         _positive("--advantage-eps", self.advantage_eps, allow_zero=True)
         _require(0 <= self.baseline_decay < 1, "--baseline-decay", f"must be in [0, 1), got {self.baseline_decay}")
         _require(

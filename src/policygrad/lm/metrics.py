@@ -11,7 +11,7 @@ from torch import Tensor
 from policygrad.lm.rollout import Rollout
 from policygrad.lm.task import Task
 
-__all__ = ["curriculum_record", "flat_scalars", "samples", "step_record", "zero_spread_fraction"]
+__all__ = ["curriculum_record", "flat_scalars", "samples", "step_record", "zero_spread_fraction", "zero_spread_groups"]
 
 
 def step_record(
@@ -59,12 +59,22 @@ def zero_spread_fraction(rewards: Tensor, group_size: int) -> float:
     >>> zero_spread_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, float("nan")]), group_size=2)
     0.6666666666666666
     """
+    flat = zero_spread_groups(rewards, group_size)  # (B,)
+    return int(flat.sum()) / flat.numel()
+
+
+def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(B,) bool: which groups of ``rewards`` (N,) have no spread (see :func:`zero_spread_fraction`).
+
+    >>> import torch
+    >>> zero_spread_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, float("nan")]), group_size=2).tolist()
+    [True, False, True]
+    """
     grouped = rewards.detach().reshape(-1, group_size)  # (B, G)
     valid = ~grouped.isnan()
     high = grouped.nan_to_num(float("-inf")).amax(-1)
     low = grouped.nan_to_num(float("inf")).amin(-1)
-    flat = (valid.sum(-1) < 2) | (high == low)  # (B,)
-    return int(flat.sum()) / flat.numel()
+    return (valid.sum(-1) < 2) | (high == low)
 
 
 def curriculum_record(task: Task, curriculum: Any, rollout: Rollout, scored: Any) -> dict[str, float]:

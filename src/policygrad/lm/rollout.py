@@ -34,6 +34,7 @@ __all__ = [
     "encode_prompts",
     "eos_token_ids",
     "generate",
+    "join_groups",
     "micro_batches",
     "rollout_logprobs",
     "sample",
@@ -85,6 +86,51 @@ class Rollout:
             "completion_mask": self.completion_mask[rows],
             "prompt_index": group - distinct[0],  # (M,) in 0..U-1
         }
+
+
+def join_groups(picks: Sequence[tuple[Rollout, int]], pad_id: int) -> Rollout:
+    """A rollout made of chosen groups of other rollouts, in the order given: ``(rollout, g)`` is group ``g`` of
+    ``rollout`` (its rows ``g * G .. g * G + G - 1``). Prompts are left-padded again to the longest P among the picks
+    and completions right-padded to the longest T (with ``pad_id``, mask 0), so every row reads as it did before.
+    All rollouts must have the same G, and log-probs either everywhere or nowhere.
+    """
+    group_size = picks[0][0].group_size
+    if any(rollout.group_size != group_size for rollout, _ in picks):
+        raise ValueError("join_groups: every rollout must have the same group size")
+    width_p = max(rollout.prompt_ids.shape[1] for rollout, _ in picks)
+    width_t = max(rollout.completion_ids.shape[1] for rollout, _ in picks)
+
+    def padded(tensor: Tensor, width: int, value: float, left: bool) -> Tensor:
+        extra = width - tensor.shape[1]
+        return F.pad(tensor, (extra, 0) if left else (0, extra), value=value)
+
+    columns: dict[str, list[Tensor]] = {name: [] for name in ("pi", "pm", "ci", "cm", "lp", "tr")}
+    prompts: list[str] = []
+    completions: list[str] = []
+    for rollout, group in picks:
+        rows = slice(group * group_size, (group + 1) * group_size)
+        columns["pi"].append(padded(rollout.prompt_ids[rows], width_p, pad_id, left=True))
+        columns["pm"].append(padded(rollout.prompt_mask[rows], width_p, 0, left=True))
+        columns["ci"].append(padded(rollout.completion_ids[rows], width_t, pad_id, left=False))
+        columns["cm"].append(padded(rollout.completion_mask[rows], width_t, 0, left=False))
+        if rollout.logprobs is not None:
+            columns["lp"].append(padded(rollout.logprobs[rows], width_t, 0.0, left=False))
+        columns["tr"].append(rollout.truncated[rows])
+        prompts += rollout.prompts[rows]
+        completions += rollout.completions[rows]
+    if len(columns["lp"]) not in (0, len(picks)):
+        raise ValueError("join_groups: some rollouts have log-probs and some do not")
+    return Rollout(
+        prompts=prompts,
+        prompt_ids=torch.cat(columns["pi"]),  # (N, P)
+        prompt_mask=torch.cat(columns["pm"]),
+        completion_ids=torch.cat(columns["ci"]),  # (N, T)
+        completion_mask=torch.cat(columns["cm"]),
+        completions=completions,
+        logprobs=torch.cat(columns["lp"]) if columns["lp"] else None,
+        group_size=group_size,
+        truncated=torch.cat(columns["tr"]),
+    )
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

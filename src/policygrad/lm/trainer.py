@@ -31,10 +31,11 @@ import torch
 
 from policygrad.guard import StepGuard
 from policygrad.lm.config import GRPOConfig
+from policygrad.lm.dynamic import sample_and_score
 from policygrad.lm.metrics import curriculum_record, flat_scalars, samples, step_record
 from policygrad.lm.report import Progress, print_before_after, step0_evaluation
-from policygrad.lm.rollout import Rollout, sample
-from policygrad.lm.scoring import reference_logprobs, score
+from policygrad.lm.rollout import Rollout
+from policygrad.lm.scoring import reference_logprobs
 from policygrad.lm.setup import Run, setup
 from policygrad.lm.update import update
 from policygrad.rng import step_seed
@@ -63,13 +64,11 @@ def train(config: GRPOConfig) -> Path:
             guard.remember(step)
             records = run.batch(step)
 
-            # 1. sample G completions of each of B prompts with the current policy
+            # 1-2. sample G completions of each of B prompts with the current policy and score them (with dynamic
+            # sampling, groups without reward spread are replaced by fresh prompts' groups)
             torch.manual_seed(step_seed(config.seed, step))  # repeatable, and the same after a resume
-            rollout = sample(run.model, run.tokenizer, [r["prompt"] for r in records], **run.sampling)
+            rollout, scored, dynamic = sample_and_score(run, guard, log, records, step)
             sampled = time.perf_counter()
-
-            # 2. score every completion
-            scored = score(run, guard, log, rollout, records, step)
             ref_logprobs = reference_logprobs(run, rollout)  # (N, T) or None
 
             # 3. advantages, and this batch's entropy weight
@@ -83,7 +82,7 @@ def train(config: GRPOConfig) -> Path:
 
             # 5. log, and now and then evaluate; the guard then checkpoints or stops
             record = step_record(run.task, rollout, scored, advantages, entropy_weight, metrics, config.group_size)
-            record.update(curriculum_record(run.task, run.curriculum, rollout, scored))
+            record.update(curriculum_record(run.task, run.curriculum, rollout, scored), **dynamic)
             record.update(_timings(run, rollout, step, started, sampled))
             record.update(_estimator_record(run), reward_faults=float(scored.scores.faulted_samples))
             record["skipped_updates"] = metrics.get("skipped_updates", 0.0)

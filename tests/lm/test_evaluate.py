@@ -62,3 +62,29 @@ def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts,
         passed = sum(part["pass_rate"] * part["prompts"] for part in parts.values())
         assert passed == pytest.approx(report[decoding]["pass_rate"] * 3)
     assert not (tmp_path / "unused").exists()  # evaluation writes no run directory
+
+
+@pytest.mark.exact
+def test_policygrad_eval_gives_the_numbers_of_the_step0_evaluation_in_train(tiny_llama_chat, tiny_prompts, tmp_path):
+    """The same untrained model scored by `policygrad eval` and by `policygrad train` before its first step: the same
+    batches, threads and precision, so the same numbers to the last digit (issue 14 found them apart when `eval`
+    ignored --threads)."""
+    import dataclasses
+
+    from policygrad.lm.evaluate import evaluate_heldout
+    from policygrad.lm.metrics import flat_scalars
+    from policygrad.lm.trainer import train
+
+    config = tiny_config(
+        tiny_llama_chat, tiny_prompts, tmp_path / "run", eval_every=1, eval_decoding=("greedy", "sampled"), max_steps=1
+    )
+    step0 = json.loads((train(config) / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0.pop("step") == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # eval must set the config's thread count itself
+    try:
+        result = evaluate_heldout(dataclasses.replace(config, model=str(tiny_llama_chat)))
+        assert torch.get_num_threads() == config.threads
+    finally:
+        torch.set_num_threads(threads)
+    assert flat_scalars({d: result[d] for d in config.eval_decoding}) == step0

@@ -13,7 +13,7 @@ import torch
 
 from policygrad.errors import UsageError
 
-__all__ = ["cpu_has_bf16_matmul", "fused_adamw_supported", "resolve_device"]
+__all__ = ["cpu_has_bf16_matmul", "fused_adamw_supported", "resolve_device", "use_threads"]
 
 
 def resolve_device(config: Any) -> tuple[torch.device, torch.dtype | None]:
@@ -30,6 +30,14 @@ def resolve_device(config: Any) -> tuple[torch.device, torch.dtype | None]:
         return device, torch.bfloat16
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16_matmul()
     return device, torch.bfloat16 if fast else None
+
+
+def use_threads(config: Any) -> None:
+    """Run torch on ``config.threads`` CPU threads (None: torch's choice). Every command that computes with a model
+    calls it: the thread count can change how a kernel splits its sums, so a held-out evaluation is only comparable
+    with another run at the same count (docs/results.md, "Evaluation and batching")."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
 
 
 def cpu_has_bf16_matmul() -> bool:

@@ -148,11 +148,12 @@ def evaluate_heldout(config: GRPOConfig) -> dict[str, Any] | None:
     ``config.prompts``, with the config's rewards, decodings and sampling settings: ``{"model", "prompts",
     decoding: rates}`` (see :func:`evaluate`), or None when the source holds out no prompts."""
     from policygrad.lm.data import check_prompt_source, prompts_for
-    from policygrad.lm.device import resolve_device
+    from policygrad.lm.device import resolve_device, use_threads
     from policygrad.lm.models import load_model
     from policygrad.lm.rewards import load_rewards
 
     device, autocast_dtype = resolve_device(config)
+    use_threads(config)  # --threads: the count the training run used, so the numbers compare (it was ignored before)
     reward_set = load_rewards(config.rewards)
     check_prompt_source(config.prompts)  # a bad prompts file is reported before a model is loaded
     model, tokenizer = load_model(config.model, dtype="float32", device=device)

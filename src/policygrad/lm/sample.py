@@ -338,10 +338,9 @@ def to_json(model: str, config: SampleConfig, results: Sequence[Mapping[str, Any
 
 def run_sample(config: SampleConfig) -> int:
     """``policygrad sample``: load the model, pick the prompts, generate, print. Returns the exit code."""
-    import torch
 
     from policygrad.lm.data import check_prompt_source
-    from policygrad.lm.device import resolve_device
+    from policygrad.lm.device import resolve_device, use_threads
     from policygrad.lm.models import load_model
 
     run = checkpoint_run(config.model)
@@ -351,8 +350,7 @@ def run_sample(config: SampleConfig) -> int:
     if not config.prompt:
         check_prompt_source(source)  # a bad prompts file is reported before a model is loaded
     device, autocast_dtype = resolve_device(config)  # reads only .device and .precision
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    use_threads(config)
     model, tokenizer = load_model(model_folder, dtype="float32", device=device)
     records = _records(config, source, task, tokenizer)
     completions, truncated = generate(model, tokenizer, [r["prompt"] for r in records], config, autocast_dtype)

@@ -23,7 +23,7 @@ from policygrad.configs import config_to_dict
 from policygrad.errors import UsageError, first_line
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.curriculum import ToleranceCurriculum
-from policygrad.lm.device import fused_adamw_supported, resolve_device
+from policygrad.lm.device import fused_adamw_supported, resolve_device, use_threads
 from policygrad.lm.evaluate import EvalSettings, evaluate, group_fields
 from policygrad.lm.rewards import RewardError
 from policygrad.lm.state import TRAINER_STATE, Snapshot, TrainerState, load_trainer_state, save_checkpoint
@@ -145,8 +145,7 @@ def setup(config: GRPOConfig) -> Run:
     """Build the run ``config`` describes, or restore it from its newest checkpoint with ``resume``."""
     runs.check_output_dir(config.output_dir, config.resume, config.overwrite)  # before anything heavy
     device, autocast_dtype = resolve_device(config)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    use_threads(config)
     seed_everything(config.seed)  # a resumed run then restores the generators' saved states
     reward_set = _setup_rewards(config)
     _check_prompt_source(config)

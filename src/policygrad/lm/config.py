@@ -57,7 +57,7 @@ class GRPOConfig:
     """reward functions, summed: binary, shaped, sharp, module:function or file.py:function, each with optional =weight"""
     truncated_reward: float | None = None
     """reward of a completion cut off at max_new_tokens (no EOS), replacing what the reward functions say; None:
-    score it like any other (a policy may then learn to fill the token budget, docs/results.md)"""
+    score it like any other (a policy may then learn to fill the token budget, docs/results-2026-11-24.md)"""
     curriculum_tolerance: int = 0
     """length_digits curriculum: the training rewards start with this length tolerance, halved toward
     length_tolerance each time the training pass rate reaches curriculum_advance_at (0: no curriculum)"""

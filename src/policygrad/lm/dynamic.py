@@ -1,7 +1,7 @@
 """Steps 1-2 of the loop with dynamic sampling: sample and score a batch, then replace the groups that teach nothing.
 
 A group whose G rewards are all equal has GRPO/RLOO advantage exactly 0 for every completion: it costs a rollout and
-moves nothing. Once the policy's entropy collapses most groups are like that (docs/results.md) and learning stalls.
+moves nothing. Once the policy's entropy collapses most groups are like that (docs/results-2026-11-24.md) and learning stalls.
 DAPO's dynamic sampling (Yu et al. 2025, "DAPO", sec. 3.2; verl's ``algorithm.filter_groups``, OpenRLHF's
 ``dynamic_filtering``) keeps only groups with reward spread and samples fresh prompts until the batch is full. Here
 the fresh draws are bounded, ``max_extra_groups`` per step, so a step costs at most that many extra groups:

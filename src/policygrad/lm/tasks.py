@@ -240,7 +240,7 @@ def sharp(completion: str, target_length: int, target_digit_sum: int, tolerance:
         reward        = length_credit * digits_credit      (0 for an echo of the instruction)
 
     :func:`shaped` pays almost as much for a near miss as for a pass (2 characters short of 64 costs 0.016), which
-    teaches the approximate answer and then leaves exactness to chance (docs/results.md). Here a near miss costs
+    teaches the approximate answer and then leaves exactness to chance (docs/results-2026-11-24.md). Here a near miss costs
     half: the signal is in the last few characters and digits. Far from the target it is nearly flat, so it suits a
     policy already near the target, e.g. one trained with ``shaped`` first.
 

@@ -35,6 +35,19 @@ def best(points: list[dict], budget: float) -> dict:
     return max(within, key=lambda p: (p["eval/greedy/pass_rate"], -p["step"]))
 
 
+def dynamics(run: Path) -> str:
+    """One row on exploration: the entropy, when it collapsed, and how often groups had no reward spread."""
+    steps = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    collapsed = next((row["step"] for row in steps if row["entropy"] < 0.01), None)
+    first = [row.get("dynamic/first_zero_spread", row["zero_spread_groups"]) for row in steps]
+    extra = sum(row.get("dynamic/extra_groups", 0.0) for row in steps)
+    trained = sum(row["zero_spread_groups"] for row in steps) / len(steps)
+    return (
+        f"| {run} | {len(steps)} | {steps[-1]['entropy']:.3f} | {collapsed or 'none'} | "
+        f"{sum(first) / len(steps):.2f} | {trained:.2f} | {extra:.0f} |"
+    )
+
+
 def targets(point: dict) -> list[tuple[int, dict]]:
     parts: dict[int, dict] = {}
     for key, value in point.items():
@@ -72,9 +85,17 @@ def main() -> None:
             low = sum(round(v["prompts"] * v["pass_rate"]) for s, v in targets(point) if s < 10)
             high = sum(round(v["prompts"] * v["pass_rate"]) for s, v in targets(point) if s >= 10)
             print(
-                f"| {run.name} | {point['step']} | {point['minutes']:.1f} | {point['eval/greedy/pass_rate']:.2f} | "
+                f"| {run} | {point['step']} | {point['minutes']:.1f} | {point['eval/greedy/pass_rate']:.2f} | "
                 f"{low} | {high} | {point['eval/greedy/length_rate']:.2f} | {point['eval/greedy/digits_rate']:.2f} |"
             )
+    print()
+    print(
+        "| run | steps | entropy at the last step | first step with entropy < 0.01 | groups without spread "
+        "(first draw) | groups without spread (trained) | extra groups sampled |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for run in args.runs:
+        print(dynamics(run))
     detail = args.detail or max(bests, key=lambda r: (bests[r]["eval/greedy/pass_rate"], -bests[r]["step"]))
     point = bests[detail]
     print(f"\nper target S: {detail} at step {point['step']} ({point['minutes']:.1f} training minutes)\n")

@@ -2,7 +2,7 @@
 
 For each run: the training minutes at every step (the sum of the steps' own ``step_time``; the periodic evaluations
 are not counted), and its best held-out strict pass rate among the evaluations within ``--minutes`` of training (ties:
-the earliest). Then, for the best of those (or ``--detail RUN``), the pass rate of each digit-sum target S as the run
+the higher held-out mean reward, then the earliest). Then, for the best of those (or ``--detail RUN``), the pass rate of each digit-sum target S as the run
 logged it and, with ``--replies``, the checkpoint of that step evaluated again (the run's own settings: same prompts,
 batches, threads and precision, so the same numbers) with one greedy reply per target and its verdict.
 
@@ -32,7 +32,7 @@ def curve(run: Path) -> list[dict]:
 
 def best(points: list[dict], budget: float) -> dict:
     within = [p for p in points if p["minutes"] <= budget + 1e-9]
-    return max(within, key=lambda p: (p["eval/greedy/pass_rate"], -p["step"]))
+    return max(within, key=_rank)
 
 
 def dynamics(run: Path) -> str:
@@ -46,6 +46,11 @@ def dynamics(run: Path) -> str:
         f"| {run} | {len(steps)} | {steps[-1]['entropy']:.3f} | {collapsed or 'none'} | "
         f"{sum(first) / len(steps):.2f} | {trained:.2f} | {extra:.0f} |"
     )
+
+
+def _rank(point: dict) -> tuple:
+    """Best first: the strict pass rate, then (between equal pass rates) the held-out mean reward, then earliest."""
+    return (point["eval/greedy/pass_rate"], point["eval/greedy/mean_reward"], -point["step"])
 
 
 def targets(point: dict) -> list[tuple[int, dict]]:
@@ -96,7 +101,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for run in args.runs:
         print(dynamics(run))
-    detail = args.detail or max(bests, key=lambda r: (bests[r]["eval/greedy/pass_rate"], -bests[r]["step"]))
+    detail = args.detail or max(bests, key=lambda r: _rank(bests[r]))
     point = bests[detail]
     print(f"\nper target S: {detail} at step {point['step']} ({point['minutes']:.1f} training minutes)\n")
     print("| S | prompts | pass rate | length rule | digit-sum rule |")

@@ -26,14 +26,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from policygrad.cli import main
 from policygrad.errors import UsageError
 from policygrad.lm.config import GRPOConfig
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# derandomize: the same generated inputs on every run, so a red CI names a change, not a new draw (a random draw found
+# the long-message case of test_random_control_recipes_load_or_name_the_problem on 2026-11-30; it is fixed and kept)
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 class ReachedModelLoad(Exception):
@@ -407,6 +413,7 @@ def control_recipe_bytes(draw) -> bytes:
 @pytest.mark.property
 @settings(max_examples=100, **SETTINGS)
 @given(content=control_recipe_bytes())
+@example(content=yaml.safe_dump({"policy": {"/": [10**450], "0": None}}).encode())  # a value too long to quote whole
 def test_random_control_recipes_load_or_name_the_problem(content, capsys, monkeypatch, no_runs):
     """``policygrad control --recipe``: the recipe loads, or one line names the field, the file and line, or
     --recipe; nothing is written either way (the run itself is replaced: this is about reading recipes)."""

@@ -123,7 +123,7 @@ class ControlConfig:
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
-            raise UsageError("--algo", f"must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
+            raise UsageError("--algo", f"must be one of {', '.join(ALGORITHMS)}, got {configs.short(self.algo)}")
         for name in PRESET_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, ALGO_DEFAULTS[self.algo][name])
@@ -134,7 +134,7 @@ class ControlConfig:
         _require(
             self.policy in ("auto", "categorical", "gaussian"),
             "--policy",
-            f"must be auto, categorical or gaussian, got {self.policy!r}",
+            f"must be auto, categorical or gaussian, got {configs.short(self.policy)}",
         )
         _require(self.total_steps >= 1, "--total-steps", f"must be at least 1, got {self.total_steps}")
         _require(self.num_envs >= 1, "--num-envs", f"must be at least 1, got {self.num_envs}")

@@ -86,23 +86,10 @@ def tiny_qwen_base(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_prompts(tmp_path) -> Path:
-    """A JSONL file of short length_digits prompts (short prompts keep the tiny runs fast)."""
-    import json
+    """A JSONL file of short length_digits prompts (``lm_helpers.write_tiny_prompts``)."""
+    from lm_helpers import write_tiny_prompts
 
-    from policygrad.lm import tasks
-
-    path = tmp_path / "prompts.jsonl"
-    lines = []
-    for i in range(12):
-        passage = f"Note {i}: cats nap."
-        target = tasks.draw_digit_sum(passage)
-        lines.append(
-            json.dumps(
-                {"prompt": tasks.make_prompt(passage, 8, target), "target_length": 8, "target_digit_sum": target}
-            )
-        )
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_tiny_prompts(tmp_path / "prompts.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Helpers shared by the trainer tests (test_trainer.py, test_reliability_lm.py): a tiny run's config, its weights."""
+"""Helpers shared by the LM tests: a tiny run's config, its weights, its prompts file."""
 
 from __future__ import annotations
 
@@ -72,3 +72,20 @@ def eos_boosted(folder, value: float):
     boost[tokenizer.eos_token_id] = value
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
     return model.eval(), tokenizer
+
+
+def write_tiny_prompts(path: Path) -> Path:
+    """Write 12 short length_digits prompts ("Note i: cats nap.", 8 characters, the passage's digit-sum target) as
+    JSONL to ``path``: short prompts keep the tiny runs fast."""
+    import json
+
+    from policygrad.lm import tasks
+
+    lines = []
+    for i in range(12):
+        passage = f"Note {i}: cats nap."
+        target = tasks.draw_digit_sum(passage)
+        record = {"prompt": tasks.make_prompt(passage, 8, target), "target_length": 8, "target_digit_sum": target}
+        lines.append(json.dumps(record))
+    path.write_text("\n".join(lines) + "\n")
+    return path

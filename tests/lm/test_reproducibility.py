@@ -51,20 +51,12 @@ def reference_run(folder: Path) -> dict:
     completions of at most 8 tokens, float32, one thread) and return what the record holds."""
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import save_tiny
-    from lm_helpers import tiny_config
+    from lm_helpers import tiny_config, write_tiny_prompts
 
-    from policygrad.lm import tasks
     from policygrad.lm.trainer import train
 
     model = save_tiny(folder / "model", "llama", chat=True)
-    prompts = folder / "prompts.jsonl"
-    lines = []
-    for i in range(12):
-        passage = f"Note {i}: cats nap."
-        target = tasks.draw_digit_sum(passage)
-        record = {"prompt": tasks.make_prompt(passage, 8, target), "target_length": 8, "target_digit_sum": target}
-        lines.append(json.dumps(record))
-    prompts.write_text("\n".join(lines) + "\n")
+    prompts = write_tiny_prompts(folder / "prompts.jsonl")
     initial = _weights_norm(model)
     config = tiny_config(
         model,

@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from lm_helpers import write_tiny_prompts  # noqa: E402  (tests/lm, on sys.path under pytest)
+
 from policygrad.cli import _parse, main  # noqa: E402
 from policygrad.lm import tasks  # noqa: E402
 from policygrad.lm.config import EvalConfig, GRPOConfig  # noqa: E402
@@ -48,14 +50,7 @@ def one_line_error(code: int, err: str, names: str) -> bool:
 def tiny_run(tmp_path_factory, tiny_llama_chat) -> Path:
     """A 3-step training run of the tiny Llama: evaluated every step, a checkpoint at step 2, then final/."""
     folder = tmp_path_factory.mktemp("tiny-run")
-    prompts = folder / "prompts.jsonl"
-    lines = []
-    for i in range(12):
-        passage = f"Note {i}: cats nap."
-        target = tasks.draw_digit_sum(passage)
-        record = {"prompt": tasks.make_prompt(passage, 8, target), "target_length": 8, "target_digit_sum": target}
-        lines.append(json.dumps(record))
-    prompts.write_text("\n".join(lines) + "\n")
+    prompts = write_tiny_prompts(folder / "prompts.jsonl")
     threads = torch.get_num_threads()
     code = main(
         [

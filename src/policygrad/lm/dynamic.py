@@ -29,7 +29,7 @@ import torch
 from policygrad.guard import StepGuard
 from policygrad.lm.metrics import zero_spread_groups
 from policygrad.lm.rewards import Scores
-from policygrad.lm.rollout import Rollout, join_groups, sample
+from policygrad.lm.rollout import Rollout, join_groups, pad_token_id, sample
 from policygrad.lm.scoring import Scored, score
 from policygrad.rng import step_seed
 from policygrad.runlog import RunLog
@@ -48,24 +48,28 @@ def sample_and_score(
     scored = score(run, guard, log, rollout, records, step)
     if not config.max_extra_groups:
         return rollout, scored, {}
-    group_size, size = config.group_size, len(records)
-    first_flat = zero_spread_groups(scored.rewards, group_size).tolist()  # (B,)
-    kept = [(rollout, scored, g) for g in range(size) if not first_flat[g]]
-    flat = [(rollout, scored, g) for g in range(size) if first_flat[g]]
+    size = len(records)
+    first_flat = zero_spread_groups(scored.rewards, config.group_size).tolist()  # (B,)
+    kept, flat = _split(rollout, scored, first_flat)
     extra = 0
     while len(kept) < size and extra < config.max_extra_groups:
         count = min(size - len(kept), config.max_extra_groups - extra)
         fresh = fresh_prompts(run.prompts.train, config.seed, step, extra, count)
         more = sample(run.model, run.tokenizer, [r["prompt"] for r in fresh], **run.sampling)
         more_scored = score(run, guard, log, more, fresh, step)
-        more_flat = zero_spread_groups(more_scored.rewards, group_size).tolist()
-        kept += [(more, more_scored, g) for g in range(count) if not more_flat[g]]
-        flat += [(more, more_scored, g) for g in range(count) if more_flat[g]]
-        extra += count
+        more_flat = zero_spread_groups(more_scored.rewards, config.group_size).tolist()
+        more_kept, more_flat = _split(more, more_scored, more_flat)
+        kept, flat, extra = kept + more_kept, flat + more_flat, extra + count
     picks = (kept + flat)[:size]
-    joined = join_groups([(r, g) for r, _, g in picks], _pad_id(run))
+    joined = join_groups([(r, g) for r, _, g in picks], pad_token_id(run.model, run.tokenizer))
     metrics = {"dynamic/extra_groups": float(extra), "dynamic/first_zero_spread": sum(first_flat) / size}
-    return joined, join_scored([(s, g) for _, s, g in picks], group_size), metrics
+    return joined, join_scored([(s, g) for _, s, g in picks], config.group_size), metrics
+
+
+def _split(rollout: Rollout, scored: Scored, flat: list[bool]) -> tuple[list[tuple], list[tuple]]:
+    """The ``(rollout, scored, group)`` picks of a draw: those with reward spread, and those without (``flat``)."""
+    picks = [(rollout, scored, g) for g in range(len(flat))]
+    return [p for p, f in zip(picks, flat) if not f], [p for p, f in zip(picks, flat) if f]
 
 
 def fresh_prompts(train: list[dict[str, Any]], seed: int, step: int, start: int, count: int) -> list[dict[str, Any]]:
@@ -100,8 +104,3 @@ def join_scored(picks: list[tuple[Scored, int]], group_size: int) -> Scored:
         return {name: [getattr(scored, attribute)[name][row] for scored, row in rows] for name in names}
 
     return Scored(rewards, scores, column("task_fields"), column("fields"))
-
-
-def _pad_id(run: Any) -> int:
-    tokenizer = run.tokenizer
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

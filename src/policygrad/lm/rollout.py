@@ -36,6 +36,7 @@ __all__ = [
     "generate",
     "join_groups",
     "micro_batches",
+    "pad_token_id",
     "rollout_logprobs",
     "sample",
     "sequence_logprobs",
@@ -479,7 +480,7 @@ def sample(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)  # (B, P)
     eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = pad_token_id(model, tokenizer)
     with autocast_context(device, autocast_dtype):
         completion_ids = generate(
             model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_id, temperature, top_p, greedy
@@ -505,6 +506,11 @@ def sample(
             model, rollout, 1.0 if greedy else temperature, micro_batch_size, autocast_dtype
         )
     return rollout
+
+
+def pad_token_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads prompts and completions: the tokenizer's pad token, else the first EOS id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids(model, tokenizer)[0]
 
 
 def micro_batches(n: int, size: int | None) -> list[slice]:

@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo bandit test lint format lock mutation install clean
+.PHONY: demo bandit test lint format lock mutation install clean browser
 
 demo: $(STAMP)
 	$(BIN)/policygrad train --recipe recipes/default-cpu.yaml --overwrite
@@ -23,8 +23,16 @@ bandit: $(STAMP)
 
 # POLICYGRAD_NO_SKIPS: every optional dependency is installed here, so a skip other than the few named in
 # tests/conftest.py fails the run (a dependency that failed to install must not read as a pass)
-test: $(STAMP)
+test: $(STAMP) browser
 	POLICYGRAD_NO_SKIPS=1 POLICYGRAD_TIERS_REQUIRED=1 $(BIN)/python -m pytest -q
+
+# The playground's browser tests drive Debian's chromium with Playwright (no browser download): installed here when
+# missing and this is a Debian machine we may install on (root), else one line says what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  echo "installing Debian's chromium for the browser tests (apt-get install chromium)" && \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "the playground's browser tests need Chromium at /usr/bin/chromium: sudo apt-get install chromium"
 
 # ruff (configured in pyproject.toml): the layout is the formatter's, the lint rules catch unused names and bugbears.
 # `make format` rewrites the files; `make lint` only checks (CI runs it before the tests).

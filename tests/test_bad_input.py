@@ -198,6 +198,7 @@ def _flags(config_target: str) -> list[str]:
 BANDIT_FLAGS = _flags("policygrad.bandit.config:BanditConfig")
 CONTROL_FLAGS = _flags("policygrad.control.config:ControlConfig")
 LM_FLAGS = [f for f in _flags("policygrad.lm.config:GRPOConfig") if f not in ("--output-dir",)]
+EVAL_FLAGS = _flags("policygrad.lm.config:EvalConfig")
 
 
 def _yaml_scalar():
@@ -506,9 +507,9 @@ def test_random_values_for_lm_flags_stop_before_the_model_or_name_the_flag(
     data, command, capsys, monkeypatch, sandbox, good_prompts
 ):
     spy_load_model(monkeypatch, real=False)
-    argv = [command, "--prompts", str(good_prompts), "--output-dir", "run"]
+    argv = [command, "--prompts", str(good_prompts), *(["--output-dir", "run"] if command == "train" else [])]
     for _ in range(data.draw(st.integers(1, 3))):
-        flag = data.draw(st.sampled_from(LM_FLAGS))
+        flag = data.draw(st.sampled_from(LM_FLAGS if command == "train" else EVAL_FLAGS))
         values = data.draw(st.lists(CLI_VALUE, min_size=0, max_size=2))
         if flag == "--rewards":  # module:function specs import modules: keep random text away from imports
             values = [v for v in values if ":" not in v]
@@ -743,8 +744,7 @@ def test_broken_model_folders_are_one_line(how, tiny_model, good_prompts, tmp_pa
                 str(folder),
                 "--prompts",
                 str(good_prompts),
-                "--output-dir",
-                str(tmp_path / "run"),
+                *(["--output-dir", str(tmp_path / "run")] if command == "train" else []),
                 "--device",
                 "cpu",
             ],

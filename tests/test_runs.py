@@ -90,3 +90,21 @@ def test_write_atomic_replaces_the_whole_file(tmp_path):
     runs.write_atomic(path, json.dumps({"a": 1}))
     runs.write_atomic(path, "second")
     assert path.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_the_resume_command_names_the_program_as_it_was_started(tmp_path, monkeypatch):
+    """After `make`, .venv/bin is not on the PATH: the printed resume command must start with a program that runs."""
+    script = tmp_path / "venv" / "bin" / "policygrad"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("sys.argv", [str(script), "train"])
+    assert runs.program() == str(script)
+    assert runs.resume_command("train", tmp_path / "r").startswith(f"{script} train --recipe ")
+    monkeypatch.setenv("PATH", str(script.parent))  # the same program on the PATH: its short name
+    assert runs.program() == "policygrad"
+    monkeypatch.setattr("sys.argv", ["/somewhere/policygrad/__main__.py"])  # python -m policygrad
+    assert runs.program().endswith(" -m policygrad")
+    monkeypatch.setattr("sys.argv", ["/usr/lib/python3/pytest/__main__.py"])  # in-process
+    assert runs.program() == "policygrad"

@@ -31,6 +31,7 @@ from typing import Any
 
 __all__ = [
     "MANIFEST",
+    "usual_modes",
     "folders_in",
     "latest_good",
     "prune",
@@ -78,6 +79,17 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``open`` or ``mkdir`` would (0644 and 0755 under the
+    usual umask): writers that go through temporary files (safetensors, ``tempfile``) leave 0600, which hides a
+    checkpoint from the other users of a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def save_atomic(folder: Path, write: Callable[[Path], None], step: int, extra: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder so that a crash at any point leaves the previous one intact (see the module doc).
 
@@ -97,6 +109,7 @@ def save_atomic(folder: Path, write: Callable[[Path], None], step: int, extra: d
         shutil.rmtree(tmp)
     tmp.mkdir()
     write(tmp)
+    usual_modes(tmp)
     files = {}
     for path in _files(tmp):
         _fsync(path)

@@ -8,29 +8,59 @@ raises :class:`policygrad.errors.UsageError`.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
+import inspect
 import io
 import re
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from policygrad.errors import UsageError
+from policygrad.runs import RunComplete
+from policygrad.threads import quiet_waits
 
-# subcommand -> (config dataclass, function running it, recipe loader or None); all "module:attribute", imported on
-# use so that `policygrad --help` never imports torch. A command with a recipe loader takes `--recipe FILE.yaml`,
-# whose values become the defaults that the other flags override.
-COMMANDS: dict[str, tuple[str, str, str | None]] = {
-    "bandit": ("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main", None),
-    "control": (
+
+class Command(NamedTuple):
+    """A subcommand: its config dataclass and the function running it, and for a command that takes ``--recipe
+    FILE.yaml`` (whose values become the defaults that the other flags override) the recipe loader; ``implied`` reads
+    a recipe from the arguments themselves (``eval --model RUN/final``: the run's own config.yaml). All
+    "module:attribute", imported on use, so that ``policygrad --help`` never imports torch."""
+
+    config: str
+    run: str
+    recipe: str | None = None
+    implied: str | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "bandit": Command("policygrad.bandit.config:BanditConfig", "policygrad.bandit.run:main"),
+    "control": Command(
         "policygrad.control.config:ControlConfig",
         "policygrad.control.train:run",
         "policygrad.control.config:load_config",
     ),
-    "train": ("policygrad.lm.config:GRPOConfig", "policygrad.lm.trainer:run_train", "policygrad.lm.config:load_config"),
-    "eval": ("policygrad.lm.config:EvalConfig", "policygrad.lm.evaluate:run_eval", "policygrad.lm.config:load_config"),
-    "sample": ("policygrad.lm.sample:SampleConfig", "policygrad.lm.sample:run_sample", None),
-    "plot": ("policygrad.lm.plot:PlotConfig", "policygrad.lm.plot:run_plot", None),
+    "train": Command(
+        "policygrad.lm.config:GRPOConfig", "policygrad.lm.trainer:run_train", "policygrad.lm.config:load_config"
+    ),
+    "eval": Command(
+        "policygrad.lm.config:EvalConfig",
+        "policygrad.lm.evaluate:run_eval",
+        "policygrad.lm.config:load_eval_config",
+        "policygrad.lm.evaluate:run_recipe",
+    ),
+    "sample": Command("policygrad.lm.sample:SampleConfig", "policygrad.lm.sample:run_sample"),
+    "plot": Command("policygrad.lm.plot:PlotConfig", "policygrad.lm.plot:run_plot"),
+    "playground": Command(
+        "policygrad.playground.config:PlaygroundConfig", "policygrad.playground.server:run_playground"
+    ),
 }
+
+RECIPE_HELP = (
+    "--recipe FILE.yaml: start from a recipe (e.g. recipes/default-cpu.yaml, or a run's own config.yaml to resume "
+    "it); the flags below override its values."
+)
 
 _BOX = re.compile(r"^[\s│╭╮╰╯─|]*(.*?)[\s│╭╮╰╯─|]*$")
 _RULE = re.compile(r"^[\s│╭╮╰╯─|+=-]*$")  # a box's border or divider; rich draws them in ASCII (-, +, |) where the
@@ -56,6 +86,8 @@ def one_line(tyro_error: str) -> str:
     if not title_and_body:
         return "invalid arguments (see --help)"
     title, body = title_and_body[0], " ".join(title_and_body[1:])
+    if body.startswith(title):  # "Unrecognized options" then "Unrecognized options: --x": say it once
+        title = ""
     # a config's own validation (UsageError in __post_init__) arrives wrapped as "Error parsing BanditConfig: --x: ..."
     return re.sub(r"^Error parsing \w+Config: (?=--)", "", body or title)
 
@@ -63,8 +95,9 @@ def one_line(tyro_error: str) -> str:
 def _recipe(command: str, args: list[str]) -> tuple[list[str], object]:
     """Take ``--recipe FILE`` out of ``args``; return the rest and the recipe's config (None without one)."""
     if "--recipe" not in args:
-        return args, None
-    loader = COMMANDS[command][2]
+        implied = COMMANDS[command].implied
+        return args, _load(implied)(args) if implied else None
+    loader = COMMANDS[command].recipe
     if loader is None:
         raise UsageError("--recipe", f"`policygrad {command}` takes no recipe")
     at = args.index("--recipe")
@@ -87,20 +120,34 @@ def _refuse_old_resume(command: str, args: list[str]) -> None:
             )
 
 
+def _refuse_unknown_command(argv: list[str]) -> None:
+    """``policygrad trian``: name the unknown command and the known ones (tyro would say "Unrecognized options")."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(repr(argv[0][:40]), f"unknown command{hint} (commands: {', '.join(COMMANDS)})")
+
+
 def _parse(argv: Sequence[str]):
     import tyro
 
     argv = list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    _refuse_unknown_command(argv)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
             if command is None:  # `policygrad --help`, or no/unknown command: tyro lists the commands
-                configs = {name: _load(config) for name, (config, _, _) in COMMANDS.items()}
+                configs = {name: _load(entry.config) for name, entry in COMMANDS.items()}
                 return tyro.extras.subcommand_cli_from_dict(configs, prog="policygrad", args=argv)
             _refuse_old_resume(command, argv[1:])
             args, default = _recipe(command, argv[1:])
-            return tyro.cli(_load(COMMANDS[command][0]), args=args, default=default, prog=f"policygrad {command}")
+            entry = COMMANDS[command]
+            config = _load(entry.config)
+            description = inspect.cleandoc(config.__doc__ or "") + ("\n\n" + RECIPE_HELP if entry.recipe else "")
+            parsed = tyro.cli(config, args=args, default=default, prog=f"policygrad {command}", description=description)
+        sys.stderr.write(captured.getvalue())  # what the recipe loader said (eval: which run's task it took)
+        return parsed
     except SystemExit as exit_:
         if exit_.code in (0, None):  # --help
             sys.stderr.write(captured.getvalue())
@@ -109,6 +156,7 @@ def _parse(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_waits()  # before anything imports torch (policygrad.threads)
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -116,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"policygrad {command}" if command else "policygrad"
     try:
         config = _parse(argv)
-        run = _load(COMMANDS[command][1])
+        run = _load(COMMANDS[command].run)
         return int(run(config) or 0)
     except UsageError as err:
         if debug:
@@ -127,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(message.splitlines())  # a value or path the user typed may hold a line break
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
+    except RunComplete as complete:  # --resume of a finished run: say so, change nothing
+        print(f"{prefix}: {complete}", file=sys.stderr)
+        return 0
     except BrokenPipeError:  # `policygrad bandit --json | head`: the reader left, which is not an error
         sys.stderr.close()
         return 0

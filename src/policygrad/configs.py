@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from policygrad.errors import UsageError, require
 
-__all__ = ["choice", "config_to_dict", "flag", "load_config", "positive", "short"]
+__all__ = ["choice", "config_to_dict", "default_hint", "flag", "load_config", "positive", "short"]
 
 C = TypeVar("C")
 
@@ -26,6 +26,14 @@ C = TypeVar("C")
 def flag(name: str) -> str:
     """A field's command-line flag: ``max_steps`` -> ``--max-steps``."""
     return "--" + name.replace("_", "-")
+
+
+def default_hint(text: str) -> Any:
+    """A field's ``--help`` default, said in words (``"per algorithm"``) where the value itself (None) means
+    nothing to a reader: ``field: Annotated[int | None, default_hint("per algorithm")] = None``."""
+    import tyro
+
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
 
 
 def choice(field: str, value: Any, allowed: Sequence[str]) -> None:

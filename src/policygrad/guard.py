@@ -74,9 +74,11 @@ class StepGuard(Generic[S]):
         """Take the snapshot of the state before this step (what a stop inside it, or a streak from it, saves)."""
         self.before = (step, self.snapshot(step))
 
-    def save_before(self) -> Path:
-        """Save the state from before the current step (a fault inside the step), or the streak's first one."""
-        return self.save((self.first_bad or self.before)[1])
+    def save_before(self) -> Path | None:
+        """Save the state from before the current step (a fault inside the step), or the streak's first one; None,
+        saving nothing, before the first step of a run (the untouched initial model is not worth a checkpoint)."""
+        step, state = self.first_bad or self.before
+        return self.save(state) if step > 0 else None
 
     def after(self, done: int, skipped: bool, detail: str = "") -> None:
         """Between steps: ``done`` steps are done; ``skipped`` says whether this one's update was skipped for a

@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,17 @@ from policygrad.errors import UsageError
 
 __all__ = [
     "CONFIG_FILE",
+    "RunComplete",
+    "budget_change",
     "check_output_dir",
     "checkpoint_dir",
     "checkpoint_candidates",
+    "checkpoint_run",
     "config_changes",
     "latest_checkpoint",
+    "model_folder",
     "prepare_output_dir",
+    "program",
     "resume_command",
     "truncate_jsonl",
     "write_atomic",
@@ -43,6 +49,9 @@ __all__ = [
 
 CONFIG_FILE = "config.yaml"
 """The resolved config in every run folder; its presence is what marks a folder as a policygrad run."""
+
+METRICS_FILE = "metrics.jsonl"
+"""The per-step records of every run (:mod:`policygrad.runlog`)."""
 
 CHECKPOINTS = "checkpoints"
 """Periodic (and stop-time) checkpoints of a run: ``checkpoints/step-N``, N the steps done, six digits."""
@@ -112,9 +121,44 @@ def _short(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+class RunComplete(Exception):
+    """``--resume`` of a run that has done every step asked for: nothing to do, which is not an error (exit 0)."""
+
+
+def program() -> str:
+    """How to run policygrad again, as this process was started: ``policygrad`` where that name on the PATH is this
+    program, else the path it was started by (``.venv/bin/policygrad`` after ``make``, whose venv is not on the
+    PATH), or ``python -m policygrad``."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if script.name == "__main__.py" and script.parent.name == "policygrad":
+        return f"{shlex.quote(sys.executable)} -m policygrad"
+    if script.name != "policygrad":
+        return "policygrad"  # called in-process (a test, a notebook): the documented name
+    found = shutil.which("policygrad")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "policygrad"
+    return shlex.quote(str(script))
+
+
 def resume_command(command: str, output_dir: Path) -> str:
     """The command that continues a run: its own config.yaml as the recipe (which names the output folder too)."""
-    return f"policygrad {command} --recipe {shlex.quote(str(Path(output_dir) / CONFIG_FILE))} --resume"
+    return f"{program()} {command} --recipe {shlex.quote(str(Path(output_dir) / CONFIG_FILE))} --resume"
+
+
+def budget_change(output_dir: Path, fields: dict[str, Any]) -> str:
+    """``"max_steps 20 -> 40"`` for each budget field (how long to train) that a resume changes from the run's
+    config.yaml, or ``""``: extending a run is allowed, and said."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(output_dir) / CONFIG_FILE).read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return ""
+    return ", ".join(
+        f"{name} {_short(saved[name])} -> {_short(value)}"
+        for name, value in fields.items()
+        if isinstance(saved, dict) and name in saved and saved[name] != value
+    )
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -138,6 +182,40 @@ def latest_checkpoint(output_dir: Path, warn: Callable[[str], None] | None = Non
         checkpointing.recover(out)
         checkpointing.recover(out / CHECKPOINTS)
     return checkpointing.latest_good(checkpoint_candidates(out), warn)
+
+
+def checkpoint_run(model: str | Path) -> Path | None:
+    """The run folder that ``model`` was saved in, or None when it is not a run's checkpoint.
+
+    A run (``policygrad train --output-dir RUN``) saves ``RUN/final`` and ``RUN/checkpoints/step-N``, and marks
+    ``RUN`` with its resolved ``config.yaml``; ``model`` may also be ``RUN`` itself.
+
+    >>> checkpoint_run("default") is None
+    True
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    candidates = [path]
+    if path.name == "final":
+        candidates.append(path.parent)
+    if path.parent.name == CHECKPOINTS:
+        candidates.append(path.parent.parent)
+    for folder in candidates:
+        if (folder / CONFIG_FILE).is_file() and (folder / METRICS_FILE).is_file():
+            return folder
+    return None
+
+
+def model_folder(model: str) -> str:
+    """``model``, or for a run folder the newest model it saved (``final`` once the run has finished)."""
+    run = checkpoint_run(model)
+    if run is None or Path(model).expanduser().resolve() != run.resolve():
+        return model
+    saved = latest_checkpoint(run)
+    if saved is None:
+        raise UsageError("--model", f"{model} is a run that has saved no model yet (no final/ or checkpoints/)")
+    return str(saved)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:

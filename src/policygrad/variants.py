@@ -91,6 +91,7 @@ BANDIT_BASELINES = Registry(
         "mean": "policygrad.advantages:MovingAverageBaseline",
         "loo": "policygrad.advantages:LeaveOneOut",
         "group": "policygrad.advantages:GroupMean",
+        "grpo": "policygrad.advantages:GroupNormalized",
     },
 )
 """Baselines of the bandit playground: the same estimator classes, each sample row one group."""

@@ -31,6 +31,7 @@ from policygrad.control.checkpoint import env_state, load_policy  # noqa: E402
 from policygrad.control.config import ControlConfig, load_config  # noqa: E402
 from policygrad.control.train import run  # noqa: E402
 from policygrad.errors import UsageError  # noqa: E402
+from policygrad.runs import RunComplete  # noqa: E402
 from policygrad.stopping import EXIT_DIVERGED  # noqa: E402
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
@@ -39,8 +40,14 @@ KILLS_DURING_SAVE = 3  # SIGKILLs of `policygrad control` while it writes a chec
 BAD_STEPS = (4, 5, 6)  # non-finite steps in a row, with --max-bad-steps len(BAD_STEPS)
 
 
-def _resume_command(run_dir: Path) -> str:
-    return f"policygrad control --recipe {shlex.quote(str(run_dir / 'config.yaml'))} --resume"
+def _resume_command(run_dir: Path, started: str | None = None) -> str:
+    """The printed resume command; ``started``: the program's path when it ran as a child process (its short name
+    where that is on the PATH, else the path: .venv/bin is not on the PATH of someone who used `make`)."""
+    program = "policygrad"
+    if started is not None:
+        found = shutil.which("policygrad")
+        program = "policygrad" if found and Path(found).resolve() == Path(started).resolve() else shlex.quote(started)
+    return f"{program} control --recipe {shlex.quote(str(run_dir / 'config.yaml'))} --resume"
 
 
 def _resume(run_dir: Path, **changes) -> int:
@@ -120,8 +127,10 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path):
     assert _resume(tmp_path, save_every=1, keep_checkpoints=5, eval_episodes=0) == 0  # free to change
     (tmp_path / "policy.pt").unlink()
     assert _resume(tmp_path, lr=0.5, allow_config_change=True) == 0
-    with pytest.raises(UsageError, match=r"^--resume: .* has finished \(policy.pt is saved\); start it again with"):
-        _resume(tmp_path)
+    finished = _files(tmp_path)
+    with pytest.raises(RunComplete, match=r"is complete \(policy.pt is saved\); nothing to do"):
+        _resume(tmp_path)  # a finished run resumed with the same budget: nothing to do, nothing written
+    assert _files(tmp_path) == finished
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -178,10 +187,8 @@ def test_sigterm_through_the_cli_and_the_printed_resume_command(tmp_path):
     assert child.returncode == 143, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("policygrad control: stopped by SIGTERM after step ") and "Traceback" not in err
-    assert line.endswith(f"; resume with: {_resume_command(out)}")
-    resumed = subprocess.run(
-        [POLICYGRAD, *shlex.split(line.split("resume with: ")[1])[1:]], capture_output=True, text=True, timeout=300
-    )
+    assert line.endswith(f"; resume with: {_resume_command(out, started=POLICYGRAD)}")
+    resumed = subprocess.run(shlex.split(line.split("resume with: ")[1]), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert run(ControlConfig(**_flags(args), output_dir=tmp_path / "straight")) == 0
     _assert_same_run(tmp_path / "straight", out)

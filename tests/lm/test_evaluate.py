@@ -39,6 +39,7 @@ def test_evaluation_counts_completions_cut_off_by_max_new_tokens(tiny_llama_chat
 
 @pytest.mark.smoke
 def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts, tmp_path, capsys):
+    from policygrad.lm.config import EvalConfig
     from policygrad.lm.evaluate import run_eval
 
     config = tiny_config(
@@ -50,7 +51,7 @@ def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts,
         eval_decoding=("greedy", "sampled"),
         rewards=("binary",),
     )
-    assert run_eval(config) == 0
+    assert run_eval(EvalConfig.of(config, json=True)) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 3
     for decoding in ("greedy", "sampled"):

@@ -68,9 +68,14 @@ def test_train_through_the_cli_changes_the_model_then_eval_reads_it(tiny_llama_c
         assert torch.equal(kept[name], after[name]), name
     assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == files  # and every file
 
-    evaluated = run("eval", "--model", str(out / "final"), "--prompts", str(tiny_prompts), *TINY)
+    # the run's checkpoint is evaluated on the run's own task (its config.yaml), said in one line
+    evaluated = run("eval", "--model", str(out / "final"), "--json", "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "pass_rate" in evaluated.stdout
+    assert evaluated.stderr.strip().splitlines() == [
+        line for line in evaluated.stderr.strip().splitlines() if line.startswith("policygrad eval: the task of ")
+    ]
+    report = json.loads(evaluated.stdout)
+    assert report["prompts"] == 2 and "pass_rate" in report["greedy"]  # --heldout-prompts 2 of the run
 
 
 @pytest.mark.parametrize(

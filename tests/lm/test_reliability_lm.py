@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,14 @@ from policygrad.runs import latest_checkpoint  # noqa: E402
 from policygrad.stopping import EXIT_DIVERGED, Stopped  # noqa: E402
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
+
+
+def _as_started(program: str) -> str:
+    """How a resume command names ``program``: its short name where that is on the PATH, else its path."""
+    found = shutil.which("policygrad")
+    return "policygrad" if found and Path(found).resolve() == Path(program).resolve() else shlex.quote(program)
+
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 KILLS_DURING_SAVE = 3  # SIGKILLs of a real training process while it writes a checkpoint (end to end)
@@ -393,12 +402,13 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(signum, tiny_llam
     assert 1 <= stopped_at < 40
     assert checkpointing.verify(out / "checkpoints" / f"step-{stopped_at:06d}") is None
     command = line.split("resume with: ")[1]
-    assert command == f"policygrad train --recipe {shlex.quote(str(out / 'config.yaml'))} --resume"
+    # the program as it was started: .venv/bin/policygrad is not on the PATH of someone who used `make`
+    assert command == f"{_as_started(POLICYGRAD)} train --recipe {shlex.quote(str(out / 'config.yaml'))} --resume"
 
     end = stopped_at + 2
     if signum == signal.SIGTERM:  # the printed command, as printed, finishes the run
         resumed = subprocess.run(
-            [POLICYGRAD, *shlex.split(command)[1:], "--max-steps", str(end)],
+            [*shlex.split(command), "--max-steps", str(end)],  # the printed command, as printed
             capture_output=True,
             text=True,
             timeout=300,

@@ -5,6 +5,7 @@ installed command, without paying the torch import again); one runs the installe
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,9 @@ pytest.importorskip("transformers")
 from lm_helpers import write_tiny_prompts  # noqa: E402  (tests/lm, on sys.path under pytest)
 
 from policygrad.cli import _parse, main  # noqa: E402
+from policygrad.errors import UsageError  # noqa: E402
 from policygrad.lm import tasks  # noqa: E402
-from policygrad.lm.config import EvalConfig, GRPOConfig  # noqa: E402
+from policygrad.lm.config import EvalConfig  # noqa: E402
 
 POLICYGRAD = str(Path(sys.executable).with_name("policygrad"))
 QUICK = ["--max-new-tokens", "6", "--device", "cpu", "--threads", "1"]
@@ -377,15 +379,28 @@ def test_plot_without_a_folder_is_one_line(capsys):
 
 
 def test_eval_help_describes_evaluation_and_recipes_still_apply(capsys, tmp_path):
+    """`eval --help` lists what an evaluation reads, not training's ~60 flags; both commands name --recipe (issue
+    16: `train --help` never mentioned it)."""
     for command, expected, other in [("eval", "Evaluate", "Train a lang"), ("train", "Train a lang", "Evaluate")]:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
         out = capsys.readouterr().out
         assert expected in out and other not in out
+        assert "--recipe FILE.yaml" in out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    flags = set(re.findall(r"^[│| ]+(--[a-z][a-z-]*)", out, flags=re.M))
+    assert {"--model", "--eval-size", "--max-new-tokens", "--threads", "--json"} <= flags
+    assert not flags & {"--lr", "--group-size", "--output-dir", "--resume", "--kl-coef", "--save-every"}, flags
+    assert len(flags) <= 25
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("max_new_tokens: 12\neval_size: 5\n")
+    recipe.write_text("max_new_tokens: 12\neval_size: 5\nlr: 1.0e-4\n")  # a training recipe: lr is left out
     config = _parse(["eval", "--recipe", str(recipe), "--eval-size", "3"])
-    assert isinstance(config, EvalConfig) and isinstance(config, GRPOConfig)
+    assert isinstance(config, EvalConfig)
     assert (config.max_new_tokens, config.eval_size) == (12, 3)
+    recipe.write_text("lr: -1\n")  # ...but checked like train's
+    with pytest.raises(UsageError, match="--lr"):
+        _parse(["eval", "--recipe", str(recipe)])

@@ -12,6 +12,7 @@ from policygrad.errors import require as _require
 from policygrad.variants import BANDIT_BASELINES
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+COMPARING_BASELINES = ("loo", "group", "grpo")  # baselines made of the other samples of the batch
 
 
 @dataclasses.dataclass
@@ -24,7 +25,8 @@ class BanditConfig:
     """standard deviation of the Gaussian reward noise"""
     baseline: Literal[BANDIT_BASELINES.names] = "loo"
     """none: raw rewards; mean: moving average of past rewards; loo: leave-one-out mean of the other samples (RLOO);
-    group: mean of all samples including itself (GRPO without std, biased by (N-1)/N)"""
+    group: mean of all samples including itself (GRPO without std, biased by (N-1)/N); grpo: GRPO's group mean and
+    std normalisation"""
     baseline_decay: float = 0.9
     """memory of the moving-average baseline (mean), in [0, 1)"""
     entropy_coef: float = 0.0
@@ -33,6 +35,10 @@ class BanditConfig:
     """actions sampled per update (N)"""
     lr: float = 0.3
     """learning rate of the gradient-ascent step on the logits"""
+    epochs: int = 1
+    """gradient steps on each batch; after the first, PPO's clipped ratio to the sampling policy"""
+    clip_eps: float = 0.2
+    """clip range of the ratio in the later epochs: [1 - clip_eps, 1 + clip_eps]"""
     steps: int = 300
     """number of updates"""
     seed: int = 0
@@ -48,8 +54,8 @@ class BanditConfig:
 
     def __post_init__(self) -> None:
         self.means = tuple(self.means)
-        if not self.means:
-            raise UsageError("--means", "give at least one arm, e.g. --means 1 0 0.5")
+        if len(self.means) < 2:  # one arm leaves nothing to learn: the policy is 1 from the start
+            raise UsageError("--means", f"give at least two arms, e.g. --means 1 0 0.5 (got {len(self.means)})")
         for mean in self.means:
             if not math.isfinite(mean):
                 raise UsageError("--means", f"every mean must be a finite number, got {mean}")
@@ -64,9 +70,15 @@ class BanditConfig:
             f"must be a finite number >= 0, got {self.entropy_coef}",
         )
         _require(math.isfinite(self.lr) and self.lr > 0, "--lr", f"must be a finite number > 0, got {self.lr}")
+        _require(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
+        _require(
+            math.isfinite(self.clip_eps) and 0 < self.clip_eps < 1,
+            "--clip-eps",
+            f"must be a number in (0, 1), got {self.clip_eps}",
+        )
         _require(self.steps >= 1, "--steps", f"must be at least 1, got {self.steps}")
         _require(self.samples >= 1, "--samples", f"must be at least 1, got {self.samples}")
-        if self.baseline in ("loo", "group") and self.samples < 2:
+        if self.baseline in COMPARING_BASELINES and self.samples < 2:
             raise UsageError("--samples", f"baseline {self.baseline!r} compares samples, so it needs at least 2")
         _require(0 <= self.seed < 2**63, "--seed", f"must be in [0, 2**63), got {self.seed}")
         _require(self.plot_seeds >= 1, "--plot-seeds", f"must be at least 1, got {self.plot_seeds}")

@@ -25,6 +25,8 @@ def _run(config: BanditConfig, baseline: str, seeds: int, on_step=None) -> Bandi
         seeds=seeds,
         entropy_coef=config.entropy_coef,
         baseline_decay=config.baseline_decay,
+        epochs=config.epochs,
+        clip_eps=config.clip_eps,
         on_step=on_step,
     )
 

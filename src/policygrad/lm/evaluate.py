@@ -9,20 +9,21 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from policygrad.runs import CONFIG_FILE, checkpoint_run, model_folder
 from policygrad.variants import TASKS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from policygrad.lm.config import GRPOConfig
+    from policygrad.lm.config import EvalConfig, GRPOConfig
     from policygrad.lm.rewards import RewardSet
 
-__all__ = ["EvalSettings", "evaluate", "evaluate_heldout", "group_fields", "run_eval"]
+__all__ = ["EvalSettings", "evaluate", "evaluate_heldout", "group_fields", "run_eval", "run_recipe"]
 
 EXAMPLES = 3
 """Completions kept per decoding in the result, for a human to read."""
@@ -79,8 +80,10 @@ def evaluate(
     records: Sequence[Mapping[str, Any]],
     reward_set: RewardSet,
     settings: EvalSettings = EvalSettings(),
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Generate one completion per record for each decoding of ``settings`` and score it.
+    """Generate one completion per record for each decoding of ``settings`` and score it; ``on_batch(n)`` is called
+    after each batch of ``n`` completions (a progress bar).
 
     Returns:
         ``{decoding: {<the task's rates, e.g. "pass_rate">, "by_part" (the rates of each part of the prompts, for
@@ -115,6 +118,8 @@ def evaluate(
             )
             completions.extend(rollout.completions)
             truncated += int(rollout.truncated.sum())
+            if on_batch is not None:
+                on_batch(len(chunk))
         prompts = [r["prompt"] for r in records]
         fields = group_fields(records, 1)
         scores = (
@@ -143,7 +148,9 @@ def _breakdown(task: Any, completions: list[str], fields: dict[str, list[Any]]) 
     return {"by_part": parts} if parts else {}
 
 
-def evaluate_heldout(config: GRPOConfig) -> dict[str, Any] | None:
+def evaluate_heldout(
+    config: GRPOConfig | EvalConfig, on_batch: Callable[[int], None] | None = None
+) -> dict[str, Any] | None:
     """Evaluate ``config.model`` (a checkpoint folder, say) on the first ``eval_size`` held-out prompts of
     ``config.prompts``, with the config's rewards, decodings and sampling settings: ``{"model", "prompts",
     decoding: rates}`` (see :func:`evaluate`), or None when the source holds out no prompts."""
@@ -156,19 +163,78 @@ def evaluate_heldout(config: GRPOConfig) -> dict[str, Any] | None:
     use_threads(config)  # --threads: the count the training run used, so the numbers compare (it was ignored before)
     reward_set = load_rewards(config.rewards)
     check_prompt_source(config.prompts)  # a bad prompts file is reported before a model is loaded
-    model, tokenizer = load_model(config.model, dtype="float32", device=device)
+    model, tokenizer = load_model(model_folder(config.model), dtype="float32", device=device)
     records = prompts_for(config, tokenizer).heldout[: config.eval_size]
     if not records:
         return None
-    results = evaluate(model, tokenizer, records, reward_set, EvalSettings.of(config, autocast_dtype, faults=False))
+    settings = EvalSettings.of(config, autocast_dtype, faults=False)
+    results = evaluate(model, tokenizer, records, reward_set, settings, on_batch)
     return {"model": config.model, "prompts": len(records), **results}
 
 
-def run_eval(config: GRPOConfig) -> int:
-    """``policygrad eval``: :func:`evaluate_heldout` printed as JSON on stdout. Returns the exit code."""
-    results = evaluate_heldout(config)
+def run_recipe(args: Sequence[str]) -> EvalConfig | None:
+    """The recipe ``policygrad eval`` implies without ``--recipe``: for ``--model`` a run's checkpoint (or the run
+    folder), that run's own config.yaml, so the checkpoint is scored on the task it trained on (its prompts, targets,
+    passage length, new tokens, threads); the flags given override it. Says on stderr which settings it took."""
+    from policygrad.lm.config import EvalConfig, load_config
+
+    model = _flag_value(args, "--model")
+    run = checkpoint_run(model) if model else None
+    if run is None:
+        return None
+    config = EvalConfig.of(load_config(run / CONFIG_FILE), model=model)
+    print(
+        f"policygrad eval: the task of {run / CONFIG_FILE}: prompts {config.prompts}, {config.heldout_prompts} held "
+        f"out, target length {config.target_length}, digit sums {config.digit_sum_min}..{config.digit_sum_max}, "
+        f"{config.max_passage_tokens}-token passages, {config.max_new_tokens} new tokens, eval size "
+        f"{config.eval_size}, threads {config.threads or 'auto'} (flags override these)",
+        file=sys.stderr,
+    )
+    return config
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``--flag VALUE`` or ``--flag=VALUE`` in ``args``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
+def run_eval(config: EvalConfig) -> int:
+    """``policygrad eval``: :func:`evaluate_heldout` with a progress bar, then the task's summary table (or, with
+    ``--json``, the whole result as JSON on stdout). Returns the exit code."""
+    from policygrad.lm.report import Progress, print_before_after
+
+    total = min(config.eval_size, config.heldout_prompts) * len(config.eval_decoding)
+    with Progress(config.progress and not config.json, total, 0, "eval") as progress:
+        results = evaluate_heldout(config, on_batch=progress.advance_by)
     if results is None:
         print("policygrad eval: no held-out prompts to evaluate (raise --heldout-prompts)", file=sys.stderr)
         return 2
-    print(json.dumps(results, indent=2))
+    if results["prompts"] < config.eval_size:
+        print(
+            f"policygrad eval: {results['prompts']} held-out prompts evaluated (--eval-size {config.eval_size} asks "
+            f"for more than the source holds out)",
+            file=sys.stderr,
+        )
+    if config.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    after = {k: v for k, v in results.items() if isinstance(v, dict)}
+    print_before_after({}, after, results["prompts"], TASKS[config.task].summary_rows, by_part=True)
+    print(f"{results['model']}: {_examples_line(after)}")
     return 0
+
+
+def _examples_line(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The first example completion of the first decoding, as a person would want to see one."""
+    decoding, values = next(iter(results.items()))
+    examples = values.get("examples") or []
+    if not examples:
+        return "no examples"
+    reply = " ".join(str(examples[0]["completion"]).split())
+    return f"first held-out reply ({decoding}): {reply[:120]!r}"

@@ -24,11 +24,9 @@ from typing import Annotated, Any
 import tyro
 
 from policygrad.errors import UsageError
+from policygrad.runs import METRICS_FILE
 
 __all__ = ["PANELS", "PlotConfig", "heldout_series", "plot_run", "read_metrics", "run_plot", "wall_times"]
-
-METRICS_FILE = "metrics.jsonl"
-"""What the trainer writes into every run folder, one JSON object per step."""
 
 SUFFIXES = (".png", ".pdf", ".svg")
 """File types the figure can be written as (matplotlib picks the format from the suffix)."""
@@ -57,8 +55,10 @@ class PlotConfig:
 
     run_dir: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """the run folder that `policygrad train --output-dir` made (or its metrics.jsonl)"""
-    out: Annotated[Path | None, tyro.conf.arg(metavar="FILE")] = None
-    """image to write, .png, .pdf or .svg (default: RUN_DIR/curves.png)"""
+    out: Annotated[Path | None, tyro.conf.arg(metavar="FILE", help_behavior_hint="(default: RUN_DIR/curves.png)")] = (
+        None
+    )
+    """image to write, .png, .pdf or .svg"""
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -109,7 +109,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             if number == len(lines):  # no newline after it: still being written
                 continue
-            raise UsageError(f"{path}:{number}", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise UsageError(
+                f"{path}:{number}", f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise UsageError(f"{path}:{number}", 'expected a JSON object with an integer "step"')
         by_step.setdefault(record["step"], {}).update(record)

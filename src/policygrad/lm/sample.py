@@ -24,21 +24,22 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import tyro
 
+from policygrad import runs
+from policygrad.configs import default_hint
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
 from policygrad.lm import tasks
 from policygrad.lm.config import PRECISIONS
-from policygrad.lm.plot import METRICS_FILE
 from policygrad.runs import CONFIG_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from policygrad.lm.config import GRPOConfig
 
-__all__ = ["SampleConfig", "checkpoint_run", "generate", "run_sample", "verdicts"]
+__all__ = ["SampleConfig", "generate", "run_sample", "verdicts"]
 
 
 @dataclasses.dataclass
@@ -51,9 +52,10 @@ class SampleConfig:
     Face id, or "default" (the embedded SmolLM2-135M-Instruct)"""
     prompt: tyro.conf.UseAppendAction[tuple[str, ...]] = ()
     """a prompt to complete; repeat the flag for several"""
-    prompts: str | None = None
-    """a .jsonl file (its first num_prompts lines), or "pydoc" / hf:<dataset>[:split] (their held-out prompts);
-    default: the held-out prompts of the run that saved --model, else of pydoc"""
+    prompts: Annotated[
+        str | None, default_hint("the held-out prompts of the run that saved --model, else of pydoc")
+    ] = None
+    """a .jsonl file (its first num_prompts lines), or "pydoc" / hf:<dataset>[:split] (their held-out prompts)"""
     num_prompts: int = 4
     """prompts taken from --prompts or the held-out set (ignored with --prompt)"""
     num_samples: int = 3
@@ -74,8 +76,8 @@ class SampleConfig:
     """bfloat16: bfloat16 autocast; auto: bfloat16 where the GPU or CPU has fast bfloat16 matrix products"""
     micro_batch_size: int = 32
     """sequences generated at once (prompts x completions per prompt); lower it if memory runs out"""
-    threads: int | None = None
-    """CPU threads for torch (default: torch's choice)"""
+    threads: Annotated[int | None, default_hint("one per idle core")] = None
+    """CPU threads for torch"""
     json: bool = False
     """print the completions as one JSON object on stdout instead of tables"""
 
@@ -113,41 +115,6 @@ class SampleConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Where the model and the prompts come from
 # --------------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_run(model: str) -> Path | None:
-    """The run folder that ``model`` was saved in, or None when it is not a run's checkpoint.
-
-    A run (``policygrad train --output-dir RUN``) saves ``RUN/final`` and ``RUN/checkpoints/step-N``, and marks
-    ``RUN`` with its resolved ``config.yaml``; ``model`` may also be ``RUN`` itself.
-
-    >>> checkpoint_run("default") is None
-    True
-    """
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return None
-    candidates = [path]
-    if path.name == "final":
-        candidates.append(path.parent)
-    if path.parent.name == "checkpoints":
-        candidates.append(path.parent.parent)
-    for folder in candidates:
-        if (folder / CONFIG_FILE).is_file() and (folder / METRICS_FILE).is_file():
-            return folder
-    return None
-
-
-def _model_folder(model: str, run: Path | None) -> str:
-    """``model``, or for a run folder the latest model it saved (``final`` once the run has finished)."""
-    if run is None or Path(model).expanduser().resolve() != run.resolve():
-        return model
-    from policygrad.runs import latest_checkpoint
-
-    saved = latest_checkpoint(run)
-    if saved is None:
-        raise UsageError("--model", f"{model} is a run that has saved no model yet (no final/ or checkpoints/)")
-    return str(saved)
 
 
 def _task_config(run: Path | None) -> GRPOConfig:
@@ -343,8 +310,8 @@ def run_sample(config: SampleConfig) -> int:
     from policygrad.lm.device import resolve_device, use_threads
     from policygrad.lm.models import load_model
 
-    run = checkpoint_run(config.model)
-    model_folder = _model_folder(config.model, run)
+    run = runs.checkpoint_run(config.model)
+    model_folder = runs.model_folder(config.model)
     task = _task_config(run)
     source = config.prompts or task.prompts
     if not config.prompt:

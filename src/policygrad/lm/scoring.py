@@ -55,10 +55,11 @@ def score(
         )
     except RewardError as err:  # policy "error": keep everything up to this step, then say how to go on
         folder = guard.save_before()
+        saved = f"saved the run at step {step} in {folder}" if folder else "nothing trained yet, so nothing saved"
         raise RewardError(
             err.field,
-            f"{str(err)[len(err.field) + 2 :]}; saved the run at step {step} in {folder}; fix the function (or pass "
-            f"--reward-fault skip) and resume with: {resume_command('train', run.output_dir)}",
+            f"{str(err)[len(err.field) + 2 :]}; {saved}; fix the function (or pass --reward-fault skip) and resume "
+            f"with: {resume_command('train', run.output_dir)}",
         ) from err
     _log_faults(log, step + 1, scores, rollout)
     rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)

@@ -152,7 +152,13 @@ def setup(config: GRPOConfig) -> Run:
     folder, state = _setup_resume(config) if config.resume else (None, None)
     model, tokenizer = _setup_model(str(folder or config.model), device)
     prompts = _setup_prompts(config, tokenizer)
-    steps_per_epoch, total_steps = _setup_steps(config, prompts, state)
+    if config.eval_size > len(prompts.heldout) and config.eval_decoding:
+        print(
+            f"policygrad train: evaluating on the {len(prompts.heldout)} held-out prompts (--eval-size "
+            f"{config.eval_size} asks for more than {config.prompts} holds out)",
+            file=sys.stderr,
+        )
+    steps_per_epoch, total_steps = _setup_steps(config, prompts, state, folder)
     _check_rewards_fit_prompts(reward_set, prompts.train[0], config)
     run = Run(
         config,
@@ -205,7 +211,9 @@ def _setup_prompts(config: GRPOConfig, tokenizer: Any) -> Any:
     return prompts_for(config, tokenizer)
 
 
-def _setup_steps(config: GRPOConfig, prompts: Any, state: TrainerState | None) -> tuple[int, int]:
+def _setup_steps(
+    config: GRPOConfig, prompts: Any, state: TrainerState | None, folder: Path | None = None
+) -> tuple[int, int]:
     steps_per_epoch = len(prompts.train) // config.prompts_per_step
     if steps_per_epoch == 0:
         raise UsageError(
@@ -218,7 +226,19 @@ def _setup_steps(config: GRPOConfig, prompts: Any, state: TrainerState | None) -
         raise UsageError(
             "--max-steps", f"the run to resume is at step {state.step}, past the {total_steps} steps asked for"
         )
+    if state is not None and state.step == total_steps and folder is not None and folder.name == "final":
+        raise runs.RunComplete(
+            f"the run in {config.output_dir} is complete ({total_steps} steps); nothing to do (to train it further, "
+            f"resume with a larger --max-steps)"
+        )
+    if state is not None and (extended := runs.budget_change(config.output_dir, _budget(config))):
+        print(f"policygrad train: extending the run: {extended}", file=sys.stderr)
     return steps_per_epoch, total_steps
+
+
+def _budget(config: GRPOConfig) -> dict[str, Any]:
+    """The fields that say how long the run trains."""
+    return {"max_steps": config.max_steps, "epochs": config.epochs}
 
 
 def _setup_curriculum(config: GRPOConfig, prompts: Any) -> ToleranceCurriculum | None:

@@ -90,7 +90,7 @@ def train(config: GRPOConfig) -> Path:
                 record.update(flat_scalars(run.evaluate()))
             log.write(step + 1, record)
             log.rows("completions", step + 1, samples(rollout, scored.scores.rewards, config.log_completions))
-            progress.advance(f"reward {record['reward_mean']:.3f}")
+            progress.advance(f"reward {record['reward_mean']:.3f}", record["step_time"])
             guard.after(step + 1, bool(record["skipped_updates"]), _skip_detail(record))
         _finish(run, log)
     return run.output_dir
@@ -134,7 +134,9 @@ def _skip_detail(record: dict[str, float]) -> str:
 def _finish(run: Run, log: RunLog) -> None:
     """The final evaluation (eval.json and the last line of metrics.jsonl) and the ``final`` checkpoint."""
     final = run.evaluate()
-    write_atomic(run.output_dir / "eval.json", json.dumps({"step": run.total_steps, **final}, indent=2) + "\n")
+    prompts = min(run.config.eval_size, len(run.prompts.heldout))
+    summary = {"step": run.total_steps, "prompts": prompts, **final}
+    write_atomic(run.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
     if final:
         log.write(run.total_steps, flat_scalars(final))
     run.save(run.output_dir / "final", run.snapshot(run.total_steps))
@@ -147,8 +149,10 @@ def run_train(config: GRPOConfig) -> int:
     except Stopped as stopped:
         print(f"policygrad train: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    after = {k: v for k, v in json.loads((output_dir / "eval.json").read_text()).items() if isinstance(v, dict)}
+    final = json.loads((output_dir / "eval.json").read_text())
+    after = {k: v for k, v in final.items() if isinstance(v, dict)}
     if after:
-        print_before_after(step0_evaluation(output_dir), after, config.eval_size, TASKS[config.task].summary_rows)
+        prompts = final.get("prompts", config.eval_size)
+        print_before_after(step0_evaluation(output_dir), after, prompts, TASKS[config.task].summary_rows)
     print(f"saved {output_dir} (final model in {output_dir / 'final'})")
     return 0

@@ -1,0 +1,64 @@
+"""``policygrad playground``: bind the port, print the address, serve the app with uvicorn until Ctrl+C."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import webbrowser
+
+from policygrad.errors import UsageError
+from policygrad.playground.config import PlaygroundConfig
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so that a taken port is one clear line before any server starts."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError("--host", f"cannot resolve {host!r} ({err})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        taken = f"port {port} is in use; pick another with --port (0 picks a free one)"
+        raise UsageError("--port", taken if port else str(err)) from None
+    sock.listen(128)
+    return sock
+
+
+def url_of(sock: socket.socket, host: str) -> str:
+    port = sock.getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    return f"http://[{shown}]:{port}/" if ":" in shown and not shown.startswith("[") else f"http://{shown}:{port}/"
+
+
+def run_playground(config: PlaygroundConfig) -> int:
+    """Serve :func:`policygrad.playground.app.create_app` on ``config.host:config.port`` until Ctrl+C (exit 0)."""
+    import torch
+    import uvicorn
+
+    from policygrad.playground.app import LOCAL_HOSTS, create_app
+    from policygrad.playground.session import Sessions
+
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the machine to its user
+    sock = _bind(config.host, config.port)
+    sessions = Sessions(config.max_sessions, config.session_minutes * 60)
+    # against DNS rebinding, a loopback server answers only its own names (Starlette cannot parse an IPv6 Host header)
+    app = create_app(sessions, allowed_hosts=LOCAL_HOSTS if config.host in LOCAL_HOSTS else None)
+    url = url_of(sock, config.host)
+    print(f"policygrad playground: serving on {url} (Ctrl+C to stop)", flush=True)
+    if not config.local_only:
+        print(
+            f"policygrad playground: listening on {config.host}: anyone who can reach it can use it (no login)",
+            file=sys.stderr,
+        )
+    if config.open:
+        webbrowser.open(url)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully on Ctrl+C, then raises it: the way out
+        server.run(sockets=[sock])
+    print("policygrad playground: stopped", flush=True)
+    return 0

@@ -30,10 +30,11 @@ def client():
     """A TestClient of a fresh app (4 sessions at most), as a browser on this machine reaches it."""
     from starlette.testclient import TestClient
 
-    from policygrad.playground.app import LOCAL_HOSTS, create_app
+    from policygrad.playground.app import create_app
+    from policygrad.playground.config import LOOPBACK_HOSTS
     from policygrad.playground.session import Sessions
 
-    app = create_app(Sessions(limit=4, idle_seconds=3600), allowed_hosts=LOCAL_HOSTS)
+    app = create_app(Sessions(limit=4, idle_seconds=3600), allowed_hosts=list(LOOPBACK_HOSTS))
     with TestClient(app, base_url="http://127.0.0.1:8765", raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -60,13 +61,14 @@ def serving():
 
     import uvicorn
 
-    from policygrad.playground.app import LOCAL_HOSTS, create_app
+    from policygrad.playground.app import create_app
+    from policygrad.playground.config import LOOPBACK_HOSTS
     from policygrad.playground.session import Sessions
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
-    app = create_app(Sessions(limit=8, idle_seconds=600), allowed_hosts=LOCAL_HOSTS)
+    app = create_app(Sessions(limit=8, idle_seconds=600), allowed_hosts=list(LOOPBACK_HOSTS))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -115,7 +115,7 @@ def test_what_else_a_request_can_get_wrong(client):
     assert response.status_code == 415 and "application/json" in response.json()["error"]
     missing = client.post("/api/sessions/nosuchsession/step", json={"steps": 1})
     assert missing.status_code == 404 and "reload the page" in missing.json()["error"]
-    for rate in ("0", "1000", "abc", "nan"):
+    for rate in ("0", "1e-320", "0.1", "1000", "abc", "nan"):
         response = client.get(f"/api/sessions/{key}/run?rate={rate}")
         assert response.status_code == 400 and response.json()["error"].startswith("rate: ")
     assert client.get("/api/options", headers={"host": "attacker.example"}).status_code == 400  # DNS rebinding
@@ -154,7 +154,7 @@ def test_a_run_streams_the_terminals_steps_until_its_limit(client, monkeypatch):
 @pytest.mark.property
 def test_sessions_are_bounded(client):
     keys = [create(client) for _ in range(6)]  # the fixture's app keeps 4
-    assert client.get(f"/api/sessions/{keys[0]}").status_code == 404
+    assert [client.get(f"/api/sessions/{key}").status_code for key in keys[:2]] == [404, 404]
     assert all(client.get(f"/api/sessions/{key}").status_code == 200 for key in keys[2:])
 
 
@@ -197,3 +197,24 @@ def test_the_command_serves_and_stops_on_ctrl_c():
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
     assert "Traceback" not in server.stderr.read()
+
+
+@pytest.mark.exact
+def test_the_command_refuses_what_it_cannot_serve_safely(monkeypatch, capsys):
+    """IPv6 loopback (its Host header cannot be checked against DNS rebinding) and a missing extra: one line each."""
+    import sys
+
+    from policygrad.cli import main
+
+    assert main(["playground", "--host", "::1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "policygrad playground: error: --host: ::1 is not supported (its Host header cannot be checked); use "
+        "127.0.0.1 or localhost"
+    )
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install policygrad` without [playground]
+    assert main(["playground", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "policygrad playground: error: playground: needs starlette and uvicorn (uvicorn is missing): pip install "
+        "'policygrad[playground]'"
+    )

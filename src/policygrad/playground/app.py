@@ -50,7 +50,7 @@ MAX_BODY = 16_384  # bytes of one request's JSON
 FRAMES_PER_SECOND = 20  # of a run stream
 MAX_RATE = 100  # steps a second of a run stream
 MAX_RUN_STEPS = 20_000  # steps of one run stream; the page's Run starts another
-LOCAL_HOSTS = ["127.0.0.1", "localhost"]  # the Host headers of a page served on IPv4 loopback
+MIN_RATE = 0.5  # steps a second of a run stream: slower would hold a connection open for minutes per frame
 SECURITY_HEADERS = [
     (
         b"content-security-policy",
@@ -125,8 +125,8 @@ def _rate(text: str | None) -> float:
         rate = float(text if text is not None else 20)
     except ValueError:
         raise UsageError("rate", f"must be a number of steps a second, got {text[:40]!r}") from None
-    if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
-        raise UsageError("rate", f"must be in (0, {MAX_RATE}] steps a second, got {rate:g}")
+    if not (math.isfinite(rate) and MIN_RATE <= rate <= MAX_RATE):
+        raise UsageError("rate", f"must be in [{MIN_RATE:g}, {MAX_RATE}] steps a second, got {rate:g}")
     return rate
 
 
@@ -205,10 +205,11 @@ def create_app(sessions: Sessions, allowed_hosts: list[str] | None = None) -> St
         async def frames():
             taken, reason = 0, "the step limit of one run"
             while taken < MAX_RUN_STEPS:
-                if not session.running or session.stream is not token or session.generation != generation:
-                    reason = "paused"
-                    break
-                async with session.lock:
+                async with session.lock:  # checked under the lock: a reset or pause queued before it wins
+                    if not session.running or session.stream is not token or session.generation != generation:
+                        reason = "paused"
+                        break
+                    sessions.touch(session)  # a long run is not an idle tab
                     try:
                         records = await run_in_threadpool(session.advance, per_frame)
                     except UsageError as err:

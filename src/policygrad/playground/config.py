@@ -6,7 +6,10 @@ import dataclasses
 
 from policygrad.errors import require as _require
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+"""The addresses that reach this machine only, which are also the Host headers a page served on them may carry (the
+app refuses any other, against DNS rebinding). IPv6 loopback is refused: Starlette's host check cannot read an IPv6
+Host header, so ``::1`` would be served without that defence."""
 
 
 @dataclasses.dataclass
@@ -30,6 +33,11 @@ class PlaygroundConfig:
             isinstance(self.host, str) and self.host.strip() != "" and self.host.isprintable(),
             "--host",
             f"give an address such as 127.0.0.1, got {self.host!r}",
+        )
+        _require(
+            self.host.strip("[]") != "::1",
+            "--host",
+            "::1 is not supported (its Host header cannot be checked); use 127.0.0.1 or localhost",
         )
         _require(0 <= self.port <= 65535, "--port", f"must be in [0, 65535], got {self.port}")
         _require(1 <= self.max_sessions <= 10_000, "--max-sessions", f"must be in [1, 10000], got {self.max_sessions}")

@@ -8,7 +8,7 @@ import sys
 import webbrowser
 
 from policygrad.errors import UsageError
-from policygrad.playground.config import PlaygroundConfig
+from policygrad.playground.config import LOOPBACK_HOSTS, PlaygroundConfig
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -38,16 +38,22 @@ def url_of(sock: socket.socket, host: str) -> str:
 def run_playground(config: PlaygroundConfig) -> int:
     """Serve :func:`policygrad.playground.app.create_app` on ``config.host:config.port`` until Ctrl+C (exit 0)."""
     import torch
-    import uvicorn
 
-    from policygrad.playground.app import LOCAL_HOSTS, create_app
+    try:
+        import uvicorn
+
+        from policygrad.playground.app import create_app
+    except ImportError as err:
+        raise UsageError(
+            "playground", f"needs starlette and uvicorn ({err.name} is missing): pip install 'policygrad[playground]'"
+        ) from None
     from policygrad.playground.session import Sessions
 
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the machine to its user
     sock = _bind(config.host, config.port)
     sessions = Sessions(config.max_sessions, config.session_minutes * 60)
     # against DNS rebinding, a loopback server answers only its own names (Starlette cannot parse an IPv6 Host header)
-    app = create_app(sessions, allowed_hosts=LOCAL_HOSTS if config.host in LOCAL_HOSTS else None)
+    app = create_app(sessions, allowed_hosts=list(LOOPBACK_HOSTS) if config.local_only else None)
     url = url_of(sock, config.host)
     print(f"policygrad playground: serving on {url} (Ctrl+C to stop)", flush=True)
     if not config.local_only:

@@ -344,6 +344,10 @@ class Sessions:
         session.last_used = self.clock()
         return session
 
+    def touch(self, session: Session) -> None:
+        """Count ``session`` as used now (a run stream keeps its tab alive)."""
+        session.last_used = self.clock()
+
     def _forget_idle(self) -> None:
         now = self.clock()
         for key in [key for key, s in self._sessions.items() if now - s.last_used > self.idle_seconds]:

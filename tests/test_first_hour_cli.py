@@ -65,7 +65,9 @@ def test_a_budget_of_part_of_a_batch_says_what_it_rounds_to(capsys, tmp_path):
     assert "is complete (policy.pt is saved); nothing to do" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["control", "train", "eval", "sample", "bandit", "plot"])
+@pytest.mark.parametrize(
+    "command", ["control", "train", "eval", "sample", "bandit", "plot", "playground", "sweep", "compare"]
+)
 def test_help_shows_one_default_per_flag(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {
     "playground": Command(
         "policygrad.playground.config:PlaygroundConfig", "policygrad.playground.server:run_playground"
     ),
+    "sweep": Command("policygrad.sweep:SweepConfig", "policygrad.sweep:run_sweep"),
+    "compare": Command("policygrad.compare:CompareConfig", "policygrad.compare:run_compare"),
 }
 
 RECIPE_HELP = (

@@ -109,9 +109,11 @@ def test_the_trainer_is_the_loop():
 
 
 def test_only_lm_imports_transformers_and_only_control_imports_gymnasium():
+    """transformers: the language-model trainer (lm/) and what serves its checkpoints (serve/: export and the
+    server are transformers' own loading, quantisation and serving)."""
     for name, path in _modules().items():
         text = path.read_text()
-        if not name.startswith("policygrad.lm"):
+        if not name.startswith(("policygrad.lm", "policygrad.serve")):
             assert "import transformers" not in text and "from transformers" not in text, name
         if not name.startswith("policygrad.control"):
             assert "import gymnasium" not in text and "from gymnasium" not in text, name

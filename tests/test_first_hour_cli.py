@@ -66,7 +66,8 @@ def test_a_budget_of_part_of_a_batch_says_what_it_rounds_to(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", ["control", "train", "eval", "sample", "bandit", "plot", "playground", "sweep", "compare"]
+    "command",
+    ["control", "train", "eval", "sample", "bandit", "plot", "playground", "sweep", "compare", "export", "serve"],
 )
 def test_help_shows_one_default_per_flag(command, capsys):
     with pytest.raises(SystemExit) as exit_:

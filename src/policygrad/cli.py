@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {
     "playground": Command(
         "policygrad.playground.config:PlaygroundConfig", "policygrad.playground.server:run_playground"
     ),
+    "export": Command("policygrad.serve.export:ExportConfig", "policygrad.serve.export:run_export"),
+    "serve": Command("policygrad.serve.server:ServeConfig", "policygrad.serve.server:run_serve"),
     "sweep": Command("policygrad.sweep:SweepConfig", "policygrad.sweep:run_sweep"),
     "compare": Command("policygrad.compare:CompareConfig", "policygrad.compare:run_compare"),
 }

@@ -56,6 +56,7 @@ def test_bodies_that_are_not_a_json_object(raw, status, start):
         ({"logprobs": True}, "logprobs", 400),
         ({"response_format": {"type": "json_object"}}, "response_format", 400),
         ({"generation_config": "{}"}, "generation_config", 400),
+        ({"presence_penalty": 0.5}, "presence_penalty", 400),  # the engine would ignore it: refused instead
     ],
 )
 def test_each_bad_field_is_named(body, param, status):
@@ -97,6 +98,12 @@ def test_good_requests_pass_and_max_tokens_defaults_to_the_limit():
             {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[1].content",
         ),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"x": 1}]}]}, "messages[0].tool_calls[0]"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]},
+            "messages[0].tool_calls[0]",
+        ),
+        ({"messages": [{"role": "assistant", "tool_calls": "f()"}]}, "messages[0].tool_calls"),
     ],
 )
 def test_malformed_messages_name_the_message(body, param):
@@ -108,7 +115,11 @@ def test_messages_with_text_parts_and_tool_calls_pass():
     messages = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+        },
     ]
     assert api.chat_messages({"messages": messages}) is messages
 

@@ -217,6 +217,17 @@ def test_a_run_or_the_source_is_never_overwritten(policygrad_cli, capsys, tiny_r
     assert checkpointing.verify(tiny_run / "final") is None
 
 
+@pytest.mark.exact
+def test_the_current_folder_or_one_above_is_never_the_output(policygrad_cli, capsys, tiny_model, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # empty: `--output .` would pass the "not empty" check and then fail to be renamed
+    for output in (".", "..", "/"):
+        err = _cli_error(policygrad_cli, capsys, str(tiny_model), "--output", output, "--overwrite")
+        assert "is the current folder, one above it or the root" in err, err
+    assert list(work.iterdir()) == []
+
+
 @pytest.mark.smoke
 def test_overwrite_replaces_a_previous_export(policygrad_cli, capsys, tiny_model, tmp_path):
     out = tmp_path / "out"

@@ -116,7 +116,50 @@ def test_a_request_past_its_timeout_is_504_and_cancelled():
     assert late.status_code == 504
     assert late.json()["error"]["code"] == "timeout" and "--request-timeout 0.2 s" in late.json()["error"]["message"]
     assert engine.cancelled == [late.headers["x-request-id"]]
-    assert health.status_code == 200 and health.json()["in_flight"] == 0
+    # the engine is still at it (a one-at-a-time generation cannot be cancelled): its slot stays taken until it ends,
+    # so timed-out work cannot pile up past --max-concurrent-requests
+    assert health.status_code == 200 and health.json()["in_flight"] == 1
+
+
+@pytest.mark.exact
+def test_a_timed_out_requests_slot_comes_back_when_the_engine_stops():
+    engine = StandIn(delay=0.5)
+
+    async def scenario():
+        async with _client(_app(engine, request_timeout=0.1)) as client:
+            late = await client.post("/v1/chat/completions", json=CHAT)
+            busy = await client.post("/v1/chat/completions", json=CHAT)  # the slot is still the engine's
+            await asyncio.sleep(0.8)
+            return late, busy, await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+
+    late, busy, later = asyncio.run(scenario())
+    assert (late.status_code, busy.status_code) == (504, 429)
+    assert later.status_code == 504  # the slot came back: the request was taken (and timed out in its turn)
+
+
+@pytest.mark.exact
+def test_a_body_that_trickles_or_overflows_does_not_hold_a_slot():
+    from policygrad.serve.server import MAX_BODY_BYTES
+
+    async def trickle():
+        yield b'{"messages": '
+        await asyncio.sleep(5)  # never finishes within the request's time
+        yield b"[]}"
+
+    async def flood():
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):  # chunked: no Content-Length to refuse it by
+            yield b" " * 65536
+
+    async def scenario():
+        async with _client(_app(StandIn(), request_timeout=0.2)) as client:
+            slow = await client.post("/v1/chat/completions", content=trickle())
+            big = await client.post("/v1/chat/completions", content=flood())
+            return slow, big, await client.post("/v1/chat/completions", json=CHAT)
+
+    slow, big, after = asyncio.run(scenario())
+    assert slow.status_code == 408 and slow.json()["error"]["message"].startswith("body: not received within")
+    assert big.status_code == 413 and big.json()["error"]["message"].startswith("body: more than the")
+    assert after.status_code == 200  # the one slot is free again
 
 
 @pytest.mark.exact

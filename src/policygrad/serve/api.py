@@ -48,6 +48,7 @@ REFUSED_FIELDS = {
     "best_of": "is not supported (one completion per request)",
     "echo": "is not supported",
     "suffix": "is not supported",
+    "presence_penalty": "is not supported by the serving engine (0 or absent only)",
 }
 """Fields a client may send that this server will not honour, and why: refused rather than silently ignored."""
 
@@ -168,7 +169,6 @@ def check_common(body: Mapping[str, Any], served_name: str, limits: Limits) -> N
     _number(body, "temperature", 0.0, 2.0, low_open=False)
     _number(body, "top_p", 0.0, 1.0, low_open=True)
     _number(body, "frequency_penalty", -2.0, 2.0, low_open=False)
-    _number(body, "presence_penalty", -2.0, 2.0, low_open=False)
     if "seed" in body and (not _is_int(body["seed"]) or not 0 <= body["seed"] < 2**63):
         raise _bad("seed", f"must be an integer in [0, 2**63), got {body['seed']!r}")
     _stop(body.get("stop"))
@@ -239,6 +239,8 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise _bad(where, f"must be an object with role and content, got {_short(message)}")
         if message.get("role") not in ROLES:
             raise _bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {_short(message.get('role'))}")
+        if message.get("tool_calls") is not None:
+            _tool_calls(message["tool_calls"], f"{where}.tool_calls")
         content = message.get("content")
         if content is None and message["role"] == "assistant" and message.get("tool_calls"):
             continue
@@ -254,6 +256,24 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f'must be a string or a list of {{"type": "text", "text": ...}} parts, got {_short(content)}',
             )
     return messages
+
+
+def _tool_calls(calls: Any, where: str) -> None:
+    """An assistant turn's tool calls: a list of ``{"type": "function", "function": {"name": str, "arguments": a JSON
+    object as a string}}`` (the chat template renders them; anything else would fail inside the engine)."""
+    shape = '{"type": "function", "function": {"name": ..., "arguments": "{...}"}}'
+    if not isinstance(calls, list):
+        raise _bad(where, f"must be a list of {shape} objects, got {_short(calls)}")
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        ok = isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"] != ""
+        arguments = function.get("arguments") if ok else None
+        try:
+            ok = ok and isinstance(arguments, str) and isinstance(json.loads(arguments), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _bad(f"{where}[{i}]", f"must be {shape} with arguments a JSON object, got {_short(call)}")
 
 
 def completion_prompt(body: Mapping[str, Any]) -> str:

@@ -167,6 +167,8 @@ def _check_output(config: ExportConfig, source: Source) -> None:
 
     out = config.output
     resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved.parent == resolved:
+        raise UsageError("--output", f"{out} is the current folder, one above it or the root; give a new folder")
     if resolved == source.folder.resolve() or source.folder.resolve() in resolved.parents:
         raise UsageError("--output", f"{out} is the source folder or inside it; export to a new folder")
     if source.run is not None and (resolved == source.run.resolve() or source.run.resolve() in resolved.parents):
@@ -390,7 +392,13 @@ def export(config: ExportConfig) -> dict[str, Any]:
         export_facts["bytes"] = _folder_bytes(staging)
         facts["export"] = export_facts
         if reference is not None:
-            facts["fidelity"] = next_token_fidelity(reference, _logits(_load_as_is(staging), probe))
+            try:
+                reloaded = _load_as_is(staging)
+            except Exception as exc:  # the export does not load as a user would load it: say so, keep nothing
+                raise UsageError(
+                    "--quantize", f"the {config.quantize} export does not load back: {first_line(exc)}"
+                ) from None
+            facts["fidelity"] = next_token_fidelity(reference, _logits(reloaded, probe))
         facts["versions"] = _versions(config)
         (staging / "README.md").write_text(model_card(facts))
         record = {k: v for k, v in facts.items() if k not in ("name",)}

@@ -91,7 +91,8 @@ class ServeConfig:
     max_tokens: int = 256
     """the most tokens a request may generate (400 beyond it), and what it gets when it does not say"""
     request_timeout: float = 120.0
-    """seconds a request may take from arrival to its last token (504, and its generation is cancelled)"""
+    """seconds a request may take from arrival to its last token (504; a batched generation is cancelled, a
+    one-at-a-time one runs to its end and keeps its slot until then)"""
     temperature: float = 1.0
     """sampling temperature of requests that do not set one (0: greedy); continuous batching decodes with this"""
     top_p: float = 1.0
@@ -353,6 +354,18 @@ class Engine:
         self.models.shutdown()
 
 
+async def _read_body(request: Any) -> bytes:
+    """The request's body, read chunk by chunk and refused (413) once it passes :data:`MAX_BODY_BYTES`, whatever
+    its Content-Length said (a chunked body declares none)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise api.ApiError(413, f"body: more than the {MAX_BODY_BYTES} bytes this server accepts")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
     """A message whose content is a list of text parts, with the parts joined as the engine joins them."""
     content = message.get("content")
@@ -459,7 +472,7 @@ def build_app(engine: Engine, config: ServeConfig, name: str) -> Starlette:
         if not slots.take():
             message = f"server: {config.max_concurrent_requests} requests are in flight, the most it takes; retry"
             return _error(api.ApiError(429, message, type="rate_limit_error", code="too_many_requests"), request_id)
-        handed_to_stream = False
+        slot_handed_on = False
         deadline = asyncio.get_running_loop().time() + config.request_timeout
         try:
             if not engine.healthy():
@@ -467,7 +480,12 @@ def build_app(engine: Engine, config: ServeConfig, name: str) -> Starlette:
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
                 raise api.ApiError(413, f"body: {declared} bytes, more than the {MAX_BODY_BYTES} this server accepts")
-            body = api.parse_body(await request.body(), MAX_BODY_BYTES)
+            try:  # a body that trickles in must not hold the slot past the request's time, nor grow past the cap
+                raw = await asyncio.wait_for(_read_body(request), config.request_timeout)
+            except asyncio.TimeoutError:
+                message = f"body: not received within --request-timeout {config.request_timeout:g} s"
+                raise api.ApiError(408, message, code="timeout") from None
+            body = api.parse_body(raw, MAX_BODY_BYTES)
             api.check_common(body, name, limits)
             if kind == "chat":
                 api.chat_messages(body)
@@ -483,10 +501,15 @@ def build_app(engine: Engine, config: ServeConfig, name: str) -> Starlette:
                 if body.get(field) is None:
                     body[field] = getattr(config, field)
             own = engine.own_sampling(body)
+            task = asyncio.ensure_future(engine.handle(kind, body, request_id, own))
             try:
-                response = await asyncio.wait_for(engine.handle(kind, body, request_id, own), config.request_timeout)
+                response = await asyncio.wait_for(asyncio.shield(task), config.request_timeout)
             except asyncio.TimeoutError:
                 engine.cancel(request_id)
+                # the slot stays taken until the engine has really stopped: one-at-a-time generation cannot be
+                # cancelled and runs to its end, and a freed slot would let such work pile up without bound
+                task.add_done_callback(lambda _: slots.give())
+                slot_handed_on = True  # the slot is the task's now
                 message = f"request: no answer within --request-timeout {config.request_timeout:g} s"
                 raise api.ApiError(504, message, type="timeout", code="timeout") from None
             except api.ApiError:
@@ -497,7 +520,7 @@ def build_app(engine: Engine, config: ServeConfig, name: str) -> Starlette:
                     log.error("request %s failed: %s", request_id, error.message)
                 raise error from None
             if isinstance(response, StreamingResponse):
-                handed_to_stream = True
+                slot_handed_on = True
                 return StreamingResponse(
                     streamed(response.body_iterator, request_id, deadline),
                     media_type="text/event-stream",
@@ -511,7 +534,7 @@ def build_app(engine: Engine, config: ServeConfig, name: str) -> Starlette:
         except api.ApiError as error:
             return _error(error, request_id)
         finally:
-            if not handed_to_stream:
+            if not slot_handed_on:
                 slots.give()
 
     async def chat(request: Request) -> Any:

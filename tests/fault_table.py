@@ -24,7 +24,12 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 HEADER = ["Fault injected", "Trainer", "Times", "What happened", "Lost", "Tested in"]
-TEST_FILES = ("lm/test_reliability_lm.py", "control/test_reliability_control.py", "test_bad_input.py")
+TEST_FILES = (
+    "lm/test_reliability_lm.py",
+    "control/test_reliability_control.py",
+    "test_bad_input.py",
+    "lm/test_first_hour.py",
+)
 """The files (under tests/) a row may name; each declares its rows and calls :func:`check`."""
 
 NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+|e\d+)*")

@@ -14,10 +14,16 @@ The loop calls two methods and holds no reliability branch itself::
 state from before the first of them; a signal finishes the step, saves and stops with 128 + the signal's number. No
 periodic checkpoint is written while a streak is open (the run may be going wrong). Every stop raises
 :class:`~policygrad.stopping.Stopped`, whose message says where the checkpoint is and the command that resumes.
+
+In a data-parallel run (:mod:`policygrad.distributed`) every process runs the same guard: ``consensus`` (the largest
+of a number over the processes) makes a signal that reached any of them stop all of them after the same step, and
+only the process that ``speaks`` warns. Skipped updates need no vote: the loss and gradient they are judged on are
+already the ones summed over the processes.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +48,8 @@ class StepGuard(Generic[S]):
         save:          ``S -> folder``, writes a snapshot's checkpoint (with the trainer's current weights).
         resume_hint:   the command that resumes the run, quoted at the end of every stop message.
         advice:        what to check after a divergence (``"check the rewards"``).
+        consensus:     ``n -> the largest n over the processes`` of a data-parallel run (one process: ``n``).
+        speaks:        whether this process prints warnings (rank 0 of a data-parallel run).
     """
 
     def __init__(
@@ -54,14 +62,17 @@ class StepGuard(Generic[S]):
         save: Callable[[S], Path],
         resume_hint: str,
         advice: str = "check the rewards",
+        consensus: Callable[[int], int] | None = None,
+        speaks: bool = True,
     ):
         self.command, self.total_steps = command, total_steps
         self.max_bad_steps, self.save_every = max_bad_steps, save_every
         self.snapshot, self.save, self.resume_hint, self.advice = snapshot, save, resume_hint, advice
+        self.consensus, self.speaks = consensus or (lambda value: value), speaks
         self.before: tuple[int, S] | None = None  # (step, state) before the current step
         self.first_bad: tuple[int, S] | None = None  # the state before the first step of a streak of skipped ones
         self.bad_steps = 0
-        self.signals = StopSignals(command)
+        self.signals = StopSignals(command, announce=speaks)
 
     def __enter__(self) -> StepGuard[S]:
         self.signals.__enter__()
@@ -102,13 +113,15 @@ class StepGuard(Generic[S]):
             self.bad_steps, self.first_bad = 0, None
             if self.save_every and done % self.save_every == 0 and done < self.total_steps:
                 self.save(self.snapshot(done))
-        if self.signals.requested and done < self.total_steps:
+        signum = self.consensus(self.signals.signum or 0)  # a signal that reached any process stops them all
+        if signum and done < self.total_steps:
             state = self.first_bad[1] if self.first_bad else self.snapshot(done)
             raise Stopped(
-                f"stopped by {self.signals.name} after step {done} of {self.total_steps}; saved {self.save(state)}; "
-                f"resume with: {self.resume_hint}",
-                self.signals.exit_code,
+                f"stopped by {signal.Signals(signum).name} after step {done} of {self.total_steps}; saved "
+                f"{self.save(state)}; resume with: {self.resume_hint}",
+                128 + signum,
             )
 
     def warn(self, message: str) -> None:
-        print(f"{self.command}: {message}", file=sys.stderr, flush=True)
+        if self.speaks:
+            print(f"{self.command}: {message}", file=sys.stderr, flush=True)

@@ -28,10 +28,24 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, stream: int | None = None) -> int:
     """The seed of one step's sampling: a function of (seed, step) alone, so a resumed run draws what the run it
-    continues would have drawn. Below 2**64 (torch's limit) for every seed < 2**32 and step < 2**32."""
-    return seed * 1_000_003 + step
+    continues would have drawn. Below 2**64 (torch's limit) for every seed < 2**32 and step < 2**32.
+
+    ``stream`` names one of several independent generators of the same step (under torchrun: one per prompt of the
+    step's batch, :mod:`policygrad.distributed`): the step's seed pushed through one step of Knuth's MMIX linear
+    congruential generator with an increment per stream, so different streams get different seeds (the increment
+    is odd-multiplied, hence distinct modulo 2**64 for distinct streams). Without it, the historical per-step seed.
+
+    >>> step_seed(1, 2)
+    1000005
+    >>> len({step_seed(1, 2, stream) for stream in range(1000)})
+    1000
+    """
+    base = seed * 1_000_003 + step
+    if stream is None:
+        return base
+    return (base * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407 * (2 * stream + 1)) % 2**64
 
 
 def rng_state() -> dict[str, Any]:

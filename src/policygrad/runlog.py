@@ -29,6 +29,7 @@ class RunLog:
                       first row.
         tensorboard:  also write TensorBoard event files under ``tensorboard/`` (when tensorboard is installed).
         command:      how warnings name the program (``policygrad train``).
+        write:        False: a log that writes nothing (the processes of a data-parallel run but rank 0).
     """
 
     def __init__(
@@ -38,10 +39,15 @@ class RunLog:
         side_logs: tuple[str, ...] = (),
         tensorboard: bool = True,
         command: str = "policygrad",
+        write: bool = True,
     ):
         self.output_dir = Path(output_dir)
         self.side_logs = side_logs
         self._files: dict[str, IO[str]] = {}
+        self.writer = None
+        self.enabled = write
+        if not write:
+            return
         for name in ("metrics", *side_logs):
             path = self.output_dir / f"{name}.jsonl"
             if append_after is None:
@@ -49,7 +55,6 @@ class RunLog:
             else:
                 truncate_jsonl(path, append_after)
         self._files["metrics"] = (self.output_dir / "metrics.jsonl").open("a")
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -62,6 +67,8 @@ class RunLog:
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl, and every number of ``record`` as a TensorBoard scalar at ``step``."""
+        if not self.enabled:
+            return
         self._append("metrics", {"step": step, **record})
         if self.writer is not None:
             for key, value in record.items():
@@ -72,6 +79,8 @@ class RunLog:
         """Rows of the side log ``name`` (one of ``side_logs``), each tagged with ``step``."""
         if name not in self.side_logs:
             raise ValueError(f"no side log {name!r}; this RunLog has {', '.join(self.side_logs) or 'none'}")
+        if not self.enabled:
+            return
         for row in rows:
             self._append(name, {"step": step, **row})
 

@@ -140,9 +140,11 @@ def program() -> str:
     return shlex.quote(str(script))
 
 
-def resume_command(command: str, output_dir: Path) -> str:
-    """The command that continues a run: its own config.yaml as the recipe (which names the output folder too)."""
-    return f"{program()} {command} --recipe {shlex.quote(str(Path(output_dir) / CONFIG_FILE))} --resume"
+def resume_command(command: str, output_dir: Path, launcher: str | None = None) -> str:
+    """The command that continues a run: its own config.yaml as the recipe (which names the output folder too);
+    ``launcher`` replaces :func:`program` (``torchrun --nproc-per-node 2 -m policygrad`` for a data-parallel run)."""
+    recipe = shlex.quote(str(Path(output_dir) / CONFIG_FILE))
+    return f"{launcher or program()} {command} --recipe {recipe} --resume"
 
 
 def budget_change(output_dir: Path, fields: dict[str, Any]) -> str:

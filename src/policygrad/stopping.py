@@ -37,7 +37,8 @@ class Stopped(Exception):
 class StopSignals:
     """Context manager: while active, SIGINT and SIGTERM set :attr:`signum` instead of stopping the process.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing and the defaults stay.
+    Outside the main thread (where Python cannot install handlers) it does nothing and the defaults stay. With
+    ``announce`` False the signal is noted without a word (the processes of a data-parallel run other than rank 0).
 
     >>> with StopSignals("train") as stop:
     ...     stop.requested
@@ -46,8 +47,8 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, program: str):
-        self.program = program
+    def __init__(self, program: str, announce: bool = True):
+        self.program, self.announce = program, announce
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -67,6 +68,8 @@ class StopSignals:
         self.signum = signum
         # the next signal of this kind acts as it would without us: a second Ctrl-C stops at once
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if not self.announce:  # another process of a data-parallel run says it
+            return
         again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
             f"{self.program}: got {signal.Signals(signum).name}; finishing this step, then saving a checkpoint "

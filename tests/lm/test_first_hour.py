@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
+import fault_table  # noqa: E402  (tests/, on sys.path under pytest)
 from lm_helpers import tiny_config  # noqa: E402  (tests/lm, on sys.path under pytest)
 
 from policygrad.cli import _parse, main  # noqa: E402
@@ -78,19 +79,24 @@ def test_eval_prints_a_table_and_json_on_request(finished_run, capsys):
     assert result["greedy"]["mean_reward"] == final["greedy"]["mean_reward"]
 
 
+STEPS, MORE = 2, 3  # the finished run's steps, and the larger budget it is resumed with
+
+
 def test_resuming_a_finished_run_changes_nothing_and_a_larger_budget_extends_it(finished_run, capsys):
-    out, _ = finished_run
+    out, config = finished_run
+    assert config.max_steps == STEPS
     before = _files(out)
     assert main(["train", "--recipe", str(out / CONFIG_FILE), "--resume"]) == 0
     err = capsys.readouterr().err
-    assert "is complete (2 steps); nothing to do" in err and len(err.strip().splitlines()) == 1
+    assert f"is complete ({STEPS} steps); nothing to do" in err and len(err.strip().splitlines()) == 1
     assert _files(out) == before  # not a byte or a timestamp changed: no re-evaluation, no new row, no rewrite
 
-    assert main(["train", "--recipe", str(out / CONFIG_FILE), "--resume", "--max-steps", "3"]) == 0
+    assert main(["train", "--recipe", str(out / CONFIG_FILE), "--resume", "--max-steps", str(MORE)]) == 0
     err = capsys.readouterr().err
-    assert "extending the run: max_steps 2 -> 3" in err
+    assert f"extending the run: max_steps {STEPS} -> {MORE}" in err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3, 3]  # each step's row, and the final evaluation's row after steps 2 and 3
+    assert steps[-1] == MORE
 
 
 def test_a_reward_fault_before_the_first_update_saves_no_copy_of_the_base_model(
@@ -142,3 +148,20 @@ def _flags(config) -> list[str]:
         args += [f"--{name.replace('_', '-')}", str(values[name])]
     args += ["--rewards", *values["rewards"], "--eval-decoding", *values["eval_decoding"], "--no-progress"]
     return args
+
+
+def _fault_table_rows() -> list:
+    Row = fault_table.Row
+    return [
+        Row("Reward function raises on the first batch of a run", "train", "1", [], "nothing"),
+        Row("`--resume` of a finished run", "train", "2", [STEPS, 0, STEPS, MORE, MORE], "nothing"),
+    ]
+
+
+def test_the_fault_table_rows_are_these_tests():
+    """docs/reliability.md's rows for this file say, cell by cell, what the tests above inject and assert."""
+    fault_table.check("lm/test_first_hour.py", _fault_table_rows())
+
+
+def test_the_fault_table_check_fails_on_any_changed_number():
+    assert fault_table.check_catches_every_change("lm/test_first_hour.py", _fault_table_rows()) >= 5

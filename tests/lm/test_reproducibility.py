@@ -49,9 +49,9 @@ EVAL_KEYS = ("eval/greedy/pass_rate", "eval/greedy/mean_reward", "eval/greedy/me
 def reference_run(folder: Path) -> dict:
     """Train the tiny chat model 2 steps on 12 length_digits prompts (rewards shaped + sharp, 2 prompts x 3
     completions of at most 8 tokens, float32, one thread) and return what the record holds."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import save_tiny
+    sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # run as a script: tests/lm, tests/
     from lm_helpers import tiny_config, write_tiny_prompts
+    from tiny_models import save_tiny
 
     from policygrad.lm.trainer import train
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import POLICYGRAD, bandit_json
+from playground_helpers import POLICYGRAD, bandit_json
 
 from policygrad.bandit.config import BanditConfig
 from policygrad.playground import app as app_module

@@ -170,7 +170,7 @@ def test_reusing_the_batch_shows_the_kl_and_the_clip(tab):
 
 def screenshot(path: Path) -> None:
     """The README's picture: the default bandit (leave-one-out baseline), two updates per batch, after 40 steps."""
-    from conftest import CHROMIUM, CHROMIUM_ARGS, serving
+    from playground_helpers import CHROMIUM, CHROMIUM_ARGS, serving
     from playwright.sync_api import sync_playwright
 
     with serving() as url, sync_playwright() as playwright:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_run
+from serve_helpers import make_run
 
 from policygrad import checkpointing
 from policygrad.serve.card import heldout_results, model_card
@@ -41,7 +41,7 @@ def test_fidelity_is_perfect_for_identical_logits_and_shift_invariant():
 
 @pytest.mark.exact
 def test_heldout_results_take_the_evaluations_up_to_the_checkpoint():
-    from conftest import METRICS
+    from serve_helpers import METRICS
 
     whole = heldout_results(METRICS)
     assert whole["decoding"] == "greedy"

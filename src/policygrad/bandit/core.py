@@ -97,17 +97,19 @@ def _ascent(
     logits: Tensor,
     actions: Tensor,
     advantages: Tensor,
-    entropy_coef: float,
+    entropy_coef: float | Tensor,
     old_logprobs: Tensor | None = None,
     clip_eps: float = 0.2,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The ascent direction and the loss's metrics: see :func:`gradient_estimate` and :func:`policy_update`."""
+    """The ascent direction and the loss's metrics: see :func:`gradient_estimate` and :func:`policy_update`.
+    ``entropy_coef`` is one weight for every row or (S,), a weight per row (each run its own, as a dynamic weight
+    computed from each run's rewards is)."""
     theta = logits.detach().requires_grad_(True)
     logprobs = F.log_softmax(theta, dim=-1).gather(-1, actions)  # (S, N)
     loss, metrics = policy_loss(
         logprobs, advantages, old_logprobs=old_logprobs, clip_eps_low=clip_eps, aggregation="sequence_mean"
     )
-    loss = loss * theta.shape[0] - entropy_coef * entropy(theta).sum()
+    loss = loss * theta.shape[0] - (entropy_coef * entropy(theta)).sum()
     (grad,) = torch.autograd.grad(loss, theta)
     return -grad, metrics
 
@@ -139,7 +141,7 @@ def policy_update(
     lr: float,
     epochs: int = 1,
     clip_eps: float = 0.2,
-    entropy_coef: float = 0.0,
+    entropy_coef: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """``epochs`` gradient-ascent steps on one batch, the later ones through PPO's clipped ratio.
 
@@ -158,7 +160,7 @@ def policy_update(
         actions:    (S, N) arms sampled from softmax(theta_0).
         advantages: (S, N).
         lr:         step size.  epochs: >= 1 steps on this batch.  clip_eps: the clip range eps.
-        entropy_coef: weight of the entropy bonus, in every epoch.
+        entropy_coef: weight of the entropy bonus, in every epoch: one for all rows, or (S,) one per row.
     Returns:
         (logits after the update (S, K), the first epoch's estimate g (S, K), metrics) with metrics floats averaged
         over rows: ``kl`` = KL(pi_0 || pi_after), exact over the K arms; ``clip_fraction`` and ``approx_kl`` (k3 of

@@ -182,6 +182,9 @@ class GRPOConfig(TaskSettings):
     max_bad_steps: int = 3
     """a non-finite loss or gradient norm skips the update; this many such steps in a row stop the run, saving the
     state from before the first of them"""
+    collective_timeout: float = 1800.0
+    """under torchrun: seconds a process waits for the others (gradients, a checkpoint, rank 0's evaluation) before
+    the run stops as hung; a process that dies is noticed at once on CPU (docs/distributed.md)"""
 
     def __post_init__(self) -> None:
         self.rewards = tuple(self.rewards)
@@ -285,6 +288,7 @@ class GRPOConfig(TaskSettings):
         _choice("--reward-fault", self.reward_fault, REWARD_FAULTS)
         _positive("--reward-timeout", self.reward_timeout, allow_zero=True)
         _require(self.max_bad_steps >= 1, "--max-bad-steps", f"must be at least 1, got {self.max_bad_steps}")
+        _positive("--collective-timeout", self.collective_timeout)
 
 
 EVAL_FIELDS = (

@@ -44,7 +44,8 @@ def sample_and_score(
     groups without reward spread by fresh prompts' groups as the module docstring says. Returns the rollout, its
     scores and the dynamic-sampling metrics ({} when it is off)."""
     config = run.config
-    rollout = sample(run.model, run.tokenizer, [r["prompt"] for r in records], **run.sampling)
+    prompts = [r["prompt"] for r in records]
+    rollout = sample(run.model, run.tokenizer, prompts, **run.sampling, generators=run.generators(step, len(prompts)))
     scored = score(run, guard, log, rollout, records, step)
     if not config.max_extra_groups:
         return rollout, scored, {}
@@ -55,7 +56,8 @@ def sample_and_score(
     while len(kept) < size and extra < config.max_extra_groups:
         count = min(size - len(kept), config.max_extra_groups - extra)
         fresh = fresh_prompts(run.prompts.train, config.seed, step, extra, count)
-        more = sample(run.model, run.tokenizer, [r["prompt"] for r in fresh], **run.sampling)
+        generators = run.generators(step, count, offset=size + extra)  # fresh prompts' own streams (torchrun)
+        more = sample(run.model, run.tokenizer, [r["prompt"] for r in fresh], **run.sampling, generators=generators)
         more_scored = score(run, guard, log, more, fresh, step)
         more_flat = zero_spread_groups(more_scored.rewards, config.group_size).tolist()
         more_kept, more_flat = _split(more, more_scored, more_flat)

@@ -358,17 +358,19 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
-def _next_token(logits: Tensor, temperature: float, top_p: float, greedy: bool) -> Tensor:
+def _next_token(
+    logits: Tensor, temperature: float, top_p: float, greedy: bool, generators: Sequence[torch.Generator] | None = None
+) -> Tensor:
     """(M, V) logits -> (M,) token ids: the argmax, or a draw from softmax(z / tau) cut to its top-p nucleus."""
     if greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
-    return draw(probs)
+    return draw(probs, generators)
 
 
-def draw(probs: Tensor) -> Tensor:
+def draw(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
     """One token from each row of ``probs`` by inverting its cumulative distribution:
 
         token = min { i : c_i > u * c_V },      c_i = p_1 + ... + p_i,   u ~ U[0, 1)
@@ -379,11 +381,17 @@ def draw(probs: Tensor) -> Tensor:
 
     Args:
         probs: (M, V) non-negative rows, summing to about 1.
+        generators: (M,) the CPU generator each row's u comes from (rows may share one: they then draw in row
+            order); None: all from the global torch generator.
     Returns:
         (M,) long token ids.
     """
     cumulative = probs.cumsum(-1)  # (M, V)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cumulative.dtype) * cumulative[:, -1:]  # (M, 1)
+    if generators is None:
+        u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cumulative.dtype)  # (M, 1)
+    else:
+        u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device, cumulative.dtype)[:, None]
+    u = u * cumulative[:, -1:]
     return torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
@@ -399,16 +407,20 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Decode ``group_size`` completions of each prompt with a key/value cache; -> (N, T) ids, T <= max_new_tokens.
 
     The loop ``generate`` runs, cut to what GRPO needs: each prompt is encoded once and its cache copied to its G
     rows; each step runs one token per unfinished row, and rows that emit an EOS leave the batch (their cache rows
     are dropped), so no compute is spent on finished sequences. Tokens after a row's EOS are ``pad_id``. Draws come
-    from the global torch RNG.
+    from the global torch RNG, or with ``generators`` (one CPU generator per prompt) each group's from its own: then
+    a group's completions do not depend on which other prompts share the batch (data-parallel sampling,
+    :mod:`policygrad.distributed`).
 
     Args:
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        generators: (B,) or None.
     Returns:
         (N, T) completion ids, N = B * G, rows of a group consecutive; T is the step at which the last row ended.
     """
@@ -424,7 +436,8 @@ def generate(
     active = torch.arange(n, device=device)  # (A,) the rows still generating, in cache order
     steps = 0
     for t in range(max_new_tokens):
-        chosen = _next_token(logits, temperature, top_p, greedy)  # (A,)
+        row_generators = None if generators is None else [generators[r // group_size] for r in active.tolist()]
+        chosen = _next_token(logits, temperature, top_p, greedy, row_generators)  # (A,)
         tokens[active, t] = chosen
         steps = t + 1
         going = ~torch.isin(chosen, eos)  # (A,)
@@ -459,6 +472,7 @@ def sample(
     micro_batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     score_tokens: bool = True,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt and score their tokens under the sampling policy.
 
@@ -474,6 +488,8 @@ def sample(
         autocast_dtype: run under ``torch.autocast`` with this dtype (bfloat16), or None for full precision.
         score_tokens: False skips the log-prob pass, leaving ``logprobs`` None: evaluation needs only the text, and
             a single on-policy update never reads them (its ratio is 1 by construction).
+        generators: one CPU ``torch.Generator`` per prompt, each drawing its group's tokens (see :func:`generate`);
+            None: the global torch RNG.
     Returns:
         a :class:`Rollout` with N = B * G rows.
     """
@@ -483,7 +499,17 @@ def sample(
     pad_id = pad_token_id(model, tokenizer)
     with autocast_context(device, autocast_dtype):
         completion_ids = generate(
-            model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos_ids, pad_id, temperature, top_p, greedy
+            model,
+            prompt_ids,
+            prompt_mask,
+            group_size,
+            max_new_tokens,
+            eos_ids,
+            pad_id,
+            temperature,
+            top_p,
+            greedy,
+            generators,
         )  # (N, T)
     mask = completion_mask(completion_ids, eos_ids)  # (N, T)
     completions = tokenizer.batch_decode(

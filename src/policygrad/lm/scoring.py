@@ -2,7 +2,8 @@
 policy, the reward of a cut-off reply, and the log-probs of the frozen reference for the KL term.
 
 A reward function's fault under ``reward_fault: error`` saves the state from before the step and stops the run with
-the command that resumes it; under ``skip`` the samples concerned score NaN (advantage 0), one line each goes to
+the command that resumes it (under torchrun every rank stops at the same step with the first faulting rank's message:
+the ranks agree, or those without a fault would wait for the others forever); under ``skip`` the samples concerned score NaN (advantage 0), one line each goes to
 ``faults.jsonl`` and one warning per step to stderr (docs/reliability.md).
 """
 
@@ -20,7 +21,6 @@ from policygrad.lm.evaluate import group_fields
 from policygrad.lm.rewards import RewardError
 from policygrad.lm.rollout import Rollout, rollout_logprobs
 from policygrad.runlog import RunLog
-from policygrad.runs import resume_command
 
 __all__ = ["Scored", "reference_logprobs", "score"]
 
@@ -44,6 +44,7 @@ def score(
     task_fields = fields = group_fields(records, config.group_size)
     if run.curriculum is not None:  # the rewards see this stage's tolerance; the logged rates the task's
         fields = {**task_fields, "tolerance": [run.curriculum.tolerance] * len(rollout.completions)}
+    fault, original = None, None
     try:
         scores = run.reward_set.score(
             rollout.prompts,
@@ -54,22 +55,27 @@ def score(
             allow_nan=False,
         )
     except RewardError as err:  # policy "error": keep everything up to this step, then say how to go on
+        fault, original = (err.field, str(err)[len(err.field) + 2 :]), err
+    fault = run.world.first(fault)  # any rank's fault stops every rank (the first rank's message)
+    if fault is not None:
         folder = guard.save_before()
         saved = f"saved the run at step {step} in {folder}" if folder else "nothing trained yet, so nothing saved"
+        field, message = fault
         raise RewardError(
-            err.field,
-            f"{str(err)[len(err.field) + 2 :]}; {saved}; fix the function (or pass --reward-fault skip) and resume "
-            f"with: {resume_command('train', run.output_dir)}",
-        ) from err
-    _log_faults(log, step + 1, scores, rollout)
+            field,
+            f"{message}; {saved}; fix the function (or pass --reward-fault skip) and resume with: {run.resume_hint}",
+        ) from original
+    first_row = run.world.shard(config.prompts_per_step).start * config.group_size  # of this rank's rows
+    _log_faults(log, step + 1, scores, rollout, run.world, first_row)
     rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
     if config.truncated_reward is not None:  # a reply must end itself, not be cut off by the budget
         rewards[rollout.truncated.cpu() & ~rewards.isnan()] = config.truncated_reward
     return Scored(rewards, scores, task_fields, fields)
 
 
-def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout) -> None:
-    """Reward faults skipped under ``reward_fault: skip``: one line each in faults.jsonl, one warning per step."""
+def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout, world: Any, first_row: int = 0) -> None:
+    """Reward faults skipped under ``reward_fault: skip``: one line each in faults.jsonl, one warning per step.
+    Under torchrun rank 0 writes every rank's lines, ``sample`` counted over the whole batch (from ``first_row``)."""
     rows = []
     for fault in scores.faults:
         row = 0 if fault.sample is None else fault.sample
@@ -77,13 +83,13 @@ def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout) -> None:
             {
                 "function": fault.function,
                 "kind": fault.kind,
-                "sample": fault.sample,
+                "sample": None if fault.sample is None else first_row + fault.sample,
                 "prompt": rollout.prompts[row],
                 "completion": rollout.completions[row],
                 "message": fault.message,
             }
         )
-    log.rows("faults", step, rows)
+    log.rows("faults", step, [row for part in world.gather(rows) for row in part])
     if scores.faults:
         more = f" (and {len(scores.faults) - 1} more)" if len(scores.faults) > 1 else ""
         print(

@@ -6,11 +6,19 @@ The order is chosen so that a mistake costs as little as possible: the output fo
 folder is refused before anything loads), the rewards and the prompt source before the model, the rewards against
 the first prompt before the run folder is written, and the run folder is the last thing created, so a run that
 fails to start leaves nothing behind.
+
+Under torchrun (:mod:`policygrad.distributed`) the same setup runs on every rank, with four additions: the launch is
+checked against the config before anything else (B must split evenly over the processes), the process group is
+joined once the device is known, rank 0's weights are broadcast to the others, and only rank 0 tidies a resumed
+run's checkpoints and writes the run folder. The :class:`Run` then shards each step's prompts (:meth:`Run.batch`),
+seeds each prompt's sampling (:meth:`Run.generators`), gathers the whole batch for the batch-wide numbers
+(:meth:`Run.whole_batch`), evaluates on rank 0 while the others wait, and saves every rank's generators.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +28,17 @@ import torch
 
 from policygrad import checkpointing, runs
 from policygrad.configs import config_to_dict
+from policygrad.distributed import Launch, World, init_world, launch_from_env
 from policygrad.errors import UsageError, first_line
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.device import fused_adamw_supported, resolve_device, use_threads
 from policygrad.lm.evaluate import EvalSettings, evaluate, group_fields
 from policygrad.lm.rewards import RewardError
+from policygrad.lm.rollout import Rollout, join_groups, pad_token_id
 from policygrad.lm.state import TRAINER_STATE, Snapshot, TrainerState, load_trainer_state, save_checkpoint
 from policygrad.lm.task import Task
-from policygrad.rng import rng_state, seed_everything, set_rng_state
+from policygrad.rng import rng_state, seed_everything, set_rng_state, step_seed
 from policygrad.variants import ADVANTAGES, ENTROPY_WEIGHTS, TASKS, build
 
 __all__ = ["RESUME_MAY_CHANGE", "Run", "prompt_order", "setup"]
@@ -37,7 +47,7 @@ RESUME_MAY_CHANGE = frozenset(
     {
         *("resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "epochs", "progress", "threads"),
         *("device", "eval_every", "eval_size", "eval_decoding", "save_every", "save_optimizer", "keep_checkpoints"),
-        *("log_completions", "reward_fault", "reward_timeout", "max_bad_steps"),
+        *("log_completions", "reward_fault", "reward_timeout", "max_bad_steps", "collective_timeout"),
     }
 )
 """Fields a resumed run may change without ``--allow-config-change``: how long to train, where and how to log, save
@@ -79,6 +89,7 @@ class Run:
     resumed: bool = False
     last_saved: int = -1  # the step of the newest checkpoint on disk, so a stop does not write the same one twice
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
+    world: World = field(default_factory=World)  # this process's place in a torchrun launch (or the plain one)
 
     @property
     def task(self) -> Task:
@@ -99,18 +110,59 @@ class Run:
             "score_tokens": config.updates_per_batch > 1,  # the clipped surrogate needs the sampling log-probs
         }
 
+    @property
+    def resume_hint(self) -> str:
+        """The command that continues this run (under torchrun: the same launch)."""
+        return runs.resume_command("train", self.output_dir, self.world.program())
+
     def batch(self, step: int) -> list[dict[str, Any]]:
-        """The B prompt records of a step."""
+        """This rank's prompt records of a step: all B in one process, the rank's B / W consecutive ones under
+        torchrun (whole groups per rank)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = prompt_order(len(self.prompts.train), self.config.prompts_per_step, epoch, self.config.seed)
-        return [self.prompts.train[i] for i in order[index]]
+        return [self.prompts.train[i] for i in order[index][self.world.shard(self.config.prompts_per_step)]]
+
+    def generators(self, step: int, count: int, offset: int = 0) -> list[torch.Generator] | None:
+        """Under torchrun, one generator per prompt this rank samples at ``step``: prompt b of the step's batch
+        (b counted over every rank's prompts, then ``offset`` on) draws from ``step_seed(seed, step, b)``, so its
+        completions do not depend on how the batch is split. None for a plain run: the global generator, seeded
+        per step by the loop, as before data parallelism."""
+        if not self.world.launched:
+            return None
+        first = self.world.shard(self.config.prompts_per_step).start + offset
+        return [torch.Generator().manual_seed(step_seed(self.config.seed, step, first + b)) for b in range(count)]
+
+    def whole_batch(self, rollout: Rollout, scored: Any) -> tuple[Rollout, Any]:
+        """The step's whole batch, every rank's groups in prompt order, as one process would have sampled it (on
+        the CPU, re-padded): what the batch-wide numbers and the logs are computed from. In one process, the
+        arguments themselves."""
+        if self.world.size == 1:
+            return rollout, scored
+        from policygrad.lm.dynamic import join_scored
+
+        parts = self.world.gather((_on_cpu(rollout), scored))  # in rank order, so in prompt order
+        picks = [
+            (part, part_scored, g)
+            for part, part_scored in parts
+            for g in range(len(part.completions) // part.group_size)
+        ]
+        whole = join_groups([(part, g) for part, _, g in picks], pad_token_id(self.model, self.tokenizer))
+        return whole, join_scored([(part_scored, g) for _, part_scored, g in picks], self.config.group_size)
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
-        """:func:`policygrad.lm.evaluate.evaluate` on the first ``eval_size`` held-out prompts (``{}`` if none)."""
+        """:func:`policygrad.lm.evaluate.evaluate` on the first ``eval_size`` held-out prompts (``{}`` if none).
+
+        Under torchrun rank 0 evaluates while the others wait (and get ``{}``): the held-out numbers are then the
+        ones a one-process run reports for the same weights, sampled decoding included, at the cost of W - 1 idle
+        processes during an evaluation (a small part of a run that evaluates every few dozen steps)."""
         records = self.prompts.heldout[: self.config.eval_size]
         if not records or not self.config.eval_decoding:
             return {}
-        return evaluate(self.model, self.tokenizer, records, self.reward_set, self.eval_settings)
+        results = {}
+        if self.world.is_main:
+            results = evaluate(self.model, self.tokenizer, records, self.reward_set, self.eval_settings)
+        self.world.barrier()
+        return results
 
     def snapshot(self, step: int) -> Snapshot:
         """The state after ``step`` steps except weights and optimiser, taken now (see :class:`Snapshot`)."""
@@ -118,41 +170,55 @@ class Run:
         return Snapshot(step, self.estimator.state(), rng_state(), curriculum)
 
     def save(self, folder: Path, snapshot: Snapshot) -> Path:
-        """Weights, optimiser and ``snapshot`` as the checkpoint in ``folder``."""
-        state = TrainerState(
-            snapshot.step,
-            snapshot.advantage,
-            snapshot.rng,
-            snapshot.curriculum,
-            config=comparable(self.config),
-            optimizer=self.optimizer.state_dict() if self.config.save_optimizer else None,
-        )
-        save_checkpoint(folder, self.model, self.tokenizer, state)
+        """Weights, optimiser and ``snapshot`` as the checkpoint in ``folder``. Under torchrun every rank calls it:
+        rank 0 writes, with every rank's generators, while the others wait."""
+        world = self.world
+        rank_rng = world.gather(snapshot.rng) if world.launched else None
+        if world.is_main:
+            state = TrainerState(
+                snapshot.step,
+                snapshot.advantage,
+                snapshot.rng,
+                snapshot.curriculum,
+                config=comparable(self.config),
+                optimizer=self.optimizer.state_dict() if self.config.save_optimizer else None,
+                world_size=world.size if world.launched else None,
+                rank_rng=rank_rng,
+            )
+            save_checkpoint(folder, self.model, self.tokenizer, state)
+        world.barrier()
         self.last_saved = snapshot.step
         return folder
 
     def checkpoint(self, snapshot: Snapshot) -> Path:
         """``checkpoints/step-N`` (unless the newest checkpoint already is step N), then prune old ones."""
         folder = runs.checkpoint_dir(self.output_dir, snapshot.step)
-        if self.last_saved == snapshot.step and checkpointing.verify(folder) is None:
+        saved = self.last_saved == snapshot.step
+        damaged = saved and self.world.is_main and checkpointing.verify(folder) is not None  # rank 0 reads it
+        if not self.world.agree(not saved or damaged):  # every rank saves, or none
             return folder
         self.save(folder, snapshot)
-        checkpointing.prune(folder.parent, self.config.keep_checkpoints)
+        if self.world.is_main:
+            checkpointing.prune(folder.parent, self.config.keep_checkpoints)
         return folder
 
 
 def setup(config: GRPOConfig) -> Run:
     """Build the run ``config`` describes, or restore it from its newest checkpoint with ``resume``."""
+    launch = _check_launch(config, launch_from_env())  # torchrun's processes against the config, before anything
     runs.check_output_dir(config.output_dir, config.resume, config.overwrite)  # before anything heavy
     device, autocast_dtype = resolve_device(config)
-    use_threads(config)
-    seed_everything(config.seed)  # a resumed run then restores the generators' saved states
+    device = _rank_device(device, launch)
+    world = init_world(device, config.collective_timeout, launch)
+    _setup_threads(config, launch)
+    seed_everything(world.seed(config.seed))  # a resumed run then restores the generators' saved states
     reward_set = _setup_rewards(config)
     _check_prompt_source(config)
-    folder, state = _setup_resume(config) if config.resume else (None, None)
+    folder, state = _setup_resume(config, world) if config.resume else (None, None)
     model, tokenizer = _setup_model(str(folder or config.model), device)
+    world.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
     prompts = _setup_prompts(config, tokenizer)
-    if config.eval_size > len(prompts.heldout) and config.eval_decoding:
+    if config.eval_size > len(prompts.heldout) and config.eval_decoding and world.is_main:
         print(
             f"policygrad train: evaluating on the {len(prompts.heldout)} held-out prompts (--eval-size "
             f"{config.eval_size} asks for more than {config.prompts} holds out)",
@@ -177,11 +243,63 @@ def setup(config: GRPOConfig) -> Run:
         curriculum=_setup_curriculum(config, prompts),
         resumed=folder is not None,
         eval_settings=EvalSettings.of(config, autocast_dtype),
+        world=world,
     )
     if state is not None:
         _restore(run, folder, state)
-    runs.prepare_output_dir(config.output_dir, config.resume, config.overwrite, config_to_dict(config))
+    if world.is_main:
+        runs.prepare_output_dir(config.output_dir, config.resume, config.overwrite, config_to_dict(config))
+    world.barrier()  # the run folder exists for every rank
     return run
+
+
+def _check_launch(config: GRPOConfig, launch: Launch | None) -> Launch | None:
+    """Refuse, in one line, a torchrun launch this config cannot run: B prompts that do not split into whole
+    groups per process, and dynamic sampling, which refills only the groups of one process (not yet made global)."""
+    if launch is None or launch.size == 1:
+        return launch
+    if config.prompts_per_step % launch.size:
+        raise UsageError(
+            "--prompts-per-step",
+            f"{config.prompts_per_step} prompts per step do not split evenly over the {launch.size} processes of "
+            f"this torchrun launch (each takes whole prompt groups); use a multiple of {launch.size}",
+        )
+    if config.max_extra_groups:
+        raise UsageError(
+            "--max-extra-groups",
+            "dynamic sampling does not run under torchrun with several processes yet (each would refill only its "
+            "own groups); set it to 0, or train in one process",
+        )
+    return launch
+
+
+def _rank_device(device: torch.device, launch: Launch | None) -> torch.device:
+    """Under torchrun, ``cuda`` without an index means this rank's GPU, ``cuda:LOCAL_RANK``."""
+    if launch is not None and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", launch.local_rank)
+    return device
+
+
+def _setup_threads(config: GRPOConfig, launch: Launch | None) -> None:
+    """``--threads``, or by default the idle cores shared out among the processes of this machine."""
+    if launch is None or config.threads is not None:
+        use_threads(config)
+        return
+    from policygrad.threads import default_threads, set_threads
+
+    set_threads(max(1, default_threads() // max(launch.local_size, 1)))
+
+
+def _on_cpu(rollout: Rollout) -> Rollout:
+    """``rollout`` with its tensors on the CPU (to pickle it for another rank)."""
+    return dataclasses.replace(
+        rollout,
+        **{
+            name: getattr(rollout, name).cpu()
+            for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "truncated")
+            if getattr(rollout, name) is not None
+        },
+    )
 
 
 def _setup_rewards(config: GRPOConfig) -> Any:
@@ -200,6 +318,13 @@ def _setup_model(source: str, device: torch.device) -> tuple[Any, Any]:
     from policygrad.lm.models import load_model
 
     model, tokenizer = load_model(source, dtype="float32", device=device)
+    # weights of their own: loaded ones can be views into the mapped safetensors file at any offset (40 bytes past
+    # a 64-byte boundary for the tiny test model), and CPU kernels round differently at another alignment, so a
+    # resumed run (a checkpoint's weights, a reference loaded again) and the run it continues (a deepcopy for the
+    # reference) would part in the last bits. A copy is allocated aligned, whatever the file.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
     # dropout off throughout: the ratio pi/pi_old and the KL must compare the same deterministic function
     model.eval()
     return model, tokenizer
@@ -272,11 +397,16 @@ def _setup_optimizer(config: GRPOConfig, model: Any, device: torch.device) -> to
     )
 
 
-def _setup_resume(config: GRPOConfig) -> tuple[Path | None, TrainerState | None]:
+def _setup_resume(config: GRPOConfig, world: World) -> tuple[Path | None, TrainerState | None]:
     """The newest complete checkpoint of the run being resumed and its trainer state, after tidying what a killed
-    save left; refuses a config that differs from the checkpoint's unless ``allow_config_change``."""
+    save left (rank 0 tidies, then every rank reads); refuses a config that differs from the checkpoint's unless
+    ``allow_config_change``, and a launch other than the one that saved it (another number of processes)."""
     out = config.output_dir
-    folder = runs.latest_checkpoint(out, tidy=True)
+    if world.is_main:
+        checkpointing.recover(out)
+        checkpointing.recover(out / runs.CHECKPOINTS)
+    world.barrier()
+    folder = runs.latest_checkpoint(out)
     if folder is None:
         if any(candidate.is_dir() for candidate in runs.checkpoint_candidates(out)):  # each one reported above
             raise UsageError(
@@ -287,6 +417,14 @@ def _setup_resume(config: GRPOConfig) -> tuple[Path | None, TrainerState | None]
         print(f"policygrad train: {out} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
         return None, None
     state = load_trainer_state(folder)
+    launched = world.size if world.launched else None
+    if state.world_size != launched:
+        raise UsageError(
+            "--resume",
+            f"{folder.relative_to(out)} was saved by {_launch_name(state.world_size)} and this is "
+            f"{_launch_name(launched)}; resume with the launch that started the run (the same number of processes: "
+            "the shards, the sampling seeds and every rank's generators are part of its state)",
+        )
     if state.config is not None and not config.allow_config_change:
         changes = runs.config_changes(state.config, comparable(config), RESUME_MAY_CHANGE)
         if changes:
@@ -298,6 +436,12 @@ def _setup_resume(config: GRPOConfig) -> tuple[Path | None, TrainerState | None]
     return folder, state
 
 
+def _launch_name(world_size: int | None) -> str:
+    if world_size is None:
+        return "a single process (no torchrun)"
+    return f"torchrun with {world_size} process{'es' if world_size > 1 else ''}"
+
+
 def _restore(run: Run, folder: Path, state: TrainerState) -> None:
     """Put a checkpoint's trainer state into a fresh run: AdamW's moments, the generators, the estimators, the step.
     A state that loads but does not fit (another model's optimiser, a damaged generator state) is a one-line
@@ -305,14 +449,16 @@ def _restore(run: Run, folder: Path, state: TrainerState) -> None:
     try:
         if state.optimizer is not None:  # else saved with save_optimizer=false: AdamW restarts its moments
             run.optimizer.load_state_dict(state.optimizer)
-        if state.rng:
+        if state.rank_rng:
+            set_rng_state(state.rank_rng[run.world.rank])  # this rank's own generators
+        elif state.rng:
             set_rng_state(state.rng)
         run.estimator.restore(state.advantage)
         if run.curriculum is not None and state.curriculum is not None:
             run.curriculum.restore(state.curriculum)
     except Exception as exc:  # ValueError, KeyError, TypeError, RuntimeError: all "this file does not fit"
         raise UsageError("--resume", f"{folder / TRAINER_STATE} does not fit this run: {first_line(exc)}") from None
-    if state.optimizer is None:
+    if state.optimizer is None and run.world.is_main:
         print(
             f"policygrad train: {folder} has no optimiser state (save_optimizer: false); AdamW's "
             "moments restart from zero, so this resume is not exact",

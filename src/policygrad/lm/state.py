@@ -8,6 +8,10 @@ estimator's state, every random generator, the curriculum, the config the run wa
 ``torch.load(weights_only=True)``: tensors and plain values only, so even a tampered file cannot run code, and its
 contents are checked before anything of the run is touched.
 
+A run launched by torchrun (:mod:`policygrad.distributed`) also saves its number of processes (``"world_size"``)
+and every rank's generators (``"rank_rng"``, in rank order; ``"rng"`` is rank 0's), so that the same launch resumes
+bit for bit; a checkpoint without ``"world_size"`` was written by a plain, single process.
+
 Checkpoints written before issue 13 hold ``"baseline"`` (the REINFORCE moving average, a float) instead of
 ``"advantage"``; they load as the same state.
 """
@@ -48,9 +52,14 @@ class TrainerState(Snapshot):
 
     config: dict[str, Any] | None = None  # the settings a resume must not change (see policygrad.lm.setup)
     optimizer: dict[str, Any] | None = None  # None when saved with save_optimizer: false
+    world_size: int | None = None  # processes of a torchrun launch; None: a plain process
+    rank_rng: list[dict[str, Any]] | None = None  # every rank's rng_state() under torchrun, in rank order
 
     def to_file(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step, "advantage": self.advantage, "rng": self.rng}
+        if self.world_size is not None:
+            state["world_size"] = self.world_size
+            state["rank_rng"] = self.rank_rng
         if self.config is not None:
             state["config"] = json.dumps(self.config)
         if self.curriculum is not None:
@@ -72,6 +81,8 @@ class TrainerState(Snapshot):
             curriculum=state.get("curriculum"),
             config=json.loads(state["config"]) if "config" in state else None,
             optimizer=state.get("optimizer"),
+            world_size=state.get("world_size"),
+            rank_rng=state.get("rank_rng"),
         )
 
 
@@ -98,6 +109,12 @@ def problem(state: Any) -> str | None:
     for key in ("advantage", "rng", "optimizer", "curriculum"):
         if key in state and not isinstance(state[key], dict):
             return f'"{key}" must be a dict, got {type(state[key]).__name__}'
+    if "world_size" in state:
+        size, ranks = state["world_size"], state.get("rank_rng")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return f'"world_size" must be a whole number >= 1, got {size!r:.40}'
+        if not isinstance(ranks, list) or len(ranks) != size or not all(isinstance(r, dict) for r in ranks):
+            return f'"rank_rng" must be a list of {size} dicts, one per rank'
     return None
 
 

@@ -17,6 +17,11 @@ or restored from the checkpoint, so a resumed run is bit for bit the run that wa
 checksums; SIGINT/SIGTERM finish the step and save; a reward function's fault stops the run with a checkpoint or, with
 ``reward_fault: skip``, costs only the samples concerned; a non-finite loss or gradient skips the update.
 
+Under ``torchrun`` (docs/distributed.md, :mod:`policygrad.distributed`) the same loop runs on every process: each
+samples, scores and back-propagates its own shard of the B prompts; the advantages, the entropy weight and the logged
+numbers come from the whole batch (:meth:`~policygrad.lm.setup.Run.whole_batch`), the gradients are summed inside
+:func:`~policygrad.lm.update.update`, and only rank 0 writes. In one process every one of those is the identity.
+
 ``train(config)`` returns the run folder; ``run_train(config)`` is the CLI entry point (exit code).
 """
 
@@ -29,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from policygrad.distributed import RankLost, launch_from_env, launcher_command
+from policygrad.errors import UsageError
 from policygrad.guard import StepGuard
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.dynamic import sample_and_score
@@ -52,47 +59,59 @@ def train(config: GRPOConfig) -> Path:
     run = setup(config)
     guard = _guard(run)
     append_after = run.start_step if run.resumed else None
+    main = run.world.is_main  # the process that writes (the only one, without torchrun)
     with (
-        RunLog(run.output_dir, append_after, ("completions", "faults"), command="policygrad train") as log,
+        RunLog(run.output_dir, append_after, ("completions", "faults"), command="policygrad train", write=main) as log,
         guard,
-        Progress(config.progress, run.total_steps, run.start_step) as progress,
+        Progress(config.progress and main, run.total_steps, run.start_step) as progress,
     ):
         if config.eval_every and not run.resumed and (initial := flat_scalars(run.evaluate())):
             log.write(0, initial)  # the learning curve's starting point, before any update
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             guard.remember(step)
-            records = run.batch(step)
+            records = run.batch(step)  # this process's prompts: all B of them, or its B / W under torchrun
 
-            # 1-2. sample G completions of each of B prompts with the current policy and score them (with dynamic
+            # 1-2. sample G completions of each prompt with the current policy and score them (with dynamic
             # sampling, groups without reward spread are replaced by fresh prompts' groups)
             torch.manual_seed(step_seed(config.seed, step))  # repeatable, and the same after a resume
             rollout, scored, dynamic = sample_and_score(run, guard, log, records, step)
             sampled = time.perf_counter()
             ref_logprobs = reference_logprobs(run, rollout)  # (N, T) or None
 
-            # 3. advantages, and this batch's entropy weight
-            advantages = run.estimator(scored.rewards)  # (N,)
-            entropy_weight = run.entropy_weight(scored.rewards)
+            # 3. advantages, and this batch's entropy weight, from the whole batch's rewards (every process's)
+            batch, batch_scored = run.whole_batch(rollout, scored)  # the B prompts' N rows
+            advantages = run.estimator(batch_scored.rewards)  # (N,)
+            entropy_weight = run.entropy_weight(batch_scored.rewards)
 
-            # 4. update the policy
+            # 4. update the policy on this process's rows (the gradients are summed over the processes)
+            mine = advantages[run.world.shard(len(advantages))]
             metrics = update(
-                run.model, run.optimizer, rollout, advantages, ref_logprobs, entropy_weight, config, run.autocast_dtype
+                run.model,
+                run.optimizer,
+                rollout,
+                mine,
+                ref_logprobs,
+                entropy_weight,
+                config,
+                run.autocast_dtype,
+                run.world,
             )
 
-            # 5. log, and now and then evaluate; the guard then checkpoints or stops
-            record = step_record(run.task, rollout, scored, advantages, entropy_weight, metrics, config.group_size)
-            record.update(curriculum_record(run.task, run.curriculum, rollout, scored), **dynamic)
-            record.update(_timings(run, rollout, step, started, sampled))
-            record.update(_estimator_record(run), reward_faults=float(scored.scores.faulted_samples))
+            # 5. log the whole batch, and now and then evaluate; the guard then checkpoints or stops
+            record = step_record(run.task, batch, batch_scored, advantages, entropy_weight, metrics, config.group_size)
+            record.update(curriculum_record(run.task, run.curriculum, batch, batch_scored), **dynamic)
+            record.update(_timings(run, batch, step, started, sampled))
+            record.update(_estimator_record(run), reward_faults=float(batch_scored.scores.faulted_samples))
             record["skipped_updates"] = metrics.get("skipped_updates", 0.0)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < run.total_steps:
                 record.update(flat_scalars(run.evaluate()))
             log.write(step + 1, record)
-            log.rows("completions", step + 1, samples(rollout, scored.scores.rewards, config.log_completions))
+            log.rows("completions", step + 1, samples(batch, batch_scored.scores.rewards, config.log_completions))
             progress.advance(f"reward {record['reward_mean']:.3f}", record["step_time"])
             guard.after(step + 1, bool(record["skipped_updates"]), _skip_detail(record))
         _finish(run, log)
+    run.world.close()
     return run.output_dir
 
 
@@ -106,7 +125,9 @@ def _guard(run: Run) -> StepGuard:
         config.save_every,
         snapshot=run.snapshot,
         save=run.checkpoint,
-        resume_hint=resume_command("train", run.output_dir),
+        resume_hint=run.resume_hint,
+        consensus=run.world.maximum,
+        speaks=run.world.is_main,
     )
 
 
@@ -136,19 +157,42 @@ def _finish(run: Run, log: RunLog) -> None:
     final = run.evaluate()
     prompts = min(run.config.eval_size, len(run.prompts.heldout))
     summary = {"step": run.total_steps, "prompts": prompts, **final}
-    write_atomic(run.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+    if run.world.is_main:
+        write_atomic(run.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
     if final:
         log.write(run.total_steps, flat_scalars(final))
     run.save(run.output_dir / "final", run.snapshot(run.total_steps))
 
 
 def run_train(config: GRPOConfig) -> int:
-    """``policygrad train``: train, then show the held-out numbers before and after. Returns the exit code."""
+    """``policygrad train``: train, then show the held-out numbers before and after. Returns the exit code.
+
+    Under torchrun every process returns the same code and only rank 0 prints (a lost process: the lowest one still
+    alive), so a message appears once, not once per process."""
+    launch = launch_from_env()
+    main = launch is None or launch.rank == 0
     try:
         output_dir = train(config)
     except Stopped as stopped:
-        print(f"policygrad train: {stopped}", file=sys.stderr)
+        if main:
+            print(f"policygrad train: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    except RankLost as lost:
+        if lost.reporter:
+            hint = resume_command("train", config.output_dir, launcher_command(launch))
+            print(
+                f"policygrad train: {lost}; every process stopped without saving (the last checkpoint is intact); "
+                f"resume with: {hint}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return lost.exit_code
+    except UsageError:
+        if main:
+            raise  # the command line prints it, once
+        return 2
+    if not main:
+        return 0
     final = json.loads((output_dir / "eval.json").read_text())
     after = {k: v for k, v in final.items() if isinstance(v, dict)}
     if after:

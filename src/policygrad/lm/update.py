@@ -5,6 +5,10 @@ optimiser in, metrics out. :mod:`policygrad.lm.trainer` runs the loop around it.
     loss = policy_loss(logprobs, advantages)  -  w_H * agg(H)  +  beta * agg(KL_est(logprobs, ref_logprobs))
 
 Letters as in :mod:`policygrad.lm.rollout`: N rows (B prompts x G completions), T completion tokens.
+
+Data parallel (:mod:`policygrad.distributed`): each rank holds N / W of the rows. The weights of its micro-batches
+are taken against the WHOLE batch's count (tokens, non-empty rows or rows, summed over the ranks), so the ranks'
+accumulated gradients sum to the one-process gradient; they are summed before clipping, and so are the metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from policygrad.distributed import World
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches
 from policygrad.losses import aggregate, policy_loss
@@ -74,7 +79,17 @@ def grpo_loss(
     return loss, metrics
 
 
-def micro_batch_share(rows_mask: Tensor, batch_mask: Tensor, aggregation: str) -> float:
+def batch_count(mask: Tensor, aggregation: str) -> float:
+    """What an aggregation divides by, for the rows of ``mask`` (M, T): their tokens (token_mean), non-empty rows
+    (sequence_mean) or rows (constant)."""
+    if aggregation == "token_mean":
+        return float(mask.sum().item())
+    if aggregation == "sequence_mean":
+        return float((mask.sum(-1) > 0).sum().item())
+    return float(mask.shape[0])
+
+
+def micro_batch_share(rows_mask: Tensor, batch_mask: Tensor, aggregation: str, total: float | None = None) -> float:
     """The weight of one micro-batch's aggregated loss so that the weighted sum equals the full batch's loss.
 
         token_mean:     tokens(micro) / tokens(batch)
@@ -82,13 +97,11 @@ def micro_batch_share(rows_mask: Tensor, batch_mask: Tensor, aggregation: str) -
         constant:       rows(micro) / rows(batch)
 
     Averaging micro-batch losses with equal weights would make a token's weight depend on which micro-batch it
-    landed in; with these weights gradient accumulation gives exactly the full-batch gradient.
+    landed in; with these weights gradient accumulation gives exactly the full-batch gradient. ``total`` is the
+    batch's count (:func:`batch_count`) when the batch is more than ``batch_mask``: every rank's rows.
     """
-    if aggregation == "token_mean":
-        return rows_mask.sum().item() / max(batch_mask.sum().item(), 1)
-    if aggregation == "sequence_mean":
-        return (rows_mask.sum(-1) > 0).sum().item() / max((batch_mask.sum(-1) > 0).sum().item(), 1)
-    return rows_mask.shape[0] / batch_mask.shape[0]
+    total = batch_count(batch_mask, aggregation) if total is None else total
+    return batch_count(rows_mask, aggregation) / max(total, 1.0)
 
 
 def update(
@@ -100,16 +113,20 @@ def update(
     entropy_weight: float,
     config: GRPOConfig,
     autocast_dtype: torch.dtype | None = None,
+    world: World | None = None,
 ) -> dict[str, float]:
     """``config.updates_per_batch`` optimiser steps on one rollout, each accumulating gradients over micro-batches.
 
     Returns the metrics of the LAST optimiser step (weighted over its micro-batches), plus ``grad_norm`` (before
     clipping) and ``loss``; and ``skipped_updates`` = 1 when a non-finite loss or gradient norm stopped it before
-    ``optimizer.step`` (earlier, finite updates of the same batch stay applied).
+    ``optimizer.step`` (earlier, finite updates of the same batch stay applied). With a data-parallel ``world``,
+    ``rollout`` and ``advantages`` are this rank's rows and the gradients and metrics are the whole batch's.
     """
+    world = world or World()
     device = rollout.completion_ids.device
     mask = rollout.completion_mask  # (N, T)
     n = mask.shape[0]
+    total = world.sum(batch_count(mask, config.aggregation))  # the whole batch's, over every rank
     advantages = advantages.to(device=device, dtype=torch.float32)  # (N,)
     clipped = config.updates_per_batch > 1  # one step on fresh samples: ratio is 1, REINFORCE is the same gradient
     if clipped and rollout.logprobs is None:
@@ -119,7 +136,7 @@ def update(
         optimizer.zero_grad(set_to_none=True)
         metrics = {}
         for rows in micro_batches(n, config.micro_batch_size):
-            share = micro_batch_share(mask[rows], mask, config.aggregation)
+            share = micro_batch_share(mask[rows], mask, config.aggregation, total)
             if share == 0:
                 continue  # no tokens that count (all-empty completions): nothing to learn from these rows
             with autocast_context(device, autocast_dtype):
@@ -145,10 +162,13 @@ def update(
             micro["loss"] = loss.item()
             for key, value in micro.items():
                 metrics[key] = metrics.get(key, 0.0) + share * value
+        world.all_reduce_gradients(model.parameters())  # each rank's share of the batch gradient, summed
+        metrics = world.sum_metrics(metrics)  # likewise the share-weighted metrics
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         # reliability (issue 6, docs/reliability.md): a non-finite loss or gradient never reaches the weights or
-        # AdamW's moments; the loop counts skipped updates and stops after max_bad_steps in a row
+        # AdamW's moments; the loop counts skipped updates and stops after max_bad_steps in a row. Under torchrun
+        # the gradient and the loss are the summed ones, so every rank takes the same decision.
         if not (math.isfinite(metrics["grad_norm"]) and math.isfinite(metrics.get("loss", 0.0))):
             optimizer.zero_grad(set_to_none=True)
             metrics["skipped_updates"] = 1.0

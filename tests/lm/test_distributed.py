@@ -1,0 +1,204 @@
+"""Data-parallel training under torchrun (issue 15, docs/distributed.md, policygrad.distributed), end to end on this
+CPU: gloo, the tiny model of conftest.py, two processes of one thread each, launched the way a user launches them
+(``.venv/bin/torchrun --standalone --nproc-per-node 2 -m policygrad train ...``).
+
+The 1-vs-2-process comparison is to 1e-6, not bit for bit, and the sampled completions, rewards and every number
+computed from them are exactly equal: sampling is seeded per prompt (a prompt's completions do not depend on the
+split), but each process pads its prompts and completions to its own longest row, so the forward and backward passes
+run on other shapes and round differently in the last float32 bits (1.7e-7 after 3 AdamW steps at lr 1e-2 when
+recorded). A resumed 2-process run is bit for bit the uninterrupted one: same shapes, same arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lm_helpers import tiny_config, weights  # tests/lm, on sys.path under pytest
+
+from policygrad import checkpointing
+from policygrad.configs import config_to_dict
+
+pytestmark = pytest.mark.smoke
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+TIMING = ("sample_time", "step_time", "tokens_per_s")
+EXACT = ("reward_mean", "reward_std", "advantage_mean", "advantage_std", "advantage_min", "advantage_max")
+EXACT += ("entropy_weight", "completion_tokens", "zero_spread_groups", "pass_rate", "length_rate", "truncated")
+ONE_VS_TWO = 1e-6  # parameters after 3 steps (see the module docstring)
+
+LETHAL_REWARD = """
+import os
+import signal
+
+CALLS = [0]
+
+
+def lethal(prompts, completions, **fields):
+    # rank 1 kills itself on its third call: the trial call of setup, step 1, then in step 2
+    CALLS[0] += 1
+    if os.environ.get("RANK") == "1" and CALLS[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [float(len(c)) for c in completions]
+"""
+
+
+def _recipe(tmp_path: Path, name: str, model: Path, prompts: Path, **overrides) -> Path:
+    """A recipe of a tiny run in ``tmp_path/name``: 2 prompts x 3 completions a step, one micro-batch of 3 rows per
+    process, the batch-wide numbers all in play (batch std, dynamic entropy weight, KL to the reference)."""
+    settings = {
+        "max_steps": 3,
+        "micro_batch_size": 3,
+        "scale_rewards": "batch",
+        "entropy_weight": "dynamic",
+        "entropy_coef": 1e-3,
+        "kl_coef": 0.05,
+        "log_completions": 6,
+        **overrides,
+    }
+    config = tiny_config(model, prompts, tmp_path / name, **settings)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(config_to_dict(config)))
+    return recipe
+
+
+def _torchrun(processes: int, *args: str) -> list[str]:
+    return [TORCHRUN, "--standalone", "--nproc-per-node", str(processes), "-m", "policygrad", "train", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _train(processes: int, recipe: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _torchrun(processes, "--recipe", str(recipe), *flags), capture_output=True, text=True, env=_env(), timeout=120
+    )
+
+
+def _ours(stderr: str) -> list[str]:
+    """The lines policygrad itself printed (not torchrun's report or transformers' progress bars)."""
+    return [line for line in stderr.splitlines() if line.startswith("policygrad train:")]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(run: Path) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in _metrics(run)]
+
+
+def test_two_processes_train_the_parameters_of_one(tiny_llama_chat, tiny_prompts, tmp_path):
+    runs = {}
+    for processes in (1, 2):
+        recipe = _recipe(tmp_path, f"p{processes}", tiny_llama_chat, tiny_prompts)
+        done = _train(processes, recipe)
+        assert done.returncode == 0, done.stderr
+        runs[processes] = tmp_path / f"p{processes}"
+    one, two = runs[1], runs[2]
+    # the same prompts, the same completions (seeded per prompt), so the same rewards and batch-wide numbers
+    assert (one / "completions.jsonl").read_text() == (two / "completions.jsonl").read_text()
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        assert {k: a[k] for k in EXACT} == {k: b[k] for k in EXACT}
+        for key in ("loss", "pg_loss", "entropy", "kl", "grad_norm"):  # summed over the processes
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    expected, got = weights(one / "final"), weights(two / "final")
+    initial = weights(tiny_llama_chat)
+    assert max((expected[k] - initial[k]).abs().max() for k in expected) > 1e-3  # it trained
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, rtol=0, atol=ONE_VS_TWO), name
+    assert not (two / "checkpoints").exists() and sorted(p.name for p in two.iterdir()) == sorted(
+        p.name for p in one.iterdir()
+    )  # rank 0 wrote what one process writes, and nobody else wrote anything
+
+
+def test_a_resumed_two_process_run_is_bit_identical_and_keeps_its_launch(tiny_llama_chat, tiny_prompts, tmp_path):
+    settings = dict(advantage="reinforce", updates_per_batch=2, entropy_weight="constant", scale_rewards="group")
+    straight = _recipe(tmp_path, "straight", tiny_llama_chat, tiny_prompts, **settings)
+    split = _recipe(tmp_path, "split", tiny_llama_chat, tiny_prompts, **{**settings, "max_steps": 1})
+    for recipe in (straight, split):
+        done = _train(2, recipe)
+        assert done.returncode == 0, done.stderr
+    config = str(tmp_path / "split" / "config.yaml")
+    other = _train(1, Path(config), "--resume", "--max-steps", "3")  # another number of processes: refused
+    assert other.returncode != 0  # torchrun exits 1 when a process fails, whatever its own status (2)
+    assert _ours(other.stderr) == [
+        "policygrad train: error: --resume: final was saved by torchrun with 2 processes and this is torchrun with 1 "
+        "process; resume with the launch that started the run (the same number of processes: the shards, the "
+        "sampling seeds and every rank's generators are part of its state)"
+    ]
+    resumed = _train(2, Path(config), "--resume", "--max-steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    for name, tensor in weights(tmp_path / "straight" / "final").items():
+        assert torch.equal(weights(tmp_path / "split" / "final")[name], tensor), name
+    assert _untimed(tmp_path / "split") == _untimed(tmp_path / "straight")  # the moving baseline included
+    assert "baseline" in _metrics(tmp_path / "split")[-1]
+
+
+def test_a_batch_that_does_not_split_evenly_is_one_line_before_anything_loads(tiny_llama_chat, tiny_prompts, tmp_path):
+    recipe = _recipe(tmp_path, "run", tiny_llama_chat, tiny_prompts, prompts_per_step=3)
+    done = _train(2, recipe)
+    assert done.returncode != 0
+    assert _ours(done.stderr) == [
+        "policygrad train: error: --prompts-per-step: 3 prompts per step do not split evenly over the 2 processes "
+        "of this torchrun launch (each takes whole prompt groups); use a multiple of 2"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_process_ends_the_run_with_one_line_naming_it(tiny_llama_chat, tiny_prompts, tmp_path):
+    reward = tmp_path / "lethal.py"
+    reward.write_text(LETHAL_REWARD)
+    recipe = _recipe(tmp_path, "run", tiny_llama_chat, tiny_prompts, max_steps=10, rewards=(f"{reward}:lethal",))
+    started = time.monotonic()
+    done = _train(2, recipe)
+    assert time.monotonic() - started < 60
+    assert done.returncode != 0
+    lines = _ours(done.stderr)
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("policygrad train: rank 1 of 2 ended (killed or crashed; its own output says why); ")
+    assert lines[0].endswith(
+        f"--nproc-per-node 2 -m policygrad train --recipe {shlex.quote(str(tmp_path / 'run' / 'config.yaml'))} --resume"
+    )
+
+
+def test_sigint_to_torchrun_saves_once_and_prints_the_resume_command(tiny_llama_chat, tiny_prompts, tmp_path):
+    recipe = _recipe(tmp_path, "run", tiny_llama_chat, tiny_prompts, max_steps=40)
+    out = tmp_path / "run"
+    child = subprocess.Popen(
+        _torchrun(2, "--recipe", str(recipe)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env()
+    )
+    deadline = time.monotonic() + 60
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert time.monotonic() < deadline and child.poll() is None, "the run did not start"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)  # to the launcher, as Ctrl-C or a scheduler would
+    _, err = child.communicate(timeout=60)
+    lines = _ours(err)
+    assert [line.split(";")[0] for line in lines] == ["policygrad train: got SIGINT", lines[-1].split(";")[0]], err
+    stopped = lines[-1]
+    assert stopped.startswith("policygrad train: stopped by SIGINT after step ")
+    step = int(stopped.split("after step ")[1].split()[0])
+    assert 1 <= step < 40
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:06d}"]  # saved once, by rank 0
+    assert checkpointing.verify(out / "checkpoints" / f"step-{step:06d}") is None
+    command = stopped.split("resume with: ")[1]
+    assert command == (
+        f"{shlex.quote(TORCHRUN)} --nproc-per-node 2 -m policygrad train --recipe "
+        f"{shlex.quote(str(out / 'config.yaml'))} --resume"
+    ) or command.startswith("torchrun --nproc-per-node 2 -m policygrad train --recipe ")
+    resumed = subprocess.run(
+        [*shlex.split(command), "--max-steps", str(step + 1)], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in _metrics(out)] == list(range(1, step + 2))

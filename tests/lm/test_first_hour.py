@@ -165,3 +165,17 @@ def test_the_fault_table_rows_are_these_tests():
 
 def test_the_fault_table_check_fails_on_any_changed_number():
     assert fault_table.check_catches_every_change("lm/test_first_hour.py", _fault_table_rows()) >= 5
+
+
+def test_a_run_says_what_each_checkpoint_takes_on_disk(tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch, capsys):
+    """The embedded model's checkpoints are 0.5 GB, 1.6 GB with the optimiser state: a run says so once (here the
+    threshold is lowered to the tiny model's size)."""
+    from policygrad.lm import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "SAY_SIZE_ABOVE", 0)
+    train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "a", max_steps=1, keep_checkpoints=2))
+    said = [line for line in capsys.readouterr().err.splitlines() if "each checkpoint takes" in line]
+    assert len(said) == 1 and "weights and AdamW's state, for an exact resume; --no-save-optimizer:" in said[0]
+    assert said[0].endswith("up to 2 kept besides final/")
+    train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "b", max_steps=1, save_optimizer=False))
+    assert "weights only (save_optimizer: false" in capsys.readouterr().err

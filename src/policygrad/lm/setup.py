@@ -249,8 +249,28 @@ def setup(config: GRPOConfig) -> Run:
         _restore(run, folder, state)
     if world.is_main:
         runs.prepare_output_dir(config.output_dir, config.resume, config.overwrite, config_to_dict(config))
+        _say_checkpoint_size(config, model)
     world.barrier()  # the run folder exists for every rank
     return run
+
+
+SAY_SIZE_ABOVE = 256e6
+"""Bytes of weights above which a run says, once, what each of its checkpoints will take on disk."""
+
+
+def _say_checkpoint_size(config: GRPOConfig, model: Any) -> None:
+    """One line on what a checkpoint costs when that is a lot: the weights, and with ``save_optimizer`` AdamW's two
+    moments (twice the weights again), times the checkpoints kept."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weights < SAY_SIZE_ABOVE:
+        return
+    each = weights * (3 if config.save_optimizer else 1)
+    kept = f"up to {config.keep_checkpoints} kept besides final/" if config.keep_checkpoints else "all kept"
+    if config.save_optimizer:
+        how = f"weights and AdamW's state, for an exact resume; --no-save-optimizer: {weights / 1e9:.1f} GB"
+    else:
+        how = "weights only (save_optimizer: false, so a resume restarts AdamW's moments)"
+    print(f"policygrad train: each checkpoint takes about {each / 1e9:.1f} GB ({how}); {kept}", file=sys.stderr)
 
 
 def _check_launch(config: GRPOConfig, launch: Launch | None) -> Launch | None:

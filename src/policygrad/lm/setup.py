@@ -270,7 +270,7 @@ def _say_checkpoint_size(config: GRPOConfig, model: Any) -> None:
         how = f"weights and AdamW's state, for an exact resume; --no-save-optimizer: {weights / 1e9:.1f} GB"
     else:
         how = "weights only (save_optimizer: false, so a resume restarts AdamW's moments)"
-    print(f"policygrad train: each checkpoint takes about {each / 1e9:.1f} GB ({how}); {kept}", file=sys.stderr)
+    print(f"policygrad train: each checkpoint takes about {each / 1e9:.1f} GB: {how}; {kept}", file=sys.stderr)
 
 
 def _check_launch(config: GRPOConfig, launch: Launch | None) -> Launch | None:

@@ -260,13 +260,14 @@ def server(exported):
     thread, on a free port: (base url, engine)."""
     import uvicorn
 
-    from policygrad.serve.server import Engine, _listen
+    from policygrad.net import listen
+    from policygrad.serve.server import Engine
 
     config = ServeConfig(
         str(exported), max_prompt_tokens=200, max_tokens=16, max_concurrent_requests=4, temperature=0.0
     )
     engine = Engine(exported, config)
-    sock = _listen("127.0.0.1", 0)
+    sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(build_app(engine, config, "tiny"), log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -201,6 +201,14 @@ class BanditStep:
     metrics: dict[str, float]  # policy_update's: kl, clip_fraction, approx_kl
 
 
+def draw(pi: Tensor, means: Tensor, noise: float, samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """N arms from each row of ``pi`` (S, K), with replacement, and their rewards ``mu_a + noise * eps``, eps ~ N(0, 1):
+    (actions (S, N), rewards (S, N)). The arms are drawn first, then the noise, from ``generator`` alone."""
+    actions = torch.multinomial(pi, samples, replacement=True, generator=generator)
+    rewards = means[actions] + noise * torch.randn(actions.shape, generator=generator, dtype=means.dtype)
+    return actions, rewards
+
+
 def bandit_step(
     logits: Tensor,
     means: Tensor,
@@ -225,9 +233,7 @@ def bandit_step(
         a :class:`BanditStep`; its ``logits`` may be non-finite if the step diverged (the caller decides).
     """
     pi = logits.softmax(-1)  # (S, K)
-    actions = torch.multinomial(pi, samples, replacement=True, generator=generator)  # (S, N)
-    noise_draw = torch.randn(actions.shape, generator=generator, dtype=means.dtype)
-    rewards = means[actions] + noise * noise_draw  # (S, N)
+    actions, rewards = draw(pi, means, noise, samples, generator)  # (S, N) each
     advantages = estimators[baseline](rewards)  # (S, N)
     updated, g, metrics = policy_update(logits, actions, advantages, lr, epochs, clip_eps, entropy_coef)
     estimates = {
@@ -263,8 +269,7 @@ def estimator_moments(
         name -> (mean (K,), variance ()).
     """
     pi = logits.softmax(-1)
-    actions = torch.multinomial(pi.expand(batches, -1), samples, replacement=True, generator=generator)  # (M, N)
-    rewards = means[actions] + noise * torch.randn(actions.shape, generator=generator, dtype=means.dtype)  # (M, N)
+    actions, rewards = draw(pi.expand(batches, -1), means, noise, samples, generator)  # (M, N) each
     moments = {}
     for name, estimator in estimators.items():
         advantages = copy.deepcopy(estimator)(rewards)  # (M, N)

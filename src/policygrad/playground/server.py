@@ -8,25 +8,8 @@ import sys
 import webbrowser
 
 from policygrad.errors import UsageError
+from policygrad.net import listen
 from policygrad.playground.config import LOOPBACK_HOSTS, PlaygroundConfig
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket, so that a taken port is one clear line before any server starts."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except (socket.gaierror, UnicodeError) as err:
-        raise UsageError("--host", f"cannot resolve {host!r} ({err})") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        taken = f"port {port} is in use; pick another with --port (0 picks a free one)"
-        raise UsageError("--port", taken if port else str(err)) from None
-    sock.listen(128)
-    return sock
 
 
 def url_of(sock: socket.socket, host: str) -> str:
@@ -50,7 +33,7 @@ def run_playground(config: PlaygroundConfig) -> int:
     from policygrad.playground.session import Sessions
 
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the machine to its user
-    sock = _bind(config.host, config.port)
+    sock = listen(config.host, config.port)
     sessions = Sessions(config.max_sessions, config.session_minutes * 60)
     # against DNS rebinding, a loopback server answers only its own names (Starlette cannot parse an IPv6 Host header)
     app = create_app(sessions, allowed_hosts=list(LOOPBACK_HOSTS) if config.local_only else None)

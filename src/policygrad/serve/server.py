@@ -35,7 +35,6 @@ import json
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ import tyro
 from policygrad.configs import default_hint
 from policygrad.errors import UsageError, first_line
 from policygrad.errors import require as _require
+from policygrad.net import listen
 from policygrad.serve import BNB_CAST_LOGGER, api
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -584,21 +584,6 @@ def build_app(engine: Engine, config: ServeConfig, name: str) -> Starlette:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: a free one), or a one-line UsageError."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UsageError("--port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _describe(config: ServeConfig) -> str:
     if not config.continuous_batching:
         return "transformers, one request at a time"
@@ -630,7 +615,7 @@ def run_serve(config: ServeConfig) -> int:
             "the transformers engine needs fastapi, uvicorn and openai (pip install 'transformers[serving]')",
         )
     use_threads(config)
-    sock = _listen(config.host, config.port)
+    sock = listen(config.host, config.port, backlog=2048)
     host, port = sock.getsockname()[:2]
     started = time.monotonic()
     served = None

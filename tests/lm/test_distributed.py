@@ -122,6 +122,23 @@ def test_two_processes_train_the_parameters_of_one(tiny_llama_chat, tiny_prompts
     )  # rank 0 wrote what one process writes, and nobody else wrote anything
 
 
+def test_two_processes_train_the_lora_adapters_of_one(tiny_llama_chat, tiny_prompts, tmp_path):
+    pytest.importorskip("peft", reason="the lora extra (PEFT) is part of make install")
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for processes in (1, 2):
+        # the KL reference is the adapters switched off; the gradients summed are the adapters' alone
+        recipe = _recipe(tmp_path, f"lora{processes}", tiny_llama_chat, tiny_prompts, lora_rank=4)
+        done = _train(processes, recipe)
+        assert done.returncode == 0, done.stderr
+        adapters[processes] = load_file(str(tmp_path / f"lora{processes}" / "final" / "adapter_model.safetensors"))
+    assert adapters[1].keys() == adapters[2].keys()
+    assert max(t.abs().max() for k, t in adapters[1].items() if "lora_B" in k) > 1e-3  # it trained
+    for name, tensor in adapters[1].items():
+        assert torch.allclose(adapters[2][name], tensor, rtol=0, atol=ONE_VS_TWO), name
+
+
 def test_a_resumed_two_process_run_is_bit_identical_and_keeps_its_launch(tiny_llama_chat, tiny_prompts, tmp_path):
     settings = dict(advantage="reinforce", updates_per_batch=2, entropy_weight="constant", scale_rewards="group")
     straight = _recipe(tmp_path, "straight", tiny_llama_chat, tiny_prompts, **settings)

@@ -136,6 +136,20 @@ class GRPOConfig(TaskSettings):
     """passes over the training prompts"""
     max_steps: int | None = None
     """stop after this many steps even if the epochs are not done"""
+    lora_rank: int = 0
+    """LoRA (needs the lora extra, PEFT): train rank-r adapters on the frozen base weights, W + (alpha / r) B A;
+    0 trains every weight"""
+    lora_alpha: float = 16.0
+    """LoRA: the adapters' scale is lora_alpha / lora_rank"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """LoRA: names of the linear layers that get adapters (q_proj v_proj ...), or all-linear: every linear layer but
+    the output head"""
+    lora_merged: bool = False
+    """LoRA: each checkpoint also holds merged/, the base weights with the adapters added in, which plain
+    transformers loads"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, about
+    one more forward pass of time; the same gradients"""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """bfloat16: float32 weights with bfloat16 autocast; auto: bfloat16 where the GPU or CPU (AVX512-BF16, AMX) has
     fast bfloat16 matrix products, else float32"""
@@ -189,6 +203,7 @@ class GRPOConfig(TaskSettings):
     def __post_init__(self) -> None:
         self.rewards = tuple(self.rewards)
         self.eval_decoding = tuple(self.eval_decoding)
+        self.lora_target_modules = tuple(self.lora_target_modules)
         self.output_dir = Path(self.output_dir)
         TASKS.check("--task", self.task)
         ADVANTAGES.check("--advantage", self.advantage)
@@ -268,6 +283,12 @@ class GRPOConfig(TaskSettings):
         _positive("--lr", self.lr)
         _require(self.micro_batch_size >= 1, "--micro-batch-size", f"must be at least 1, got {self.micro_batch_size}")
         _require(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
+        _require(self.lora_rank >= 0, "--lora-rank", f"must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        _positive("--lora-alpha", self.lora_alpha)
+        _require(bool(self.lora_target_modules), "--lora-target-modules", "names no module")
+        _require(
+            self.lora_rank > 0 or not self.lora_merged, "--lora-merged", "merges LoRA adapters: set --lora-rank too"
+        )
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "--max-steps", f"must be at least 1, got {self.max_steps}")
         _require(

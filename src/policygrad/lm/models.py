@@ -72,6 +72,11 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers 5 draws "Loading weights" bars on stderr: noise in a CLI's errors
+    if (Path(source) / "adapter_config.json").is_file():  # a LoRA run's checkpoint: its base, adapter merged in
+        from policygrad.lm.lora import adapter_base, merge_adapter
+
+        base, tokenizer = load_model(adapter_base(Path(source)), dtype=torch_dtype, device=device)
+        return merge_adapter(base, Path(source)), tokenizer  # the tokenizer the run saved is the base's
     if Path(source).is_dir():
         check_model_folder(Path(source))
     # never run code shipped with a model, and never unpickle anything but tensors (safetensors is preferred anyway)
@@ -90,7 +95,7 @@ def _resolve_source(name_or_path: str | os.PathLike[str] | None) -> str:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UsageError("model", f"{text} has no config.json, so it is not a transformers model folder")
         return str(path)
     if path.exists():

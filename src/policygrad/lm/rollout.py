@@ -195,7 +195,13 @@ def sequence_logprobs(
     """
     completion_len = input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P + T)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    # use_cache False: one pass over whole sequences needs no key/value cache (and a checkpointed layer refuses one)
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "use_cache": False,
+    }
     if _accepts_logits_to_keep(model):
         # only the last T + 1 positions' logits: skips the (N, P, V) prompt logits, the largest tensor by far
         kwargs["logits_to_keep"] = completion_len + 1
@@ -340,6 +346,23 @@ def completion_logprobs(
         ).logits  # (M, T - 1, V)
         logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
     return _token_logprobs(logits, completion_ids, temperature)
+
+
+def unshared_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    prompt_index: Tensor,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`completion_logprobs`'s values from whole sequences (:func:`sequence_logprobs`), each row's prompt run
+    again: the path for gradient checkpointing, which recomputes a layer from its inputs alone and so cannot carry
+    the key/value cache the shared-prompt path hands from the prompt pass to the completion pass."""
+    input_ids = torch.cat([prompt_ids.index_select(0, prompt_index), completion_ids], dim=1)  # (M, P + T)
+    attention_mask = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask], dim=1)
+    return sequence_logprobs(model, input_ids, attention_mask, prompt_ids.shape[1], temperature)
 
 
 def top_p_filter(probs: Tensor, top_p: float) -> Tensor:

@@ -34,6 +34,7 @@ from policygrad.lm.config import GRPOConfig
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.device import fused_adamw_supported, resolve_device, use_threads
 from policygrad.lm.evaluate import EvalSettings, evaluate, group_fields
+from policygrad.lm.lora import MERGED, AdapterOff, attach, check_lora, enable_gradient_checkpointing, save_merged
 from policygrad.lm.rewards import RewardError
 from policygrad.lm.rollout import Rollout, join_groups, pad_token_id
 from policygrad.lm.state import TRAINER_STATE, Snapshot, TrainerState, load_trainer_state, save_checkpoint
@@ -48,6 +49,7 @@ RESUME_MAY_CHANGE = frozenset(
         *("resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "epochs", "progress", "threads"),
         *("device", "eval_every", "eval_size", "eval_decoding", "save_every", "save_optimizer", "keep_checkpoints"),
         *("log_completions", "reward_fault", "reward_timeout", "max_bad_steps", "collective_timeout"),
+        *("gradient_checkpointing", "lora_merged"),
     }
 )
 """Fields a resumed run may change without ``--allow-config-change``: how long to train, where and how to log, save
@@ -90,6 +92,7 @@ class Run:
     last_saved: int = -1  # the step of the newest checkpoint on disk, so a stop does not write the same one twice
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
     world: World = field(default_factory=World)  # this process's place in a torchrun launch (or the plain one)
+    adapter: Any = None  # the PeftModel around ``model`` with LoRA (what a checkpoint saves), else None
 
     @property
     def task(self) -> Task:
@@ -185,7 +188,9 @@ class Run:
                 world_size=world.size if world.launched else None,
                 rank_rng=rank_rng,
             )
-            save_checkpoint(folder, self.model, self.tokenizer, state)
+            merged = self.config.lora_merged and self.adapter is not None
+            also = (lambda tmp: save_merged(self.adapter, self.tokenizer, tmp / MERGED)) if merged else None
+            save_checkpoint(folder, self.adapter or self.model, self.tokenizer, state, also)
         world.barrier()
         self.last_saved = snapshot.step
         return folder
@@ -215,8 +220,10 @@ def setup(config: GRPOConfig) -> Run:
     reward_set = _setup_rewards(config)
     _check_prompt_source(config)
     folder, state = _setup_resume(config, world) if config.resume else (None, None)
-    model, tokenizer = _setup_model(str(folder or config.model), device)
-    world.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
+    if config.lora_rank:
+        check_lora(config, _model_source(config.model))  # before any weight loads
+    model, tokenizer, adapter = _setup_policy(config, folder, device, world)
+    world.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights (and adapters)
     prompts = _setup_prompts(config, tokenizer)
     if config.eval_size > len(prompts.heldout) and config.eval_decoding and world.is_main:
         print(
@@ -231,7 +238,7 @@ def setup(config: GRPOConfig) -> Run:
         config.output_dir,
         model,
         tokenizer,
-        _setup_reference(config, model, device, from_checkpoint=folder is not None),
+        _setup_reference(config, model, device, from_checkpoint=folder is not None, adapter=adapter),
         _setup_optimizer(config, model, device),
         prompts,
         reward_set,
@@ -244,6 +251,7 @@ def setup(config: GRPOConfig) -> Run:
         resumed=folder is not None,
         eval_settings=EvalSettings.of(config, autocast_dtype),
         world=world,
+        adapter=adapter,
     )
     if state is not None:
         _restore(run, folder, state)
@@ -261,7 +269,8 @@ SAY_SIZE_ABOVE = 256e6
 def _say_checkpoint_size(config: GRPOConfig, model: Any) -> None:
     """One line on what a checkpoint costs when that is a lot: the weights, and with ``save_optimizer`` AdamW's two
     moments (twice the weights again), times the checkpoints kept."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # what save_pretrained writes: every weight, or with LoRA the adapters alone (the trainable ones)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not config.lora_rank)
     if weights < SAY_SIZE_ABOVE:
         return
     each = weights * (3 if config.save_optimizer else 1)
@@ -334,6 +343,31 @@ def _check_prompt_source(config: GRPOConfig) -> None:
     check_prompt_source(config.prompts)  # likewise a missing or malformed prompts file
 
 
+def _model_source(model: str) -> str:
+    from policygrad.lm.models import _resolve_source
+
+    return _resolve_source(model)
+
+
+def _setup_policy(config: GRPOConfig, folder: Path | None, device: torch.device, world: World) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, adapter): the model the loop trains, from ``folder`` when resuming. With LoRA the base
+    weights always come from ``config.model`` and the adapters from the checkpoint; ``adapter`` is the PeftModel
+    around ``model`` (None without LoRA)."""
+    if config.lora_rank <= 0:
+        model, tokenizer = _setup_model(str(folder or config.model), device)
+        adapter = None
+    else:
+        model, tokenizer = _setup_model(str(config.model), device)
+        adapter = attach(model, config, folder)
+    if config.gradient_checkpointing and enable_gradient_checkpointing(model) == 0 and world.is_main:
+        print(
+            "policygrad train: --gradient-checkpointing: this model has no layers transformers can checkpoint; "
+            "training without",
+            file=sys.stderr,
+        )
+    return model, tokenizer, adapter
+
+
 def _setup_model(source: str, device: torch.device) -> tuple[Any, Any]:
     from policygrad.lm.models import load_model
 
@@ -398,10 +432,15 @@ def _setup_curriculum(config: GRPOConfig, prompts: Any) -> ToleranceCurriculum |
     )
 
 
-def _setup_reference(config: GRPOConfig, model: Any, device: torch.device, from_checkpoint: bool) -> Any:
-    """A frozen copy of the run's INITIAL model for the KL term (also when resuming from a later checkpoint)."""
+def _setup_reference(
+    config: GRPOConfig, model: Any, device: torch.device, from_checkpoint: bool, adapter: Any = None
+) -> Any:
+    """A frozen copy of the run's INITIAL model for the KL term (also when resuming from a later checkpoint); with
+    LoRA, the policy itself with its adapters switched off."""
     if config.kl_coef <= 0:
         return None
+    if adapter is not None:
+        return AdapterOff(adapter, model)
     if from_checkpoint:
         reference = _setup_model(config.model, device)[0]
     else:
@@ -413,7 +452,10 @@ def _setup_optimizer(config: GRPOConfig, model: Any, device: torch.device) -> to
     # fused: one kernel over all parameters instead of a dozen passes over memory (0.48 s -> 0.11 s per step for
     # SmolLM2-135M on this CPU, benchmarks/NOTES.md); same update rule
     return torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused_adamw_supported(device)
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=fused_adamw_supported(device),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,14 +119,19 @@ def problem(state: Any) -> str | None:
     return None
 
 
-def save_checkpoint(folder: Path, model: Any, tokenizer: Any, state: TrainerState) -> Path:
-    """Weights, tokenizer and trainer state, written atomically with a manifest of checksums
-    (:func:`policygrad.checkpointing.save_atomic`): a crash during the save leaves the previous checkpoint as it was."""
+def save_checkpoint(
+    folder: Path, model: Any, tokenizer: Any, state: TrainerState, also: Callable[[Path], None] | None = None
+) -> Path:
+    """Weights (a PEFT model saves its adapter alone), tokenizer and trainer state, and whatever ``also`` writes into
+    the folder, written atomically with a manifest of checksums (:func:`policygrad.checkpointing.save_atomic`): a
+    crash during the save leaves the previous checkpoint as it was."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(state.to_file(), tmp / TRAINER_STATE)
+        if also is not None:
+            also(tmp)
 
     return checkpointing.save_atomic(folder, write, state.step)
 

@@ -13,6 +13,7 @@ targets arriving as the per-completion fields ``target_length``, ``target_digit_
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,33 +147,41 @@ def check(completion: str, target_length: int, target_digit_sum: int, tolerance:
 
 
 def echoes_instruction(completion: str) -> bool:
-    """Whether the completion repeats the instruction ("Reply with exactly ...", "... must add up to ...").
+    """Whether the completion restates the instruction: it shares a run of three words with it.
 
-    The known reward hack of this task: a model copies the instruction sentence from the prompt, which is fluent,
-    about the right length and full of the right digits, and with partial credit it earns a good reward without
-    doing the task. Matching ignores case and runs of white space and looks for the phrases that carry each
-    sentence, not the whole sentence: a policy trained against an exact-sentence guard was measured paraphrasing
-    around it within 60 steps ("The digits in the reply must add up to 16.").
+        words(t) = lower-cased runs of letters, every number written "#"
+        echo     = words_3grams(completion) & words_3grams(instruction(#, #)) is not empty
+
+    The known reward hack of this task: a model copies the instruction from the prompt, which is fluent, about the
+    right length and full of the right digits, and with partial credit it earns a good reward without doing the
+    task. Policies were measured paraphrasing around narrower guards: an exact-sentence guard within 60 steps ("The
+    digits in the reply must add up to 16."), a guard on four phrases within 40 steps ("The digits in your response
+    should add up exactly 64 characters.", whose "64" holds digit sum 10). Any three consecutive words of the
+    instruction, with the numbers abstracted, catch both; a reply about anything else rarely shares them.
 
     >>> echoes_instruction("Sure! The digits in your reply must add up to 12.")
     True
-    >>> echoes_instruction("the  DIGITS in the reply\\nmust add up to")
+    >>> echoes_instruction("The digits in your response should add up exactly 64 characters.")
     True
-    >>> echoes_instruction("Reply with exactly 64 characters.")
+    >>> echoes_instruction("It has exactly 64 characters, I promise.")
     True
     >>> echoes_instruction("1234567 cats add up")
     False
     """
-    text = _normalise(completion)
-    return any(phrase in text for phrase in ECHO_PHRASES)
+    return not _trigrams(completion).isdisjoint(ECHO_TRIGRAMS)
 
 
-ECHO_PHRASES = ("must add up to", "reply with exactly", "digits in your reply", "digits in the reply")
-"""Phrases of :func:`instruction` whose appearance in a reply marks it as an echo (already normalised)."""
+def _words(text: str) -> list[str]:
+    return ["#" if word[0] in _DIGITS else word for word in re.findall(r"[a-z]+|[0-9]+", text.lower())]
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    words = _words(text)
+    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
+
+
+ECHO_TRIGRAMS = frozenset(_trigrams(instruction(0, 0)))
+"""The instruction's runs of three words, numbers as "#": a reply holding one of them echoes it."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from policygrad.distributed import World
 from policygrad.lm.config import GRPOConfig
-from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches
+from policygrad.lm.lora import recomputing
+from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches, unshared_logprobs
 from policygrad.losses import aggregate, policy_loss
 from policygrad.regularizers import kl
 
@@ -139,8 +140,8 @@ def update(
             share = micro_batch_share(mask[rows], mask, config.aggregation, total)
             if share == 0:
                 continue  # no tokens that count (all-empty completions): nothing to learn from these rows
-            with autocast_context(device, autocast_dtype):
-                logprobs, entropies = completion_logprobs(
+            with autocast_context(device, autocast_dtype), recomputing(model) as recompute:
+                logprobs, entropies = (unshared_logprobs if recompute else completion_logprobs)(
                     model, temperature=config.temperature, **rollout.rows(rows)
                 )  # (M, T) each, M rows in this micro-batch
             loss, micro = grpo_loss(

@@ -147,7 +147,7 @@ def resolve_source(text: str, field: str = "CHECKPOINT_OR_RUN") -> Source:
         if saved is None:
             raise UsageError(field, f"{text} is a run that has saved no model yet (no final/ or checkpoints/step-N/)")
         folder = saved
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():  # LoRA: merged
         raise UsageError(
             field,
             f"{text} is neither a run folder (config.yaml and metrics.jsonl) nor a model folder (config.json)",
@@ -355,14 +355,33 @@ def _folder_bytes(folder: Path) -> int:
 def export(config: ExportConfig) -> dict[str, Any]:
     """Write the export of ``config.source`` into ``config.output`` (see the module docstring) and return the
     facts recorded in its ``policygrad_export.json``."""
-    from policygrad import checkpointing
     from policygrad.lm.device import use_threads
-    from policygrad.serve.card import model_card
+    from policygrad.lm.lora import ADAPTER_CONFIG
 
     source = resolve_source(config.source)
     _check_output(config, source)
     use_threads(config)
+    with tempfile.TemporaryDirectory(prefix=".policygrad-merged-") as merged:
+        if (source.folder / ADAPTER_CONFIG).is_file():  # a LoRA run: export the base with the adapter merged in
+            source = dataclasses.replace(source, folder=_merge_adapter(source.folder, Path(merged)))
+        return _export(config, source)
+
+
+def _merge_adapter(folder: Path, into: Path) -> Path:
+    """Write the model of LoRA checkpoint ``folder`` (base weights with the adapter added in) to ``into``."""
+    from policygrad.lm.models import load_model
+
+    model, tokenizer = load_model(str(folder), dtype="float32")
+    model.save_pretrained(into, safe_serialization=True)
+    tokenizer.save_pretrained(into)
+    return into
+
+
+def _export(config: ExportConfig, source: Source) -> dict[str, Any]:
     from transformers import AutoTokenizer
+
+    from policygrad import checkpointing
+    from policygrad.serve.card import model_card
 
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     probe = _probe_ids(tokenizer)

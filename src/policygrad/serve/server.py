@@ -603,6 +603,12 @@ def run_serve(config: ServeConfig) -> int:
     from policygrad.serve.export import resolve_source
 
     folder = resolve_source(config.model, field="DIR").folder
+    if (folder / "adapter_config.json").is_file():
+        raise UsageError(
+            "DIR",
+            f"{folder} holds a LoRA adapter; serve its export, which merges it into the base weights: policygrad "
+            f"export {config.model} --output EXPORT_DIR, then policygrad serve EXPORT_DIR",
+        )
     name = served_name(folder, config.served_model_name)
     engine = config.engine
     if engine == "vllm" or (engine == "auto" and vllm_available()):

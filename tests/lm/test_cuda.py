@@ -1,0 +1,61 @@
+"""The GPU paths, run where a CUDA device exists (benchmarks/gpu_check.sh runs them on a lent GPU; on a machine
+without one they skip with the allowed reason "no CUDA device"): a tiny run trains on the GPU and its checkpoint loads
+on the CPU with the same logits, LoRA trains there too, and torchrun's NCCL path runs one process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from lm_helpers import tiny_config, weights  # tests/lm, on sys.path under pytest's default import mode
+
+from policygrad.configs import config_to_dict
+from policygrad.lm.trainer import train
+
+pytestmark = [
+    pytest.mark.smoke,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (benchmarks/gpu_check.sh runs these)"),
+]
+
+
+def test_a_tiny_run_trains_on_the_gpu_and_its_checkpoint_loads_on_the_cpu(tiny_llama_chat, tiny_prompts, tmp_path):
+    from policygrad.lm.models import load_model
+
+    train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", device="cuda", kl_coef=0.05))
+    final, initial = weights(tmp_path / "run" / "final"), weights(tiny_llama_chat)
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert max((final[k] - initial[k]).abs().max() for k in final) > 1e-3
+    ids = torch.tensor([[5, 20, 30, 40]])
+    on_cpu, _ = load_model(str(tmp_path / "run" / "final"))
+    on_gpu, _ = load_model(str(tmp_path / "run" / "final"), device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(on_gpu.eval()(ids.cuda()).logits.cpu(), on_cpu.eval()(ids).logits, atol=1e-4)
+
+
+def test_lora_and_gradient_checkpointing_on_the_gpu(tiny_llama_chat, tiny_prompts, tmp_path):
+    pytest.importorskip("peft", reason="the lora extra (PEFT) is part of make install")
+    config = tiny_config(
+        tiny_llama_chat, tiny_prompts, tmp_path / "run", device="cuda", lora_rank=4, gradient_checkpointing=True
+    )
+    train(config)
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_torchrun_runs_one_nccl_process(tiny_llama_chat, tiny_prompts, tmp_path):
+    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", device="cuda")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config_to_dict(config)))
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "1", "-m", "policygrad", "train", "--recipe", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -53,6 +53,6 @@ python - "$RUN/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if '"step_time"' in line]
 for r in rows:
-    print(f"step {r['step']}: {r['step_time']:.2f} s (sampling {r['sample_time']:.2f} s), {r['tokens_per_s']:.0f} tokens/s, {r['completion_tokens']:.1f} tokens per completion")
+    print(f"step {r['step']}: {r['step_time']:.2f} s (sampling {r['sample_time']:.2f} s), {r['tokens_per_s']:.1f} tokens/s, {r['completion_tokens']:.1f} tokens per completion")
 PY
 cp "$RUN/metrics.jsonl" "$OUT/gpu-steps-metrics.jsonl" 2>/dev/null || true

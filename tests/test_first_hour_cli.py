@@ -60,7 +60,7 @@ def test_a_budget_of_part_of_a_batch_says_what_it_rounds_to(capsys, tmp_path):
     again = ["control", "--recipe", str(out / "config.yaml"), "--resume", "--no-progress"]
     assert main([*again, "--total-steps", "32"]) == 0
     captured = capsys.readouterr()
-    assert "extending the run: total_steps 10 -> 32" in captured.err and "32 steps in" in captured.out
+    assert "resuming with a new budget: total_steps 10 -> 32" in captured.err and "32 steps in" in captured.out
     assert main(again) == 0
     assert "is complete (policy.pt is saved); nothing to do" in capsys.readouterr().err
 

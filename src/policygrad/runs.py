@@ -149,7 +149,7 @@ def resume_command(command: str, output_dir: Path, launcher: str | None = None) 
 
 def budget_change(output_dir: Path, fields: dict[str, Any]) -> str:
     """``"max_steps 20 -> 40"`` for each budget field (how long to train) that a resume changes from the run's
-    config.yaml, or ``""``: extending a run is allowed, and said."""
+    config.yaml, or ``""``: a resume may lengthen or shorten a run, and says so."""
     import yaml
 
     try:

@@ -93,7 +93,7 @@ def test_resuming_a_finished_run_changes_nothing_and_a_larger_budget_extends_it(
 
     assert main(["train", "--recipe", str(out / CONFIG_FILE), "--resume", "--max-steps", str(MORE)]) == 0
     err = capsys.readouterr().err
-    assert f"extending the run: max_steps {STEPS} -> {MORE}" in err
+    assert f"resuming with a new budget: max_steps {STEPS} -> {MORE}" in err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3, 3]  # each step's row, and the final evaluation's row after steps 2 and 3
     assert steps[-1] == MORE

@@ -122,7 +122,7 @@ def check_output_dir(cfg: ControlConfig, output_dir: Path) -> None:
             "larger --total-steps)"
         )
     if extended:
-        print(f"{COMMAND}: extending the run: {extended}", file=sys.stderr)
+        print(f"{COMMAND}: resuming with a new budget: {extended}", file=sys.stderr)
 
 
 def train(

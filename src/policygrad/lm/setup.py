@@ -411,7 +411,7 @@ def _setup_steps(
             f"resume with a larger --max-steps)"
         )
     if state is not None and (extended := runs.budget_change(config.output_dir, _budget(config))):
-        print(f"policygrad train: extending the run: {extended}", file=sys.stderr)
+        print(f"policygrad train: resuming with a new budget: {extended}", file=sys.stderr)
     return steps_per_epoch, total_steps
 
 

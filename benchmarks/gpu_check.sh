@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15's prepared GPU check, for a machine the device tool lends (one call, under 8 minutes on one GPU):
+# Issue 15's prepared GPU check, for a machine the device tool lends (one call; its steps are sized for minutes on
+# one GPU, each under a timeout, but it has not run on a GPU yet):
 #
 #   bash benchmarks/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt"        # $OUT: where the results come back
 #

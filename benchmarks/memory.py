@@ -21,7 +21,7 @@ policygrad's shared-prompt forward hands from a group's one prompt pass to its 8
 its prompt again (:func:`policygrad.lm.rollout.unshared_logprobs`), and the update does more work than the extra
 forward pass alone.
 
-    python benchmarks/memory.py --check-accumulation   # CPU: about 20 minutes on 2 cores
+    python benchmarks/memory.py --check-accumulation   # CPU: 16 minutes on 2 AMD EPYC cores
     python benchmarks/memory.py --device cuda        # the same on a GPU (benchmarks/gpu_check.sh runs it)
 """
 

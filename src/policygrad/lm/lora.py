@@ -73,6 +73,15 @@ def _peft() -> Any:
     return peft
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT asks transformers a question that transformers 5.24 calls deprecated, once per model: not the user's
+    concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def linear_names(source: str) -> list[str]:
     """The distinct last names of the linear layers of the model in folder ``source`` (q_proj, up_proj, ...), read
     from its config alone: the model is built on the meta device, so no weight is loaded or allocated."""
@@ -113,8 +122,7 @@ def attach(model: torch.nn.Module, config: Any, adapter_folder: Path | None = No
     ``adapter_folder``: a checkpoint whose adapter to continue from (a resumed run); else fresh adapters, B = 0.
     """
     peft = _peft()
-    with warnings.catch_warnings():  # PEFT asks transformers a question transformers 5.24 calls deprecated
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         adapter = _attach(peft, model, config, adapter_folder)
     # where the base weights come from, as the user named it ("default", a folder, a hub id), not a cache path
     base = Path(str(config.model))
@@ -210,8 +218,7 @@ def merge_adapter(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     """``model`` (the base) with the adapter of LoRA checkpoint ``folder`` added into its weights: a plain
     transformers model again."""
     peft = _peft()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 
 

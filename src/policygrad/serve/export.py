@@ -147,7 +147,9 @@ def resolve_source(text: str, field: str = "CHECKPOINT_OR_RUN") -> Source:
         if saved is None:
             raise UsageError(field, f"{text} is a run that has saved no model yet (no final/ or checkpoints/step-N/)")
         folder = saved
-    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():  # LoRA: merged
+    from policygrad.lm.lora import ADAPTER_CONFIG
+
+    if not (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():  # LoRA: merged
         raise UsageError(
             field,
             f"{text} is neither a run folder (config.yaml and metrics.jsonl) nor a model folder (config.json)",

@@ -603,7 +603,9 @@ def run_serve(config: ServeConfig) -> int:
     from policygrad.serve.export import resolve_source
 
     folder = resolve_source(config.model, field="DIR").folder
-    if (folder / "adapter_config.json").is_file():
+    from policygrad.lm.lora import ADAPTER_CONFIG
+
+    if (folder / ADAPTER_CONFIG).is_file():
         raise UsageError(
             "DIR",
             f"{folder} holds a LoRA adapter; serve its export, which merges it into the base weights: policygrad "

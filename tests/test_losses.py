@@ -178,7 +178,13 @@ def test_clip_default_range_is_symmetric_0_2():
 @pytest.mark.property
 @settings(max_examples=100, deadline=None)
 @given(
-    st.lists(st.tuples(st.floats(0.3, 2.0), st.floats(-3, 3), st.booleans()), min_size=1, max_size=8),
+    # no subnormal advantages: at 5e-324, r * A and clip(r) * A round to the same few representable values
+    # (5e-324 * 1.25 == 5e-324 * 1.375), so rounding, not the clip, decides which term is the smaller
+    st.lists(
+        st.tuples(st.floats(0.3, 2.0), st.floats(-3, 3, allow_subnormal=False), st.booleans()),
+        min_size=1,
+        max_size=8,
+    ),
     st.floats(0.05, 0.5),
     st.floats(0.05, 0.5),
 )

@@ -25,6 +25,7 @@ def test_the_scan_finds_every_kind():
         "aggregation",
         "kl_estimator",
         "entropy_weight",
+        "kl_weight",
         "reward mode",
         "task",
     ]

@@ -68,3 +68,47 @@ def save_tiny(folder: Path, kind: str, chat: bool) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+GPT2_CORPUS = [
+    "Return the number of items in a container. The argument may be a sequence or a collection.",
+    "A reply of exactly 32 characters whose digits add up to 9, and nothing else.",
+    "It's 2024; 3 + 4 = 7 and 12 * 12 = 144. Open the file, read each line, close it.",
+] * 4
+"""Text the tiny GPT-2 tokenizer's merges are learned from."""
+
+
+def save_tiny_gpt2(folder: Path) -> Path:
+    """A tiny model of GPT-2's architecture (``GPT2LMHeadModel``: learned positions, fused attention, tied head) and a
+    tokenizer built like GPT-2's: byte-level BPE learned here from :data:`GPT2_CORPUS`, ``<|endoftext|>`` as its
+    only special token (BOS and EOS), no pad token and no chat template. A stand-in for the hub's ``gpt2``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(GPT2_CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -24,6 +24,7 @@ __all__ = [
     "BANDIT_BASELINES",
     "ENTROPY_WEIGHTS",
     "KL_ESTIMATORS",
+    "KL_WEIGHTS",
     "REWARD_MODES",
     "REWARD_SCALES",
     "Registry",
@@ -130,6 +131,15 @@ ENTROPY_WEIGHTS = Registry(
     },
 )
 """The weight of the entropy bonus for a batch: classes built from the config, called on the rewards (N,)."""
+
+KL_WEIGHTS = Registry(
+    "kl_weight",
+    {
+        "constant": "policygrad.regularizers:ConstantKLWeight",
+        "dynamic": "policygrad.regularizers:DynamicKLWeight",
+    },
+)
+"""The coefficient beta of the KL penalty for a batch: classes built from the config, called on the rewards (N,)."""
 
 REWARD_MODES = Registry(
     "reward mode",

@@ -74,6 +74,16 @@ def eos_boosted(folder, value: float):
     return model.eval(), tokenizer
 
 
+def add_noise(model, std: float, seed: int):
+    """``model`` with Gaussian noise of standard deviation ``std`` added to every weight, in place (a policy that
+    has moved off its reference by a known, seeded amount)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def write_tiny_prompts(path: Path) -> Path:
     """Write 12 short length_digits prompts ("Note i: cats nap.", 8 characters, the passage's digit-sum target) as
     JSONL to ``path``: short prompts keep the tiny runs fast."""

@@ -57,6 +57,9 @@ def test_run_eval_prints_rates_for_both_decodings(tiny_llama_chat, tiny_prompts,
     for decoding in ("greedy", "sampled"):
         assert set(report[decoding]) >= {"pass_rate", "length_rate", "digits_rate", "mean_reward", "examples"}
         assert len(report[decoding]["examples"]) == 3
+        rewards = report[decoding]["rewards"]  # every prompt's, in order: the examples' and the mean's
+        assert rewards[:3] == [example["reward"] for example in report[decoding]["examples"]]
+        assert sum(rewards) / 3 == pytest.approx(report[decoding]["mean_reward"], rel=1e-12)
         parts = report[decoding]["by_part"]  # the rates of each digit-sum target, adding up to the whole
         assert list(parts) == sorted(parts, key=lambda part: int(part[2:])) and all(p.startswith("S=") for p in parts)
         assert sum(part["prompts"] for part in parts.values()) == 3

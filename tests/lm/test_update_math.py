@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from lm_helpers import eos_boosted, tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
+from lm_helpers import add_noise, eos_boosted, tiny_config, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.rollout import sample
@@ -127,11 +127,7 @@ def policy_and_reference(tiny_llama_chat):
     per-token KL estimates are 0.15 to 0.2 nats)."""
     reference, tokenizer = eos_boosted(tiny_llama_chat, 3.0)
     reference.requires_grad_(False)
-    policy, _ = eos_boosted(tiny_llama_chat, 3.0)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    policy = add_noise(eos_boosted(tiny_llama_chat, 3.0)[0], 0.1, seed=7)
     return policy, reference, tokenizer
 
 
@@ -430,6 +426,35 @@ def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the
     assert second["kl"] > 1e-3
 
 
+def test_logged_loss_uses_the_reward_aware_kl_coefficient_of_each_batch(tiny_llama_chat, tiny_prompts, tmp_path):
+    """A two-step run with the reward-aware (dynamic) KL coefficient. Every step:
+
+        kl_weight = clip(kl_coef / (Var(r) + kl_eps), kl_min_weight, kl_max_weight)     from the logged rewards
+        loss      = pg_loss + kl_weight * kl
+
+    Fails on: ``update`` given the config's kl_coef instead of the batch's beta, a beta computed from something
+    other than the whole batch's rewards, bounds or eps not taken from the config."""
+    coef, eps, low, high = 2e-3, 0.05, 0.01, 0.5
+    records, rewards = _train_logged(
+        tiny_llama_chat,
+        tiny_prompts,
+        tmp_path,
+        max_steps=2,
+        kl_weight="dynamic",
+        kl_coef=coef,
+        kl_eps=eps,
+        kl_min_weight=low,
+        kl_max_weight=high,
+        lr=3e-2,
+    )
+    for record, r in zip(records, rewards):
+        beta = min(max(coef / (r.var().item() + eps), low), high)
+        assert record["kl_weight"] == pytest.approx(beta, rel=1e-5)
+        assert abs(beta - coef) > 1e-3  # so the config's kl_coef in its place would show in the loss
+        assert record["loss"] == pytest.approx(record["pg_loss"] + beta * record["kl"], rel=1e-5, abs=1e-7)
+    assert records[1]["kl"] > 1e-3  # the second update: the policy has moved off the reference
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The edges of update() and of its variants (what mutation testing found untested, docs/testing.md)
 # ------------------------------------------------------------------------------------------------------------------
@@ -616,6 +641,22 @@ def test_dynamic_entropy_weight_takes_its_bounds_and_eps_from_the_config():
             entropy_weight="dynamic", entropy_coef=coef, entropy_min_weight=0.2, entropy_max_weight=0.5, entropy_eps=0.5
         )
         assert build(ENTROPY_WEIGHTS, "dynamic", config)(rewards) == pytest.approx(expected), coef
+
+
+@pytest.mark.exact
+def test_kl_weight_variants_take_their_coefficient_bounds_and_eps_from_the_config():
+    """constant: beta = kl_coef on any batch; dynamic: beta = clip(kl_coef / (Var(r) + kl_eps), min, max), with
+    Var([0, 1]) = 1/2, so a flat batch weighs the prior more than a spread one."""
+    from policygrad.variants import KL_WEIGHTS, build
+
+    rewards = torch.tensor([0.0, 1.0])
+    assert build(KL_WEIGHTS, "constant", GRPOConfig(kl_coef=0.3))(rewards) == 0.3
+    for coef, expected in ((0.1, 0.2), (0.3, 0.3), (1.0, 0.5)):  # below the lower bound, inside, above the upper
+        config = GRPOConfig(kl_weight="dynamic", kl_coef=coef, kl_min_weight=0.2, kl_max_weight=0.5, kl_eps=0.5)
+        assert build(KL_WEIGHTS, "dynamic", config)(rewards) == pytest.approx(expected), coef
+    dynamic = build(KL_WEIGHTS, "dynamic", GRPOConfig(kl_weight="dynamic", kl_coef=0.01, kl_eps=0.01))
+    assert dynamic(torch.tensor([0.5, 0.5])) == pytest.approx(1.0)  # flat: 0.01 / (0 + 0.01)
+    assert dynamic(torch.tensor([0.0, 1.0])) == pytest.approx(0.01 / 0.51)  # spread: the prior lets go
 
 
 @pytest.mark.exact

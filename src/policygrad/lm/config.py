@@ -22,7 +22,15 @@ from policygrad.configs import positive as _positive
 from policygrad.configs import short as _short
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
-from policygrad.variants import ADVANTAGES, AGGREGATIONS, ENTROPY_WEIGHTS, KL_ESTIMATORS, REWARD_SCALES, TASKS
+from policygrad.variants import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    ENTROPY_WEIGHTS,
+    KL_ESTIMATORS,
+    KL_WEIGHTS,
+    REWARD_SCALES,
+    TASKS,
+)
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 DECODINGS = ("greedy", "sampled")
@@ -119,7 +127,17 @@ class GRPOConfig(TaskSettings):
     entropy_eps: float = 0.01
     """dynamic entropy weight: added to the reward variance"""
     kl_coef: float = 0.0
-    """beta: weight of the KL penalty to a frozen copy of the initial model; 0 loads no reference model"""
+    """beta: weight of the KL penalty to a frozen copy of the initial model (constant) or its numerator (dynamic); 0
+    loads no reference model"""
+    kl_weight: Literal[KL_WEIGHTS.names] = "constant"
+    """constant: beta = kl_coef; dynamic (reward-aware): beta = kl_coef / (Var(rewards) + kl_eps), bounded, so the
+    prior holds harder on batches whose rewards barely differ"""
+    kl_min_weight: float = 0.0
+    """dynamic KL coefficient: lower bound"""
+    kl_max_weight: float = 1.0
+    """dynamic KL coefficient: upper bound"""
+    kl_eps: float = 0.01
+    """dynamic KL coefficient: added to the reward variance"""
     kl_estimator: Literal[KL_ESTIMATORS.names] = "k3"
     """per-token KL estimator in the loss (Schulman 2020): k3 as in GRPO, k2 for the exact reverse-KL gradient"""
 
@@ -210,6 +228,7 @@ class GRPOConfig(TaskSettings):
         REWARD_SCALES.check("--scale-rewards", self.scale_rewards)
         AGGREGATIONS.check("--aggregation", self.aggregation)
         ENTROPY_WEIGHTS.check("--entropy-weight", self.entropy_weight)
+        KL_WEIGHTS.check("--kl-weight", self.kl_weight)
         KL_ESTIMATORS.check("--kl-estimator", self.kl_estimator)
         _choice("--precision", self.precision, PRECISIONS)
         for decoding in self.eval_decoding:
@@ -268,7 +287,15 @@ class GRPOConfig(TaskSettings):
         _require(0 < self.clip_eps_low < 1, "--clip-eps-low", f"must be in (0, 1), got {self.clip_eps_low}")
         if self.clip_eps_high is not None:
             _positive("--clip-eps-high", self.clip_eps_high)
-        for name in ("entropy_coef", "entropy_min_weight", "entropy_max_weight", "kl_coef", "weight_decay"):
+        for name in (
+            "entropy_coef",
+            "entropy_min_weight",
+            "entropy_max_weight",
+            "kl_coef",
+            "kl_min_weight",
+            "kl_max_weight",
+            "weight_decay",
+        ):
             _positive(_flag(name), getattr(self, name), allow_zero=True)
         _positive("--max-grad-norm", self.max_grad_norm, allow_zero=True)
         _positive("--entropy-eps", self.entropy_eps)
@@ -276,6 +303,12 @@ class GRPOConfig(TaskSettings):
             self.entropy_max_weight >= self.entropy_min_weight,
             "--entropy-max-weight",
             f"must be >= --entropy-min-weight ({self.entropy_min_weight}), got {self.entropy_max_weight}",
+        )
+        _positive("--kl-eps", self.kl_eps)
+        _require(
+            self.kl_max_weight >= self.kl_min_weight,
+            "--kl-max-weight",
+            f"must be >= --kl-min-weight ({self.kl_min_weight}), got {self.kl_max_weight}",
         )
 
     def _check_run(self) -> None:

@@ -89,7 +89,8 @@ def evaluate(
         ``{decoding: {<the task's rates, e.g. "pass_rate">, "by_part" (the rates of each part of the prompts, for
         a task with parts: ``{"S=5": {"prompts", "pass_rate", ...}, ...}``), "mean_reward",
         "nan_rewards", "mean_length" (characters), "truncated_rate" (the fraction cut off at ``max_new_tokens``
-        instead of ended by the model), "examples": [{"prompt", "completion", "reward"}, ...]}}``
+        instead of ended by the model), "rewards": every prompt's reward in the order of ``records`` (NaN where
+        a reward function gave none), "examples": [{"prompt", "completion", "reward"}, ...]}}``
     """
     import torch
 
@@ -133,6 +134,7 @@ def evaluate(
             "nan_rewards": scores.nan_count if scores else 0,
             "mean_length": sum(len(c.strip()) for c in completions) / max(len(completions), 1),
             "truncated_rate": truncated / max(len(completions), 1),
+            "rewards": list(scores.rewards) if scores else [],
             "examples": [
                 {"prompt": p, "completion": c, "reward": r}
                 for p, c, r in list(zip(prompts, completions, scores.rewards if scores else []))[:EXAMPLES]

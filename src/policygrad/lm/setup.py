@@ -40,7 +40,7 @@ from policygrad.lm.rollout import Rollout, join_groups, pad_token_id
 from policygrad.lm.state import TRAINER_STATE, Snapshot, TrainerState, load_trainer_state, save_checkpoint
 from policygrad.lm.task import Task
 from policygrad.rng import rng_state, seed_everything, set_rng_state, step_seed
-from policygrad.variants import ADVANTAGES, ENTROPY_WEIGHTS, TASKS, build
+from policygrad.variants import ADVANTAGES, ENTROPY_WEIGHTS, KL_WEIGHTS, TASKS, build
 
 __all__ = ["RESUME_MAY_CHANGE", "Run", "prompt_order", "setup"]
 
@@ -86,6 +86,7 @@ class Run:
     total_steps: int
     estimator: Any = None  # the advantage estimator (policygrad.variants.ADVANTAGES), with state()/restore()
     entropy_weight: Any = None  # rewards (N,) -> w_H (policygrad.variants.ENTROPY_WEIGHTS)
+    kl_weight: Any = None  # rewards (N,) -> beta (policygrad.variants.KL_WEIGHTS)
     curriculum: ToleranceCurriculum | None = None  # the training rewards' length tolerance, when it is scheduled
     start_step: int = 0
     resumed: bool = False
@@ -247,6 +248,7 @@ def setup(config: GRPOConfig) -> Run:
         total_steps,
         estimator=build(ADVANTAGES, config.advantage, config),
         entropy_weight=build(ENTROPY_WEIGHTS, config.entropy_weight, config),
+        kl_weight=build(KL_WEIGHTS, config.kl_weight, config),
         curriculum=_setup_curriculum(config, prompts),
         resumed=folder is not None,
         eval_settings=EvalSettings.of(config, autocast_dtype),

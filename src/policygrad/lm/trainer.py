@@ -79,10 +79,10 @@ def train(config: GRPOConfig) -> Path:
             sampled = time.perf_counter()
             ref_logprobs = reference_logprobs(run, rollout)  # (N, T) or None
 
-            # 3. advantages, and this batch's entropy weight, from the whole batch's rewards (every process's)
+            # 3. advantages, and this batch's entropy and KL weights, from the whole batch's rewards (all processes')
             batch, batch_scored = run.whole_batch(rollout, scored)  # the B prompts' N rows
             advantages = run.estimator(batch_scored.rewards)  # (N,)
-            entropy_weight = run.entropy_weight(batch_scored.rewards)
+            entropy_weight, kl_coef = run.entropy_weight(batch_scored.rewards), run.kl_weight(batch_scored.rewards)
 
             # 4. update the policy on this process's rows (the gradients are summed over the processes)
             mine = advantages[run.world.shard(len(advantages))]
@@ -96,6 +96,7 @@ def train(config: GRPOConfig) -> Path:
                 config,
                 run.autocast_dtype,
                 run.world,
+                kl_coef=kl_coef,
             )
 
             # 5. log the whole batch, and now and then evaluate; the guard then checkpoints or stops

@@ -115,8 +115,10 @@ def update(
     config: GRPOConfig,
     autocast_dtype: torch.dtype | None = None,
     world: World | None = None,
+    kl_coef: float | None = None,
 ) -> dict[str, float]:
     """``config.updates_per_batch`` optimiser steps on one rollout, each accumulating gradients over micro-batches.
+    ``kl_coef`` is this batch's beta (``config.kl_weight`` of its rewards); None takes ``config.kl_coef``.
 
     Returns the metrics of the LAST optimiser step (weighted over its micro-batches), plus ``grad_norm`` (before
     clipping) and ``loss``; and ``skipped_updates`` = 1 when a non-finite loss or gradient norm stopped it before
@@ -152,7 +154,7 @@ def update(
                 old_logprobs=rollout.logprobs[rows] if clipped else None,
                 ref_logprobs=ref_logprobs[rows] if ref_logprobs is not None else None,
                 entropy_weight=entropy_weight,
-                kl_coef=config.kl_coef,
+                kl_coef=config.kl_coef if kl_coef is None else kl_coef,
                 kl_estimator=config.kl_estimator,
                 aggregation=config.aggregation,
                 clip_eps_low=config.clip_eps_low,
@@ -175,4 +177,6 @@ def update(
             metrics["skipped_updates"] = 1.0
             break
         optimizer.step()
+    if ref_logprobs is not None:
+        metrics["kl_weight"] = float(config.kl_coef if kl_coef is None else kl_coef)  # beta, as the loss used it
     return metrics

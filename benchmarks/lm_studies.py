@@ -124,6 +124,51 @@ def _interval(values: list[float]) -> list[float]:
     return list(mean_interval(values))
 
 
+def _cell(pair: list[float], digits: int = 3) -> str:
+    mean, half = pair
+    if not math.isfinite(mean):
+        return "n/a" if math.isnan(mean) else "never"
+    return f"{mean:.{digits}f}" + (f" +- {half:.{digits}f}" if math.isfinite(half) else "")
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The tables of docs/studies.md: one row per arm, then study 2's falsifier counts."""
+    pre = table["pretrained"]
+    columns = [
+        ("train reward, last 10 steps", "final_train_reward", 3),
+        (f"steps to a 5-step train reward of {table['threshold']} (seeds that got there)", "steps_to_threshold", 1),
+        ("reward variance", "reward_variance", 4),
+        ("entropy (nats/token)", "entropy", 2),
+        ("entropy weight", "entropy_weight", 4),
+        ("KL weight", "kl_weight", 3),
+        ("held-out reward", "heldout_mean_reward", 3),
+        ("held-out pass rate", "heldout_pass_rate", 2),
+        ("KL to pre-trained (nats)", "heldout_kl", 2),
+        ("facts right (of 30)", "heldout_facts_correct", 1),
+    ]
+    lines = [
+        "| arm | seeds | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+        f"| pre-trained | - | - | - | - | - | - | - | {pre['mean_reward']:.3f} | {pre['pass_rate']:.2f} | 0 | "
+        f"{pre['facts_correct']} |",
+    ]
+    for name, row in table["arms"].items():
+        cells = [_cell(row[key], digits) for _, key, digits in columns]
+        cells[1] += f" ({round(row['reached_threshold'] * len(row['seeds']))} of {len(row['seeds'])})"
+        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| KL arm, against GRPO of the same seed | prompts lower (falsifiers) | higher | tied | per seed (lower/higher/tied) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, counts in table["falsifiers"].items():
+        seeds = ", ".join(f"{seed}: {c['lower']}/{c['higher']}/{c['tied']}" for seed, c in counts["per_seed"].items())
+        lines.append(
+            f"| {name} | {_cell(counts['lower'], 1)} | {_cell(counts['higher'], 1)} | {_cell(counts['tied'], 1)} | {seeds} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="the sweep folder (policygrad sweep --output-dir)")
@@ -173,6 +218,7 @@ def main() -> int:
     }
     table: dict[str, Any] = {
         "pretrained": {key: pretrained[key] for key in ("mean_reward", "pass_rate", "kl", "facts_correct")},
+        "threshold": args.threshold,
         "arms": {},
         "falsifiers": {},
     }
@@ -195,7 +241,7 @@ def main() -> int:
             **{key: _interval([c[key] for c in counts.values()]) for key in ("lower", "higher", "tied")},
         }
     text = json.dumps(table, indent=2, default=str)
-    print(text)
+    print(markdown(table))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")

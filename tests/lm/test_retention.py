@@ -61,6 +61,7 @@ def test_sequence_kl_repeats_for_a_seed(policy_and_reference):
     assert (first > -10).all() and first.abs().sum() > 0
 
 
+@pytest.mark.exact
 def test_answers_fact_is_a_case_insensitive_search_for_any_accepted_answer():
     assert answers_fact("PARIS, of course", ("paris",))
     assert answers_fact("It has 8 legs.", ("eight", "8"))
@@ -68,6 +69,7 @@ def test_answers_fact_is_a_case_insensitive_search_for_any_accepted_answer():
     assert len(FACTS) == 30 and all(accepted == tuple(a.lower() for a in accepted) for _, accepted in FACTS)
 
 
+@pytest.mark.property
 def test_factual_answers_give_one_greedy_reply_per_question(policy_and_reference):
     policy, _, tokenizer = policy_and_reference
     facts = [("What is 2 + 2?", ("4",)), ("Name a colour.", ("red",))]

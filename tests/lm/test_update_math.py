@@ -426,6 +426,7 @@ def test_logged_loss_is_the_policy_term_minus_the_dynamic_entropy_bonus_plus_the
     assert second["kl"] > 1e-3
 
 
+@pytest.mark.smoke
 def test_logged_loss_uses_the_reward_aware_kl_coefficient_of_each_batch(tiny_llama_chat, tiny_prompts, tmp_path):
     """A two-step run with the reward-aware (dynamic) KL coefficient. Every step:
 

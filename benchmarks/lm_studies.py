@@ -44,8 +44,6 @@ RETENTION = "retention.json"
 def measure(model: str, config_path: Path, kl_prompts: int, kl_samples: int, reference: Any = None) -> dict[str, Any]:
     """Held-out rewards, KL to the pre-trained model and the factual answers of ``model`` (a checkpoint folder, or
     "default"), on the task of the run config at ``config_path``."""
-    import torch
-
     from policygrad.lm.config import EvalConfig, load_config
     from policygrad.lm.data import prompts_for
     from policygrad.lm.device import use_threads
@@ -64,10 +62,7 @@ def measure(model: str, config_path: Path, kl_prompts: int, kl_samples: int, ref
     policy, tokenizer = load_model(model)
     reference, _ = reference or load_model(config.model)
     prompts = [r["prompt"] for r in prompts_for(config, tokenizer).heldout[:kl_prompts]]
-    with torch.no_grad():
-        kl = sequence_kl(
-            policy, reference, tokenizer, prompts, samples=kl_samples, max_new_tokens=config.max_new_tokens
-        )
+    kl = sequence_kl(policy, reference, tokenizer, prompts, samples=kl_samples, max_new_tokens=config.max_new_tokens)
     facts = factual_answers(policy, tokenizer)
     return {
         "model": model,
@@ -87,8 +82,9 @@ def measure(model: str, config_path: Path, kl_prompts: int, kl_samples: int, ref
 def training_summary(folder: Path, threshold: float) -> dict[str, float]:
     """Means over the run's steps of what metrics.jsonl logs, and the step where the 5-step mean training reward
     first reaches ``threshold`` (inf: never)."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "reward_mean" in r]
+    from policygrad.lm.plot import read_metrics
+
+    steps = [r for r in read_metrics(folder / "metrics.jsonl") if "reward_mean" in r]
     rewards = [r["reward_mean"] for r in steps]
     reached = next(
         (i + 5 for i in range(len(rewards) - 4) if statistics.fmean(rewards[i : i + 5]) >= threshold), math.inf
@@ -233,7 +229,7 @@ def main() -> int:
         table["arms"][name] = row
     grpo = measured.get(args.grpo_arm, {})
     for name in arms:
-        if name == args.grpo_arm or not name.startswith(("kl_", "kl_weight")):
+        if name == args.grpo_arm or not name.startswith("kl_"):
             continue
         counts = {seed: falsifiers(run, grpo[seed]) for seed, run in measured[name].items() if seed in grpo}
         table["falsifiers"][name] = {

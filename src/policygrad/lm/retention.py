@@ -144,6 +144,6 @@ def sequence_kl(
         score_tokens=True,
     )  # rollout.logprobs: (N, T) under the policy, zero where masked
     policy.train(was_training)
-    ref_logprobs = rollout_logprobs(reference, rollout, 1.0, micro_batch_size, autocast_dtype)  # (N, T)
-    log_ratio = ((rollout.logprobs - ref_logprobs) * rollout.completion_mask).sum(-1)  # (N,)
+    ref_logprobs = rollout_logprobs(reference, rollout, 1.0, micro_batch_size, autocast_dtype)  # (N, T), 0 masked
+    log_ratio = (rollout.logprobs - ref_logprobs).sum(-1)  # (N,): both are 0 past each completion's end
     return log_ratio.double().view(len(prompts), samples).mean(-1)  # (B,)

@@ -76,9 +76,12 @@ def runs(args: argparse.Namespace, weight: str, coef: float) -> list[dict[str, f
     ]
 
 
-def arm(name: str, weight: str, coef: float, args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    results = runs(args, weight, coef)
+def summary_row(
+    name: str, weight: str, coef: float, results: list[dict], keys: tuple[str, ...], budget: float, started: float
+) -> dict:
+    """An arm's row: the fraction of seeds that reached the threshold, the median steps of those that did, the mean
+    steps with a run that never reached it counted at the budget (a lower bound on its true steps), and the mean of
+    each of ``keys``, each mean with its 95% interval over seeds."""
     reached = [r["steps"] for r in results if math.isfinite(r["steps"])]
     row = {
         "arm": name,
@@ -88,12 +91,17 @@ def arm(name: str, weight: str, coef: float, args: argparse.Namespace) -> dict:
         "reached": len(reached) / len(results),
         "median_steps_reached": statistics.median(reached) if reached else None,
         "seconds": time.perf_counter() - started,
+        "steps_capped": mean_interval([min(r["steps"], budget) for r in results]),
     }
-    for key in ("final_J", "reward_var", "entropy", "weight"):
+    for key in keys:
         row[key] = mean_interval([r[key] for r in results])
-    # steps to threshold, a run that never reached it counted at the budget (a lower bound on its true steps)
-    row["steps_capped"] = mean_interval([min(r["steps"], args.steps) for r in results])
     return row
+
+
+def arm(name: str, weight: str, coef: float, args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    results = runs(args, weight, coef)
+    return summary_row(name, weight, coef, results, ("final_J", "reward_var", "entropy", "weight"), args.steps, started)
 
 
 def main() -> None:

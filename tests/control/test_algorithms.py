@@ -16,7 +16,9 @@ Letters: B batch rows, O observation size, A actions, D action dimensions, P pol
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 
 import pytest
 import torch
@@ -140,7 +142,7 @@ def test_vanilla_step_is_the_score_function_gradient_with_entropy(algo, normaliz
     # the one-step methods are on-policy: old_logprobs are not used, so give them nonsense
     batch = _batch(old_logprobs=torch.full((6,), 5.0, dtype=DTYPE))
     cfg = _cfg(algo, entropy_coef=ent_coef, normalize_advantages=normalize)
-    metrics = UPDATES[algo](learner, batch, cfg, torch.Generator().manual_seed(0))
+    metrics = UPDATES[algo](learner, batch, cfg, torch.Generator().manual_seed(0), ent_coef)
 
     advantages = _standardised(ADVANTAGES) if normalize else ADVANTAGES
     _, logp, score, entropy, dentropy = _categorical(W0, B0, OBS, ACTIONS)
@@ -160,7 +162,9 @@ def test_vanilla_step_clips_the_global_gradient_norm():
     policy = _policy()
     learner = _learner(policy)
     cfg = _cfg("reinforce", max_grad_norm=0.01)
-    metrics = UPDATES["reinforce"](learner, _batch(torch.zeros(6, dtype=DTYPE)), cfg, torch.Generator())
+    metrics = UPDATES["reinforce"](
+        learner, _batch(torch.zeros(6, dtype=DTYPE)), cfg, torch.Generator(), cfg.entropy_coef
+    )
     _, _, score, _, _ = _categorical(W0, B0, OBS, ACTIONS)
     grad_w, grad_b = _chain(-(_standardised(ADVANTAGES)[:, None] * score) / 6, OBS)
     norm = torch.sqrt((grad_w**2).sum() + (grad_b**2).sum())
@@ -210,7 +214,11 @@ def test_each_epoch_takes_exactly_minibatches_steps(algo, policy_steps):
     learner.policy_opt = CountingSGD(policy.parameters(), 0.1)
     learner.value_opt = CountingSGD(learner.value_net.parameters(), 0.1)
     UPDATES[algo](
-        learner, _batch(_categorical(W0, B0, OBS, ACTIONS)[1]), _cfg(algo, epochs=2, minibatches=4), torch.Generator()
+        learner,
+        _batch(_categorical(W0, B0, OBS, ACTIONS)[1]),
+        _cfg(algo, epochs=2, minibatches=4),
+        torch.Generator(),
+        0.0,
     )
     assert (learner.policy_opt.steps, learner.value_opt.steps) == (policy_steps, 2 * 4)
 
@@ -235,7 +243,7 @@ def test_ppo_one_minibatch_step_clips_on_both_sides():
     policy = _policy()
     learner = _learner(policy, value_lr=0.1)
     cfg = _cfg("ppo", clip_eps=clip_eps, entropy_coef=ent_coef)
-    metrics = UPDATES["ppo"](learner, _batch(old_logprobs), cfg, torch.Generator().manual_seed(0))
+    metrics = UPDATES["ppo"](learner, _batch(old_logprobs), cfg, torch.Generator().manual_seed(0), cfg.entropy_coef)
 
     a = _standardised(ADVANTAGES)
     assert torch.equal(torch.sign(a), torch.tensor([1.0, -1, -1, 1, 1, -1], dtype=DTYPE))
@@ -277,7 +285,7 @@ def test_ppo_epochs_and_minibatches_step_on_each_minibatch_in_turn():
     policy = _policy()
     learner = _learner(policy, lr=lr, value_lr=0.1)
     cfg = _cfg("ppo", epochs=2, minibatches=2, clip_eps=clip_eps)
-    UPDATES["ppo"](learner, _batch(old_logprobs), cfg, torch.Generator().manual_seed(3))
+    UPDATES["ppo"](learner, _batch(old_logprobs), cfg, torch.Generator().manual_seed(3), cfg.entropy_coef)
 
     twin = torch.Generator().manual_seed(3)
     w, b = W0.clone(), B0.clone()
@@ -314,8 +322,9 @@ def test_ppo_step_on_a_gaussian_policy():
     metrics = UPDATES["ppo"](
         _learner(policy),
         Batch(OBS, actions, old_logprobs, ADVANTAGES, RETURNS),
-        _cfg("ppo", clip_eps=clip_eps, entropy_coef=ent_coef),
+        _cfg("ppo", clip_eps=clip_eps),
         torch.Generator(),
+        ent_coef,
     )
 
     coef = (GRADIENT_FLOWS * RATIOS * _standardised(ADVANTAGES))[:, None] / 6  # (B, 1)
@@ -387,7 +396,7 @@ def _npg(advantages, normalize, **settings):
     policy = _policy()
     batch = Batch(OBS, ACTIONS, NPG_OLD_LOGPROBS, advantages, RETURNS)
     cfg = _cfg("npg", normalize_advantages=normalize, cg_iters=20, **settings)
-    metrics = UPDATES["npg"](_learner(policy), batch, cfg, torch.Generator())
+    metrics = UPDATES["npg"](_learner(policy), batch, cfg, torch.Generator(), cfg.entropy_coef)
     return torch.cat([policy.body[0].weight.detach().reshape(-1), policy.body[0].bias.detach()]), metrics
 
 
@@ -505,6 +514,7 @@ def test_npg_gaussian_step_backtracks_past_a_kl_over_one_and_a_half_times_the_ra
         Batch(OBS, actions, old_logprobs, advantages, RETURNS),
         _cfg("npg", normalize_advantages=False, max_kl=max_kl, damping=damping, cg_iters=20),
         torch.Generator(),
+        0.0,
     )
     theta = torch.cat([policy.log_std.detach(), policy.body[0].weight.detach()[0], policy.body[0].bias.detach()])
     assert metrics["step_fraction"] == 0.5
@@ -534,11 +544,11 @@ def _first_batch(monkeypatch, algo: str, value_net_class=ValueNet, gamma: float 
     seen = {}
     real = UPDATES[algo]
 
-    def spy(learner, batch, cfg, generator):
+    def spy(learner, batch, cfg, generator, entropy_weight):
         with torch.no_grad():
             value = lambda x: float(learner.value_net(torch.tensor([[x]], dtype=torch.float32))[0])  # noqa: E731
             seen.update(batch=batch, V={s: value(s) for s in (0, 1, 10, 11, 12, 13, 20, 21, 30, 31)})
-        return real(learner, batch, cfg, generator)
+        return real(learner, batch, cfg, generator, entropy_weight)
 
     monkeypatch.setitem(UPDATES, algo, spy)
     monkeypatch.setattr(train_module, "ValueNet", value_net_class)
@@ -645,3 +655,43 @@ def test_each_algorithm_learns_cartpole(algo):
     untrained = result.records[0]["episode_returns"]  # the first batch is sampled before any update
     assert sum(untrained) / len(untrained) < 25  # near the random policy's 22
     assert result.records[-1]["return_recent"] > LEARNED_RETURN
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("max_weight", [1.0, 0.5])
+def test_dynamic_entropy_weight_comes_from_the_returns_of_the_batch_episodes(monkeypatch, max_weight):
+    """--entropy-weight dynamic: each update gets w = clip(c / (Var(R) + eps), min, max) over the returns R of the
+    episodes that ended in its batch, and the record logs that w. On the chain each batch of 2 copies x 8 steps ends
+    episodes of returns 2, 3, 2 in each copy: Var = 4/15 (Bessel), so w = 0.3 / (4/15 + 0.1) = 0.818..., or the bound."""
+    seen = []
+    real = UPDATES["a2c"]
+
+    def spy(learner, batch, cfg, generator, entropy_weight):
+        seen.append(entropy_weight)
+        return real(learner, batch, cfg, generator, entropy_weight)
+
+    monkeypatch.setitem(UPDATES, "a2c", spy)
+    cfg = ControlConfig(
+        env=CHAIN_ID,
+        algo="a2c",
+        num_envs=2,
+        num_steps=8,
+        total_steps=48,
+        hidden=(4,),
+        eval_episodes=0,
+        progress=False,
+        entropy_weight="dynamic",
+        entropy_coef=0.3,
+        entropy_eps=0.1,
+        entropy_max_weight=max_weight,
+    )
+    records = train_module.train(cfg).records
+    assert sorted(records[0]["episode_returns"]) == [2.0, 2.0, 2.0, 2.0, 3.0, 3.0]
+    assert seen[0] == pytest.approx(min(0.3 / (4 / 15 + 0.1), max_weight), abs=1e-12)
+    expected = [min(0.3 / (statistics.variance(r["episode_returns"]) + 0.1), max_weight) for r in records]
+    assert [r["entropy_weight"] for r in records] == seen == pytest.approx(expected, abs=1e-12)
+    assert len(seen) == 3
+
+    seen.clear()
+    constant = train_module.train(dataclasses.replace(cfg, entropy_weight="constant")).records
+    assert seen == [r["entropy_weight"] for r in constant] == [0.3, 0.3, 0.3]

@@ -229,3 +229,22 @@ def test_the_old_resume_with_a_folder_says_how_to_resume_now(command, capsys, tm
         f"policygrad {command}: error: --resume: is a flag and takes no folder; continue the run in {tmp_path}/run "
         f"with: policygrad {command} --recipe {tmp_path}/run/config.yaml --resume\n"
     )
+
+
+@pytest.mark.smoke
+def test_a_discrete_state_environment_trains_on_one_hot_observations_and_reloads(tmp_path, capsys):
+    """FrozenLake's observation is a Discrete state (16 of them): the networks get it one-hot, 16 inputs, in training
+    and when the saved policy is evaluated; the dynamic entropy weight is logged each step."""
+    import torch
+
+    out = tmp_path / "lake"
+    args = ["control", "--env", "FrozenLake-v1", "--algo", "a2c", "--total-steps", "512", "--entropy-weight"]
+    assert main([*args, "dynamic", "--entropy-coef", "0.001", "--output-dir", str(out), "--no-progress"]) == 0
+    records = _records(out)
+    assert len(records) == 2 and all(0 < r["entropy_weight"] <= 0.1 for r in records)
+    assert all(r in (0.0, 1.0) for record in records for r in record["episode_returns"])
+    first_layer = next(v for k, v in torch.load(out / "policy.pt", weights_only=True)["state_dict"].items())
+    assert first_layer.shape[-1] == 16
+    capsys.readouterr()
+    assert main(["control", "--eval", str(out / "policy.pt"), "--eval-episodes", "3"]) == 0
+    assert capsys.readouterr().out.startswith("FrozenLake-v1 a2c policy")

@@ -1,9 +1,10 @@
 """The update step of each algorithm, chosen by name from :data:`UPDATES`.
 
 Every update takes the same inputs, a flat batch of B = T * N steps with their advantages and returns already
-estimated, and returns a dict of floats to log. They differ only in how they move the policy:
+estimated and the weight w_H of the entropy bonus for this batch (``entropy_coef``, or the dynamic weight of
+:mod:`policygrad.regularizers`), and returns a dict of floats to log. They differ only in how they move the policy:
 
-    reinforce, a2c   one gradient step on  -mean(A * log pi) - c_H * H          (Williams 1992; Mnih et al. 2016)
+    reinforce, a2c   one gradient step on  -mean(A * log pi) - w_H * H          (Williams 1992; Mnih et al. 2016)
     ppo              epochs x minibatches on the clipped surrogate               (Schulman et al. 2017)
     npg              one natural-gradient step scaled to a KL trust region       (Kakade 2001; Schulman et al. 2015)
 
@@ -111,7 +112,9 @@ def _with_policy_skips(metrics: dict[str, float], skipped: int) -> dict[str, flo
     return {**metrics, "skipped_updates": metrics["skipped_updates"] + skipped}
 
 
-def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
+def vanilla_update(
+    learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator, entropy_weight: float
+) -> dict[str, float]:
     """One step of the score-function estimator with an entropy bonus (REINFORCE with baseline / A2C)."""
     family = learner.policy.family
     params = learner.policy(batch.obs)
@@ -119,7 +122,7 @@ def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator
         family.log_prob(params, batch.actions), _normalized(batch.advantages, cfg.normalize_advantages)
     )
     entropy = family.entropy(params).mean()
-    grad_norm, skipped = _step(learner.policy_opt, loss - cfg.entropy_coef * entropy, learner.policy, cfg.max_grad_norm)
+    grad_norm, skipped = _step(learner.policy_opt, loss - entropy_weight * entropy, learner.policy, cfg.max_grad_norm)
     return {
         "policy_loss": float(loss.detach()),
         "entropy": float(entropy.detach()),
@@ -128,7 +131,9 @@ def vanilla_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator
     }
 
 
-def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
+def ppo_update(
+    learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator, entropy_weight: float
+) -> dict[str, float]:
     """Several epochs of minibatch steps on the clipped surrogate, then the value fit."""
     family = learner.policy.family
     clip_fractions, kls, skipped = [], [], 0
@@ -143,9 +148,7 @@ def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
                 clip_eps_low=cfg.clip_eps,
             )
             entropy = family.entropy(params).mean()
-            skipped += _step(learner.policy_opt, loss - cfg.entropy_coef * entropy, learner.policy, cfg.max_grad_norm)[
-                1
-            ]
+            skipped += _step(learner.policy_opt, loss - entropy_weight * entropy, learner.policy, cfg.max_grad_norm)[1]
             clip_fractions.append(metrics["clip_fraction"])
             kls.append(metrics["approx_kl"])
     return {
@@ -157,10 +160,12 @@ def ppo_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
     }
 
 
-def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator) -> dict[str, float]:
+def npg_update(
+    learner: Learner, batch: Batch, cfg: ControlConfig, generator: torch.Generator, entropy_weight: float
+) -> dict[str, float]:
     """Natural gradient ascent on the importance-sampled surrogate inside a KL trust region.
 
-    L(theta) = mean[ pi_theta(a|s) / pi_old(a|s) * A ] + c_H * H         (TRPO, Schulman et al. 2015, eq. 14)
+    L(theta) = mean[ pi_theta(a|s) / pi_old(a|s) * A ] + w_H * H         (TRPO, Schulman et al. 2015, eq. 14)
     x = F^-1 grad L   (conjugate gradient on Fisher-vector products)
     theta <- theta + (backtracked) sqrt(2 delta / x^T F x) x
     """
@@ -173,7 +178,7 @@ def npg_update(learner: Learner, batch: Batch, cfg: ControlConfig, generator: to
     def surrogate() -> Tensor:
         params = policy(batch.obs)
         ratio = torch.exp(family.log_prob(params, batch.actions) - batch.old_logprobs)
-        return (ratio * advantages).mean() + cfg.entropy_coef * family.entropy(params).mean()
+        return (ratio * advantages).mean() + entropy_weight * family.entropy(params).mean()
 
     objective = surrogate()
     gradient = flat_grad(objective, params_list)  # (P,)
@@ -224,7 +229,7 @@ def _npg_skipped(
     }
 
 
-UPDATES: dict[str, Callable[[Learner, Batch, ControlConfig, torch.Generator], dict[str, float]]] = {
+UPDATES: dict[str, Callable[[Learner, Batch, ControlConfig, torch.Generator, float], dict[str, float]]] = {
     "reinforce": vanilla_update,
     "a2c": vanilla_update,
     "ppo": ppo_update,

@@ -18,6 +18,7 @@ from policygrad import configs
 from policygrad.configs import default_hint
 from policygrad.errors import UsageError
 from policygrad.errors import require as _require
+from policygrad.variants import ENTROPY_WEIGHTS
 
 ALGORITHMS = ("reinforce", "a2c", "ppo", "npg")
 
@@ -52,7 +53,7 @@ class ControlConfig:
     env: Annotated[
         str | None, default_hint("CartPole-v1, or with --eval the environment the policy was trained on")
     ] = None
-    """Gymnasium environment id with Discrete or Box actions and flat Box observations"""
+    """Gymnasium environment id with Discrete or Box actions and flat Box or Discrete (made one-hot) observations"""
     algo: Literal["reinforce", "a2c", "ppo", "npg"] = "ppo"
     """reinforce: Monte Carlo returns minus a value baseline, one step per batch; a2c: GAE advantages, one step per
     batch; ppo: clipped surrogate, several epochs of minibatches; npg: natural gradient in a KL trust region"""
@@ -82,7 +83,16 @@ class ControlConfig:
     clip_eps: float = 0.2
     """PPO clip range of the probability ratio"""
     entropy_coef: Annotated[float | None, default_hint("per algorithm")] = None
-    """weight of the entropy bonus"""
+    """weight of the entropy bonus (constant) or its numerator (dynamic)"""
+    entropy_weight: Literal[ENTROPY_WEIGHTS.names] = "constant"
+    """constant: the bonus weight is entropy_coef; dynamic: entropy_coef / (Var(returns) + entropy_eps), bounded, with
+    Var the variance of the returns of the episodes that ended in the batch"""
+    entropy_min_weight: float = 0.0
+    """dynamic entropy weight: lower bound"""
+    entropy_max_weight: float = 1.0
+    """dynamic entropy weight: upper bound"""
+    entropy_eps: float = 0.01
+    """dynamic entropy weight: added to the return variance"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm of each network to this (0 for no clipping)"""
     normalize_advantages: bool = True
@@ -167,6 +177,18 @@ class ControlConfig:
             math.isfinite(self.entropy_coef) and self.entropy_coef >= 0,
             "--entropy-coef",
             f"must be a finite number >= 0, got {self.entropy_coef}",
+        )
+        ENTROPY_WEIGHTS.check("--entropy-weight", self.entropy_weight)
+        for name in ("entropy_min_weight", "entropy_max_weight"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and value >= 0, configs.flag(name), f"must be a finite number >= 0, got {value}"
+            )
+        _positive(self.entropy_eps, "--entropy-eps")
+        _require(
+            self.entropy_max_weight >= self.entropy_min_weight,
+            "--entropy-max-weight",
+            f"must be >= --entropy-min-weight ({self.entropy_min_weight}), got {self.entropy_max_weight}",
         )
         _require(
             math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.wrappers import FlattenObservation
 
 from policygrad.errors import UsageError
 
@@ -29,9 +30,12 @@ class EnvSpec:
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
-    """``gymnasium.make`` with an unknown or broken id reported as ``--env: ...``."""
+    """``gymnasium.make`` with an unknown or broken id reported as ``--env: ...``; an environment whose observations
+    are Discrete states (FrozenLake, Taxi, CliffWalking) is wrapped to give them one-hot, as a flat Box of 0s and 1s
+    (``gymnasium.wrappers.FlattenObservation``), which the networks take like any other observation."""
     try:
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
+        return FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Discrete) else env
     except gym.error.Error as err:
         raise UsageError("--env", f"cannot make {env_id!r}: {str(err).splitlines()[0]}") from None
     except (ModuleNotFoundError, ImportError) as err:
@@ -39,7 +43,8 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
 
 
 def inspect_env(env_id: str, policy: str = "auto") -> EnvSpec:
-    """Check that the environment has flat Box observations and actions ``policy`` can produce.
+    """Check that the environment has flat Box (or Discrete, made one-hot) observations and actions ``policy`` can
+    produce.
 
     Args:
         env_id: a Gymnasium id.
@@ -52,7 +57,9 @@ def inspect_env(env_id: str, policy: str = "auto") -> EnvSpec:
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError("--env", f"{env_id} has observations {obs_space}; only flat Box observations are supported")
+        raise UsageError(
+            "--env", f"{env_id} has observations {obs_space}; only flat Box and Discrete observations are supported"
+        )
     if isinstance(act_space, gym.spaces.Discrete):
         kind, size, low, high = "categorical", int(act_space.n), None, None
     elif isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:

@@ -49,6 +49,7 @@ from policygrad.errors import UsageError, first_line
 from policygrad.guard import StepGuard
 from policygrad.runlog import RunLog
 from policygrad.stopping import EXIT_DIVERGED, Stopped
+from policygrad.variants import ENTROPY_WEIGHTS, build
 
 __all__ = ["TrainResult", "train", "run", "RECENT_EPISODES", "NETWORK_DTYPE"]
 
@@ -156,8 +157,10 @@ def train(
                 advantages, returns = gae(
                     rollout.rewards, rollout.values, rollout.dones, rollout.last_value, cfg.gamma, cfg.gae_lambda
                 )
-                # 3. update the policy and the baseline
-                metrics = update(learner, _flatten(rollout, advantages, returns), cfg, run.generator)
+                # 3. update the policy and the baseline, the entropy bonus weighted for this batch's returns
+                entropy_weight = run.entropy_weight(torch.tensor(rollout.episode_returns, dtype=torch.float64))
+                metrics = update(learner, _flatten(rollout, advantages, returns), cfg, run.generator, entropy_weight)
+                metrics["entropy_weight"] = entropy_weight
                 # 4. log
                 record = run.record(k + 1, rollout, metrics)
                 if log is not None:
@@ -185,6 +188,7 @@ class _Run:
     envs: Any
     collector: Collector
     total: int  # steps (batches) in the run
+    entropy_weight: Callable[[torch.Tensor], float]  # episode returns (E,) -> w_H (policygrad.variants.ENTROPY_WEIGHTS)
     first: int = 0  # steps done before this invocation (a resume)
     start: float = 0.0  # perf_counter() at step 0, carried over a resume
     trained_with: str = ""  # the settings as JSON, kept in every checkpoint for a resume to compare with
@@ -293,7 +297,10 @@ def _setup(cfg: ControlConfig, out: Path | None) -> _Run:
     envs = make_vector_env(cfg.env, cfg.num_envs)
     generator = torch.Generator().manual_seed(cfg.seed)
     total = math.ceil(cfg.total_steps / cfg.batch_size)
-    run = _Run(cfg, out, spec, learner, generator, envs, Collector(envs, spec, cfg.gamma, cfg.seed), total)
+    collector = Collector(envs, spec, cfg.gamma, cfg.seed)
+    run = _Run(
+        cfg, out, spec, learner, generator, envs, collector, total, build(ENTROPY_WEIGHTS, cfg.entropy_weight, cfg)
+    )
     settings = config_to_dict(cfg)
     run.trained_with = json.dumps(settings)
     elapsed = 0.0

@@ -68,18 +68,39 @@ WORK = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def matmul_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best-of-``repeats`` GFLOP/s of a (size x size) @ (size x size) product in float32 and bfloat16."""
+# the embedded model's own products (tokens x 576 against its 576 x 1536, 1536 x 576, 576 x 49152 weights) beside the
+# square one: the floor is taken at the best rate this machine reaches on any of them
+MATMUL_SHAPES = ((2048, 2048, 2048), (512, 576, 1536), (512, 1536, 576), (512, 576, 49152))
+
+
+def matmul_rates(threads: int, shapes=MATMUL_SHAPES, repeats: int = 7) -> dict[str, float]:
+    """The best GFLOP/s this machine reaches for (m x k) @ (k x n) products in float32 and bfloat16: for each shape
+    3 untimed warm-up products, then the best of ``repeats``; the rate of a dtype is its best shape's. Per-shape rates
+    are returned too (``"<dtype> m x k x n"``)."""
     import torch
 
     torch.set_num_threads(threads)
-    rates = {}
+    rates: dict[str, float] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
-        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(repeats))
-        rates[name] = 2 * size**3 / best / 1e9
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            for _ in range(3):
+                a @ b
+            best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(repeats))
+            rates[f"{name} {m}x{k}x{n}"] = 2 * m * k * n / best / 1e9
+        rates[name] = max(rates[f"{name} {m}x{k}x{n}"] for m, k, n in shapes)
     return rates
+
+
+def memory_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 7) -> float:
+    """Read bandwidth of this machine in GB/s: the best of ``repeats`` sums of a ``megabytes`` float32 tensor (far
+    larger than any cache), which read every byte once: the rate at which a decoding step can stream the weights."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(megabytes * 2**20 // 4)
+    a.sum()  # warm-up: pages touched
+    return a.numel() * 4 / min(_timed(a.sum) for _ in range(repeats)) / 1e9
 
 
 def _timed(fn) -> float:
@@ -172,6 +193,7 @@ def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmu
     )
     result["peak_rss_mb"] = peak_rss_mb()  # of the training run, before the FLOP count below loads a second model
     result.update(_policygrad_update_profile(precision, threads))
+    result["decoding"] = _policygrad_decoding_profile(precision, threads)
     result["reward_mean"] = statistics.mean(r["reward_mean"] for r in timed)
     return result
 
@@ -261,6 +283,58 @@ def _policygrad_update_profile(precision: str, threads: int) -> dict:
         "update_matmul_s": min(_timed(matmuls) for _ in range(3)),
         "update_matmuls": len(operands),
     }
+
+
+def _policygrad_decoding_profile(precision: str, threads: int, rows=(16, 64), new_tokens: int = 32) -> dict:
+    """The decoder's step time against the memory-bandwidth bound, for each number of rows R (G = 8 completions of
+    R / 8 prompts of the benchmark): ``rollout.generate`` with no stop token, so every row decodes ``new_tokens``
+    tokens, timed whole and with one token (prefill, the autocast weight casts and one draw), best of 3 each; the
+    difference over ``new_tokens - 1`` is one decoding step, a forward pass of R tokens against the cached prompt.
+    ``weight_bytes``: what one step must read at least, every weight once in the dtype the products use (bfloat16
+    under autocast; the tied embedding once, as the output layer)."""
+    import torch
+
+    from policygrad.lm.data import load_prompts
+    from policygrad.lm.models import load_model
+    from policygrad.lm.rollout import autocast_context, encode_prompts, generate, pad_token_id
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("default")
+    model.eval()
+    prompts = load_prompts("pydoc", tokenizer, 100, WORK["max_passage_tokens"], WORK["target_length"], (5, 20), 0)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    weight_bytes = sum(p.numel() for p in model.parameters()) * (2 if dtype else 4)
+    group, pad = WORK["group_size"], pad_token_id(model, tokenizer)
+    profile = {"weight_bytes": weight_bytes, "new_tokens": new_tokens}
+    for r in rows:
+        ids, mask = encode_prompts(tokenizer, [p["prompt"] for p in prompts.train[: r // group]], "cpu")
+
+        @torch.no_grad()
+        def decode(tokens: int, ids=ids, mask=mask) -> None:
+            with autocast_context("cpu", dtype):
+                generate(model, ids, mask, group, tokens, [], pad)
+
+        decode(new_tokens)  # warm-up
+        whole = min(_timed(lambda: decode(new_tokens)) for _ in range(3))
+        first = min(_timed(lambda: decode(1)) for _ in range(3))
+        profile[str(r)] = {"whole_s": whole, "prefill_s": first, "step_s": (whole - first) / (new_tokens - 1)}
+    return profile
+
+
+def decoding_bounds(profile: dict, bandwidth_gbs: float) -> dict:
+    """Per R: tokens per second of decoding (R / step time), the bound R x bandwidth / weight bytes, and the fraction
+    of the bound reached."""
+    bound_step = profile["weight_bytes"] / (bandwidth_gbs * 1e9)
+    out = {}
+    for key, value in profile.items():
+        if isinstance(value, dict):
+            rows = int(key)
+            out[key] = {
+                "tokens_per_s": rows / value["step_s"],
+                "bound_tokens_per_s": rows / bound_step,
+                "fraction": bound_step / value["step_s"],
+            }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -706,6 +780,29 @@ def table(results: dict, rates: dict, precision: str) -> str:
     return "\n".join(rows)
 
 
+def decoding_table(ours: dict, bandwidth: float) -> str:
+    weights = ours["decoding"]["weight_bytes"] / 1e6
+    rows = [
+        f"memory bandwidth (read) in this run: {bandwidth:.1f} GB/s; one decoding step reads at least {weights:.0f} MB "
+        "of weights",
+        "",
+        "| rows R | decoding step s | tokens/s | bound R x bandwidth / weights, tokens/s | fraction of the bound |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for key, bound in ours["decoding_bounds"].items():
+        step = ours["decoding"][key]["step_s"]
+        rows.append(
+            f"| {key} | {step:.4f} | {bound['tokens_per_s']:.0f} | {bound['bound_tokens_per_s']:.0f} | "
+            f"{bound['fraction']:.2f} |"
+        )
+    rows.append(
+        f"\ngeneration_bandwidth_fraction (R = 16): {ours['generation_bandwidth_fraction']:.2f}; update_floor_ratio "
+        f"(update alone / floor): {ours['update_floor_ratio']:.2f} ({ours['update_alone_s']:.2f} s / "
+        f"{ours['update_floor_s']:.2f} s)"
+    )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -750,7 +847,7 @@ def main() -> None:
         e2e_plot(result, HERE / "results" / "grpo_vs_trl-end-to-end.png")
         print(e2e_table(result))
         return
-    rates = matmul_rates(args.threads)
+    rates, bandwidth = matmul_rates(args.threads), memory_bandwidth(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         count = write_prompts(prompts)
@@ -768,11 +865,20 @@ def main() -> None:
         "steps": args.steps,
         "training_prompts": count,
         "matmul_gflops": rates,
+        "memory_bandwidth_gbs": bandwidth,
         "results": results,
     }
+    ours = results.get("policygrad")
+    if ours is not None:
+        ours["decoding_bounds"] = decoding_bounds(ours["decoding"], bandwidth)
+        ours["generation_bandwidth_fraction"] = ours["decoding_bounds"]["16"]["fraction"]
+        ours["update_floor_s"] = ours["update_flop"] / 1e9 / rates["bf16" if args.precision == "bf16" else "fp32"]
+        ours["update_floor_ratio"] = ours["update_alone_s"] / ours["update_floor_s"]
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"grpo_vs_trl-{args.precision}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table(results, rates, args.precision))
+    if ours is not None:
+        print(decoding_table(ours, bandwidth))
 
 
 if __name__ == "__main__":

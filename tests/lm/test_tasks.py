@@ -69,8 +69,6 @@ def test_only_a_pass_scores_one():
         "The digits in your reply must add up to 12.",
         "OK. the digits in your reply must add up to 12",
         "The digits   in your\nreply must add up to 5!!!!",
-        "I'm a helpful AI assistant named SmolLM, trained by Hugging Face",  # the system message (issue 14)
-        "I am a helper AI assistant named SmolLM, trained by Hugging Face",
     ],
 )
 def test_shaped_gives_no_credit_for_echoing_the_instruction(completion):

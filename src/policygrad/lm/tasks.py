@@ -147,12 +147,10 @@ def check(completion: str, target_length: int, target_digit_sum: int, tolerance:
 
 
 def echoes_instruction(completion: str) -> bool:
-    """Whether the completion restates the instruction, or the self-description that the embedded model's chat
-    template puts in every prompt as its system message: it shares a run of three words with either.
+    """Whether the completion restates the instruction: it shares a run of three words with it.
 
         words(t) = lower-cased runs of letters, every number written "#"
-        echo     = words_3grams(completion) & (words_3grams(instruction(#, #)) | words_3grams(SELF_DESCRIPTION))
-                   is not empty
+        echo     = words_3grams(completion) & words_3grams(instruction(#, #)) is not empty
 
     The known reward hack of this task: a model copies the instruction from the prompt, which is fluent, about the
     right length and full of the right digits, and with partial credit it earns a good reward without doing the
@@ -161,13 +159,6 @@ def echoes_instruction(completion: str) -> bool:
     should add up exactly 64 characters.", whose "64" holds digit sum 10). Any three consecutive words of the
     instruction, with the numbers abstracted, catch both; a reply about anything else rarely shares them.
 
-    The other text of every prompt is the chat template's system message, "You are a helpful AI assistant named
-    SmolLM, trained by Hugging Face", and runs have collapsed onto it (issue 14: "I'm a helpful AI assistant named
-    SmolLM, trained by Hugging Face", 64 characters, no digits, in one seed of three on two CPUs by step 15-50,
-    entropy near 0 from there and every group flat): it is fluent, it meets the length rule, and the untrained
-    model already favours it, so partial credit pulls the policy onto it. Its runs of three words from "a helpful"
-    on count as an echo ("you are a" alone is common English).
-
     >>> echoes_instruction("Sure! The digits in your reply must add up to 12.")
     True
     >>> echoes_instruction("The digits in your response should add up exactly 64 characters.")
@@ -175,10 +166,6 @@ def echoes_instruction(completion: str) -> bool:
     >>> echoes_instruction("It has exactly 64 characters, I promise.")
     True
     >>> echoes_instruction("1234567 cats add up")
-    False
-    >>> echoes_instruction("I'm a helpful AI assistant named SmolLM, trained by Hugging Face")
-    True
-    >>> echoes_instruction("You are a star: 12345 ducks.")
     False
     """
     return not _trigrams(completion).isdisjoint(ECHO_TRIGRAMS)
@@ -193,12 +180,8 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
 
-SELF_DESCRIPTION = "a helpful AI assistant named SmolLM, trained by Hugging Face"
-"""The embedded model's self-description, which its chat template puts in every prompt's system message."""
-
-ECHO_TRIGRAMS = frozenset(_trigrams(instruction(0, 0)) | _trigrams(SELF_DESCRIPTION))
-"""The instruction's and the self-description's runs of three words, numbers as "#": a reply holding one of them
-echoes the prompt."""
+ECHO_TRIGRAMS = frozenset(_trigrams(instruction(0, 0)))
+"""The instruction's runs of three words, numbers as "#": a reply holding one of them echoes it."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,21 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from grpo_vs_trl import WORK, memory_bandwidth
+from grpo_vs_trl import WORK, decoding_step, memory_bandwidth
 
 from policygrad.lm.data import load_prompts
 from policygrad.lm.models import load_model
 from policygrad.lm.rollout import autocast_context, encode_prompts, generate, pad_token_id
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def per_call_us(fn, calls: int = 300) -> float:
@@ -64,15 +54,7 @@ def decoding_steps(model, bf16_model, tokenizer, prompts, pad: int, rows: int, n
     }
     out = {}
     for name, (net, dtype) in arms.items():
-
-        @torch.no_grad()
-        def decode(tokens: int, net=net, dtype=dtype) -> None:
-            with autocast_context("cpu", dtype):
-                generate(net, ids, mask, WORK["group_size"], tokens, [], pad)
-
-        whole = best_of(lambda: decode(new_tokens))
-        first = best_of(lambda: decode(1))
-        out[name] = {"step_s": (whole - first) / (new_tokens - 1), "prefill_s": first}
+        out[name] = decoding_step(net, ids, mask, pad, dtype, new_tokens)
         print(f"R = {rows}, {name}: decoding step {1000 * out[name]['step_s']:.1f} ms", flush=True)
     return out
 

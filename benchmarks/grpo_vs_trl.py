@@ -296,7 +296,7 @@ def _policygrad_decoding_profile(precision: str, threads: int, rows=(16, 64), ne
 
     from policygrad.lm.data import load_prompts
     from policygrad.lm.models import load_model
-    from policygrad.lm.rollout import autocast_context, encode_prompts, generate, pad_token_id
+    from policygrad.lm.rollout import encode_prompts, pad_token_id
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model("default")
@@ -308,17 +308,27 @@ def _policygrad_decoding_profile(precision: str, threads: int, rows=(16, 64), ne
     profile = {"weight_bytes": weight_bytes, "new_tokens": new_tokens}
     for r in rows:
         ids, mask = encode_prompts(tokenizer, [p["prompt"] for p in prompts.train[: r // group]], "cpu")
-
-        @torch.no_grad()
-        def decode(tokens: int, ids=ids, mask=mask) -> None:
-            with autocast_context("cpu", dtype):
-                generate(model, ids, mask, group, tokens, [], pad)
-
-        decode(new_tokens)  # warm-up
-        whole = min(_timed(lambda: decode(new_tokens)) for _ in range(3))
-        first = min(_timed(lambda: decode(1)) for _ in range(3))
-        profile[str(r)] = {"whole_s": whole, "prefill_s": first, "step_s": (whole - first) / (new_tokens - 1)}
+        profile[str(r)] = decoding_step(model, ids, mask, pad, dtype, new_tokens)
     return profile
+
+
+def decoding_step(model, ids, mask, pad: int, dtype, new_tokens: int = 32) -> dict:
+    """Time ``rollout.generate`` (G = 8 completions of each prompt of ``ids``, no stop token) for ``new_tokens``
+    tokens and for 1 (prefill and one draw), after a warm-up, best of 3 each, under autocast to ``dtype`` (None: the
+    model's own dtype): -> whole, prefill and one decoding step's seconds."""
+    import torch
+
+    from policygrad.lm.rollout import autocast_context, generate
+
+    @torch.no_grad()
+    def decode(tokens: int) -> None:
+        with autocast_context("cpu", dtype):
+            generate(model, ids, mask, WORK["group_size"], tokens, [], pad)
+
+    decode(new_tokens)  # warm-up
+    whole = min(_timed(lambda: decode(new_tokens)) for _ in range(3))
+    first = min(_timed(lambda: decode(1)) for _ in range(3))
+    return {"whole_s": whole, "prefill_s": first, "step_s": (whole - first) / (new_tokens - 1)}
 
 
 def decoding_bounds(profile: dict, bandwidth_gbs: float) -> dict:

@@ -145,6 +145,7 @@ REWARD_MODES = Registry(
     "reward mode",
     {
         "binary": "policygrad.lm.tasks:binary",
+        "joint": "policygrad.lm.tasks:joint",
         "shaped": "policygrad.lm.tasks:shaped",
         "sharp": "policygrad.lm.tasks:sharp",
     },

@@ -121,12 +121,24 @@ def test_batch_reward_functions():
 )
 def test_shaped_and_sharp_are_in_unit_interval_and_one_exactly_on_a_pass(completion, length, target, tolerance):
     passed = tasks.check(completion, length, target, tolerance).passed
-    for mode in (tasks.shaped, tasks.sharp):
+    for mode in (tasks.shaped, tasks.joint, tasks.sharp):
         reward = mode(completion, length, target, tolerance)
         assert 0.0 <= reward <= 1.0
         assert (reward == 1.0) == passed
     reward = tasks.shaped(completion, length, target, tolerance)
     assert tasks.binary(completion, length, target, tolerance) == float(reward == 1.0)
+
+
+@pytest.mark.exact
+def test_joint_values_by_hand():
+    # 10 of 20 characters: length credit 0.5; digit sum 3 of 12: credit 0.25; joint is their product
+    assert tasks.joint("12abcdefgh", 20, 12) == pytest.approx(0.5 * 0.25)
+    # the right length without digits earns nothing (shaped pays it half)
+    assert tasks.joint("abcdefghij", 10, 5) == 0.0 and tasks.shaped("abcdefghij", 10, 5) == 0.5
+    assert tasks.joint("abcdefgh05", 10, 5) == 1.0
+    assert tasks.joint("abcdefgh05", 13, 5, tolerance=2) == pytest.approx(1 - 1 / 13)
+    assert tasks.joint("The digits in your reply must add up to 5.", 42, 5) == 0.0  # an echo earns nothing
+    assert tasks.joint_reward(["p", "p"], ["55", "ab"], target_length=[2, 2], target_digit_sum=[10, 10]) == [1.0, 0.0]
 
 
 @pytest.mark.exact

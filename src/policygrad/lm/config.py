@@ -71,7 +71,7 @@ class GRPOConfig(TaskSettings):
     """Train a language model with group-relative policy gradients (GRPO, RLOO or REINFORCE) on rule-based rewards."""
 
     rewards: tuple[str, ...] = ("shaped",)
-    """reward functions, summed: binary, shaped, sharp, module:function or file.py:function, each with optional =weight"""
+    """reward functions, summed: binary, shaped, joint, sharp, module:function or file.py:function, each with optional =weight"""
     truncated_reward: float | None = None
     """reward of a completion cut off at max_new_tokens (no EOS), replacing what the reward functions say; None:
     score it like any other (a policy may then learn to fill the token budget, docs/results-2026-11-24.md)"""
@@ -360,7 +360,7 @@ class EvalConfig(TaskSettings):
     checkpoint (or the run folder) it evaluates that run's task: its config.yaml supplies every setting not given."""
 
     rewards: tuple[str, ...] = ("shaped",)
-    """reward functions, summed, for the mean reward: binary, shaped, sharp, module:function or file.py:function"""
+    """reward functions, summed, for the mean reward: binary, shaped, joint, sharp, module:function or file.py:function"""
     max_new_tokens: int = 48
     """longest completion in tokens"""
     temperature: float = 1.0

@@ -73,10 +73,11 @@ RewardFn = Callable[..., Sequence[Any]]
 
 BUILTIN: dict[str, RewardFn] = {
     "binary": tasks.binary_reward,
+    "joint": tasks.joint_reward,
     "shaped": tasks.shaped_reward,
     "sharp": tasks.sharp_reward,
 }
-"""Reward functions available by bare name: the ``length_digits`` task's two modes."""
+"""Reward functions available by bare name: the ``length_digits`` task's modes."""
 
 
 class RewardError(UsageError):

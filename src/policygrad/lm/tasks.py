@@ -37,6 +37,8 @@ __all__ = [
     "draw_digit_sum",
     "echoes_instruction",
     "instruction",
+    "joint",
+    "joint_reward",
     "make_prompt",
     "misses",
     "shaped",
@@ -241,6 +243,33 @@ def shaped(completion: str, target_length: int, target_digit_sum: int, tolerance
     return 0.5 * length_credit + 0.5 * digits_credit
 
 
+def joint(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
+    """:func:`shaped`'s two credits multiplied instead of averaged: no credit for the length without digits.
+
+        reward = length_credit * digits_credit     (credits as in :func:`shaped`; 0 for an echo of the instruction)
+
+    With ``shaped`` a fluent reply of the right length and no digits earns 0.5 at once, and policies were measured
+    collapsing onto one (the chat template's self-description, 64 characters: docs/results.md, 2026-12-02). Here it
+    earns 0 (a digit sum of 0 has digit credit 0), so the length is rewarded only together with digits, and a reply
+    of the right length is worth more the closer its digits come to S.
+
+    >>> joint("99-----", 7, 18)
+    1.0
+    >>> joint("abcdefghij", 10, 5)   # right length, no digits
+    0.0
+    >>> joint("12345", 10, 5)        # half the length, digit sum 15 (miss 10 of S = 5)
+    0.0
+    >>> joint("0000014", 14, 5)      # half the length, digit sum 5
+    0.5
+    """
+    if echoes_instruction(completion):
+        return 0.0
+    length_miss, digits_miss = misses(completion, target_length, target_digit_sum, tolerance)
+    length_credit = max(0.0, 1.0 - length_miss / max(target_length, 1))
+    digits_credit = max(0.0, 1.0 - digits_miss / max(target_digit_sum, 1))
+    return length_credit * digits_credit
+
+
 def sharp(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
     """Credit concentrated at the target: 1 for a pass, halving every 2 characters and every unit of digit sum off.
 
@@ -321,6 +350,7 @@ def batch_reward(mode: str) -> Callable[..., list[float]]:
 
 binary_reward = batch_reward("binary")
 shaped_reward = batch_reward("shaped")
+joint_reward = batch_reward("joint")
 sharp_reward = batch_reward("sharp")
 
 

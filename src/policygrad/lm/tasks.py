@@ -202,6 +202,12 @@ def misses(completion: str, target_length: int, target_digit_sum: int, tolerance
     return max(0, abs(result.length - target_length) - tolerance), abs(result.digit_sum - target_digit_sum)
 
 
+def _linear_credits(completion: str, target_length: int, target_digit_sum: int, tolerance: int) -> tuple[float, float]:
+    """(length_credit, digits_credit) of :func:`shaped`: each 1 on its rule, falling linearly to 0 with the miss."""
+    length_miss, digits_miss = misses(completion, target_length, target_digit_sum, tolerance)
+    return max(0.0, 1.0 - length_miss / max(target_length, 1)), max(0.0, 1.0 - digits_miss / max(target_digit_sum, 1))
+
+
 def binary(completion: str, target_length: int, target_digit_sum: int, tolerance: int = 0) -> float:
     """1.0 if both rules hold (:func:`check`), else 0.0: the task's own success criterion, nothing partial.
 
@@ -237,9 +243,7 @@ def shaped(completion: str, target_length: int, target_digit_sum: int, tolerance
     """
     if echoes_instruction(completion):
         return 0.0
-    length_miss, digits_miss = misses(completion, target_length, target_digit_sum, tolerance)
-    length_credit = max(0.0, 1.0 - length_miss / max(target_length, 1))
-    digits_credit = max(0.0, 1.0 - digits_miss / max(target_digit_sum, 1))
+    length_credit, digits_credit = _linear_credits(completion, target_length, target_digit_sum, tolerance)
     return 0.5 * length_credit + 0.5 * digits_credit
 
 
@@ -264,9 +268,7 @@ def joint(completion: str, target_length: int, target_digit_sum: int, tolerance:
     """
     if echoes_instruction(completion):
         return 0.0
-    length_miss, digits_miss = misses(completion, target_length, target_digit_sum, tolerance)
-    length_credit = max(0.0, 1.0 - length_miss / max(target_length, 1))
-    digits_credit = max(0.0, 1.0 - digits_miss / max(target_digit_sum, 1))
+    length_credit, digits_credit = _linear_credits(completion, target_length, target_digit_sum, tolerance)
     return length_credit * digits_credit
 
 

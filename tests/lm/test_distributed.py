@@ -139,6 +139,21 @@ def test_two_processes_train_the_lora_adapters_of_one(tiny_llama_chat, tiny_prom
         assert torch.allclose(adapters[2][name], tensor, rtol=0, atol=ONE_VS_TWO), name
 
 
+def test_two_processes_share_the_evaluation_and_report_the_numbers_of_one(tiny_llama_chat, tiny_prompts, tmp_path):
+    # 6 held-out prompts in generation batches of 3: rank 0 generates and scores the first, rank 1 the second
+    settings = dict(max_steps=1, eval_every=1, eval_size=6, heldout_prompts=6, eval_decoding=("greedy", "sampled"))
+    evaluations = {}
+    for processes in (1, 2):
+        recipe = _recipe(tmp_path, f"e{processes}", tiny_llama_chat, tiny_prompts, **settings)
+        done = _train(processes, recipe)
+        assert done.returncode == 0, done.stderr
+        evaluations[processes] = _metrics(tmp_path / f"e{processes}")[0]  # step 0: the same weights on both
+    one, two = evaluations[1], evaluations[2]
+    assert one["step"] == 0 and "eval/greedy/pass_rate" in one and "eval/sampled/mean_length" in one
+    assert one == two  # generated in the same batches, seeded per prompt: equal to the last bit
+    assert any(key.startswith("eval/greedy/S=") for key in two)  # the per-target rows, gathered from both ranks
+
+
 def test_a_resumed_two_process_run_is_bit_identical_and_keeps_its_launch(tiny_llama_chat, tiny_prompts, tmp_path):
     settings = dict(advantage="reinforce", updates_per_batch=2, entropy_weight="constant", scale_rewards="group")
     straight = _recipe(tmp_path, "straight", tiny_llama_chat, tiny_prompts, **settings)

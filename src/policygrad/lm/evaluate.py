@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from policygrad.distributed import World
     from policygrad.lm.config import EvalConfig, GRPOConfig
     from policygrad.lm.rewards import RewardSet
 
@@ -81,6 +82,7 @@ def evaluate(
     reward_set: RewardSet,
     settings: EvalSettings = EvalSettings(),
     on_batch: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Generate one completion per record for each decoding of ``settings`` and score it; ``on_batch(n)`` is called
     after each batch of ``n`` completions (a progress bar).
@@ -91,57 +93,87 @@ def evaluate(
         "nan_rewards", "mean_length" (characters), "truncated_rate" (the fraction cut off at ``max_new_tokens``
         instead of ended by the model), "rewards": every prompt's reward in the order of ``records`` (NaN where
         a reward function gave none), "examples": [{"prompt", "completion", "reward"}, ...]}}``
+
+    The records are generated in batches of ``settings.batch_size``, and the batches are the same however many
+    processes share them: under torchrun (``world``) rank r generates and scores batches r, r + W, r + 2W, ... and
+    every rank gets the whole result, so a greedy evaluation on W processes is the one-process evaluation (same
+    batches, same arithmetic) in about 1 / W of the time. The sampled decoding draws each prompt's completion from
+    its own generator, seeded by (``settings.seed``, the prompt's index), so it does not depend on the split either.
     """
-    import torch
+    from policygrad.distributed import World
 
-    from policygrad.lm.rollout import sample
-
+    world = world or World()
     results: dict[str, dict[str, Any]] = {}
     was_training = model.training
     model.eval()
+    prompts = [r["prompt"] for r in records]
+    fields = group_fields(records, 1)
     for decoding in settings.decodings:
-        torch.manual_seed(settings.seed)  # the same sampled evaluation for the same weights
-        completions: list[str] = []
-        truncated = 0  # completions cut off by max_new_tokens rather than ended by the model
-        for start in range(0, len(records), settings.batch_size):
-            chunk = records[start : start + settings.batch_size]
-            rollout = sample(
-                model,
-                tokenizer,
-                [r["prompt"] for r in chunk],
-                group_size=1,
-                max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                greedy=decoding == "greedy",
-                autocast_dtype=settings.autocast_dtype,
-                score_tokens=False,
-            )
-            completions.extend(rollout.completions)
-            truncated += int(rollout.truncated.sum())
-            if on_batch is not None:
-                on_batch(len(chunk))
-        prompts = [r["prompt"] for r in records]
-        fields = group_fields(records, 1)
-        scores = (
-            reward_set.score(prompts, completions, fields, settings.on_fault, settings.timeout) if records else None
-        )
-        valid = [r for r in (scores.rewards if scores else []) if not math.isnan(r)]
+        mine = _generate_and_score(model, tokenizer, records, reward_set, settings, decoding, world, on_batch)
+        parts = sorted(part for rank_parts in world.gather(mine) for part in rank_parts)  # (start, ...) in order
+        completions = [c for _, chunk, _, _, _ in parts for c in chunk]
+        rewards = [r for _, _, _, chunk_rewards, _ in parts for r in chunk_rewards]
+        truncated = sum(part[2] for part in parts)
+        nan_count = sum(part[4] for part in parts)
+        valid = [r for r in rewards if not math.isnan(r)]
         results[decoding] = {
             **TASKS[settings.task].rates(completions, fields),
             **_breakdown(TASKS[settings.task], completions, fields),
             "mean_reward": sum(valid) / len(valid) if valid else float("nan"),
-            "nan_rewards": scores.nan_count if scores else 0,
+            "nan_rewards": nan_count,
             "mean_length": sum(len(c.strip()) for c in completions) / max(len(completions), 1),
             "truncated_rate": truncated / max(len(completions), 1),
-            "rewards": list(scores.rewards) if scores else [],
+            "rewards": rewards,
             "examples": [
                 {"prompt": p, "completion": c, "reward": r}
-                for p, c, r in list(zip(prompts, completions, scores.rewards if scores else []))[:EXAMPLES]
+                for p, c, r in list(zip(prompts, completions, rewards))[:EXAMPLES]
             ],
         }
     model.train(was_training)
     return results
+
+
+def _generate_and_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, Any]],
+    reward_set: RewardSet,
+    settings: EvalSettings,
+    decoding: str,
+    world: World,
+    on_batch: Callable[[int], None] | None,
+) -> list[tuple[int, list[str], int, list[float], int]]:
+    """This rank's batches of one decoding, each ``(start, completions, truncated, rewards, nan_count)``."""
+    import torch
+
+    from policygrad.lm.rollout import sample
+    from policygrad.rng import step_seed
+
+    parts = []
+    for start in range(world.rank * settings.batch_size, len(records), world.size * settings.batch_size):
+        chunk = records[start : start + settings.batch_size]
+        generators = [torch.Generator().manual_seed(step_seed(settings.seed, 0, start + i)) for i in range(len(chunk))]
+        rollout = sample(
+            model,
+            tokenizer,
+            [r["prompt"] for r in chunk],
+            group_size=1,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            greedy=decoding == "greedy",
+            autocast_dtype=settings.autocast_dtype,
+            score_tokens=False,
+            generators=None if decoding == "greedy" else generators,
+        )
+        prompts = [r["prompt"] for r in chunk]
+        scores = reward_set.score(
+            prompts, rollout.completions, group_fields(chunk, 1), settings.on_fault, settings.timeout
+        )
+        parts.append((start, rollout.completions, int(rollout.truncated.sum()), list(scores.rewards), scores.nan_count))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return parts
 
 
 def _breakdown(task: Any, completions: list[str], fields: dict[str, list[Any]]) -> dict[str, Any]:

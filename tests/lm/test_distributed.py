@@ -98,14 +98,16 @@ def _untimed(run: Path) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TIMING} for record in _metrics(run)]
 
 
-def test_two_processes_train_the_parameters_of_one(tiny_llama_chat, tiny_prompts, tmp_path):
-    runs = {}
-    for processes in (1, 2):
-        recipe = _recipe(tmp_path, f"p{processes}", tiny_llama_chat, tiny_prompts)
-        done = _train(processes, recipe)
-        assert done.returncode == 0, done.stderr
-        runs[processes] = tmp_path / f"p{processes}"
-    one, two = runs[1], runs[2]
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_the_parameters_of_one(sharding, tiny_llama_chat, tiny_prompts, tmp_path):
+    # ddp: whole copies, gradients summed by hand; fsdp: FSDP2 shards (weights, gradients, AdamW's moments), the
+    # gradients reduce-scattered in the backward passes; both must be one process on the same global batch
+    one = tmp_path / "p1"
+    done = _train(1, _recipe(tmp_path, "p1", tiny_llama_chat, tiny_prompts))
+    assert done.returncode == 0, done.stderr
+    two = tmp_path / "p2"
+    done = _train(2, _recipe(tmp_path, "p2", tiny_llama_chat, tiny_prompts, fsdp=sharding == "fsdp"))
+    assert done.returncode == 0, done.stderr
     # the same prompts, the same completions (seeded per prompt), so the same rewards and batch-wide numbers
     assert (one / "completions.jsonl").read_text() == (two / "completions.jsonl").read_text()
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
@@ -115,11 +117,45 @@ def test_two_processes_train_the_parameters_of_one(tiny_llama_chat, tiny_prompts
     expected, got = weights(one / "final"), weights(two / "final")
     initial = weights(tiny_llama_chat)
     assert max((expected[k] - initial[k]).abs().max() for k in expected) > 1e-3  # it trained
+    assert sorted(got) == sorted(expected)  # FSDP's gathered weights: the tied head once, as one process saves it
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, rtol=0, atol=ONE_VS_TWO), name
     assert not (two / "checkpoints").exists() and sorted(p.name for p in two.iterdir()) == sorted(
         p.name for p in one.iterdir()
     )  # rank 0 wrote what one process writes, and nobody else wrote anything
+
+
+def test_a_resumed_fsdp_run_is_bit_identical(tiny_llama_chat, tiny_prompts, tmp_path):
+    # the checkpoint holds the gathered weights and AdamW's gathered state; the resume shards both again
+    straight = _recipe(tmp_path, "straight", tiny_llama_chat, tiny_prompts, fsdp=True)
+    split = _recipe(tmp_path, "split", tiny_llama_chat, tiny_prompts, fsdp=True, max_steps=2)
+    for recipe in (straight, split):
+        done = _train(2, recipe)
+        assert done.returncode == 0, done.stderr
+    resumed = _train(2, tmp_path / "split" / "config.yaml", "--resume", "--max-steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert _untimed(tmp_path / "split") == _untimed(tmp_path / "straight")
+
+
+def test_fsdp_without_torchrun_is_one_line(tiny_llama_chat, tiny_prompts, tmp_path):
+    recipe = _recipe(tmp_path, "run", tiny_llama_chat, tiny_prompts, fsdp=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "policygrad", "train", "--recipe", str(recipe)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "policygrad train: error: --fsdp: shards the model over the processes of a torchrun launch: start the run "
+        "with torchrun"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_processes_train_the_lora_adapters_of_one(tiny_llama_chat, tiny_prompts, tmp_path):

@@ -48,7 +48,8 @@ def _rollout(model, tokenizer, seed=0):
 
 
 @pytest.mark.exact
-def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradients(eos_prone):
+@pytest.mark.parametrize("embed_once", [True, False])  # False: each forward looks up its embeddings (FSDP's path)
+def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradients(embed_once, eos_prone):
     model, tokenizer = eos_prone
     rollout = _rollout(model, tokenizer)
     weights = torch.randn(rollout.completion_ids.shape)  # an arbitrary function of the log-probs and entropies
@@ -56,7 +57,9 @@ def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradient
     for fast in (True, False):
         model.zero_grad()
         if fast:
-            logprobs, entropies = completion_logprobs(model, temperature=0.9, **rollout.rows(slice(0, 6)))
+            logprobs, entropies = completion_logprobs(
+                model, temperature=0.9, embed_once=embed_once, **rollout.rows(slice(0, 6))
+            )
         else:
             logprobs, entropies = sequence_logprobs(
                 model, rollout.input_ids, rollout.attention_mask, rollout.completion_start, temperature=0.9

@@ -168,6 +168,9 @@ class GRPOConfig(TaskSettings):
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, about
     one more forward pass of time; the same gradients"""
+    fsdp: bool = False
+    """under torchrun: shard the weights, gradients and AdamW's moments over the processes (FSDP2), for a model
+    whose training state does not fit one device per process; the same updates as data parallelism"""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """bfloat16: float32 weights with bfloat16 autocast; auto: bfloat16 where the GPU or CPU (AVX512-BF16, AMX) has
     fast bfloat16 matrix products, else float32"""
@@ -322,6 +325,7 @@ class GRPOConfig(TaskSettings):
         _require(
             self.lora_rank > 0 or not self.lora_merged, "--lora-merged", "merges LoRA adapters: set --lora-rank too"
         )
+        _require(not (self.fsdp and self.lora_rank), "--fsdp", "with --lora-rank is not supported yet; drop one")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "--max-steps", f"must be at least 1, got {self.max_steps}")
         _require(

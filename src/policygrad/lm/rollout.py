@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -305,6 +305,7 @@ def completion_logprobs(
     completion_mask: Tensor,
     prompt_index: Tensor,
     temperature: float = 1.0,
+    embed_once: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """:func:`sequence_logprobs` with each prompt's forward pass done ONCE for the G completions that share it.
 
@@ -323,9 +324,26 @@ def completion_logprobs(
         completion_ids, completion_mask: (M, T).
         prompt_index: (M,) long, the prompt row (in 0..U-1) that completion row i continues.
         temperature: tau > 0.
+        embed_once: look up the prompt and completion tokens' embeddings in one call, outside the model's forward
+            (faster, see below); False lets each forward pass look up its own, for FSDP, whose root unit reduces
+            the embedding's gradient when the forward passes' backward ends (:mod:`policygrad.lm.fsdp`).
     Returns:
         (logprobs, entropies), each (M, T), float32; values at masked positions are meaningless (mask them).
     """
+    if not embed_once:
+        first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (M, V)
+        return _complete(
+            model,
+            first,
+            cache,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            prompt_index,
+            temperature,
+            {"input_ids": completion_ids[:, :-1]},
+        )
     # one embedding lookup for the prompt and completion tokens: its backward zero-fills a vocabulary-sized gradient
     # (V x D, 113 MB for SmolLM2), which two lookups would do twice (benchmarks/NOTES.md)
     fed = completion_ids[:, :-1]  # (M, T - 1): token t is predicted at the position of token t - 1
@@ -334,11 +352,41 @@ def completion_logprobs(
     first, cache = _prefill(
         model, prompt_ids, prompt_mask, prompt_index, prompt_embeds.view(*prompt_ids.shape, -1)
     )  # (M, V)
+    fed_inputs = {"inputs_embeds": fed_embeds.view(*fed.shape, -1)}
+    return _complete(
+        model,
+        first,
+        cache,
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        prompt_index,
+        temperature,
+        fed_inputs,
+    )
+
+
+def _complete(
+    model: PreTrainedModel,
+    first: Tensor,
+    cache: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    prompt_index: Tensor,
+    temperature: float,
+    fed_inputs: dict[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The completion pass of :func:`completion_logprobs` on top of the prompts' cache: ``first`` (M, V) is the
+    prefill's logits of the first completion token, ``fed_inputs`` the completion tokens but the last (ids or
+    embeddings)."""
     logits = first[:, None]  # (M, 1, V)
     if completion_ids.shape[1] > 1:
         attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
         rest = model(
-            inputs_embeds=fed_embeds.view(*fed.shape, -1),
+            **fed_inputs,
             attention_mask=attention,
             position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
             use_cache=True,

@@ -30,6 +30,7 @@ from policygrad import checkpointing, runs
 from policygrad.configs import config_to_dict
 from policygrad.distributed import Launch, World, init_world, launch_from_env
 from policygrad.errors import UsageError, first_line
+from policygrad.lm import fsdp
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.device import fused_adamw_supported, resolve_device, use_threads
@@ -162,7 +163,8 @@ class Run:
         records = self.prompts.heldout[: self.config.eval_size]
         if not records or not self.config.eval_decoding:
             return {}
-        return evaluate(self.model, self.tokenizer, records, self.reward_set, self.eval_settings, world=self.world)
+        with fsdp.gathered(self.model):
+            return evaluate(self.model, self.tokenizer, records, self.reward_set, self.eval_settings, world=self.world)
 
     def snapshot(self, step: int) -> Snapshot:
         """The state after ``step`` steps except weights and optimiser, taken now (see :class:`Snapshot`)."""
@@ -174,6 +176,10 @@ class Run:
         rank 0 writes, with every rank's generators, while the others wait."""
         world = self.world
         rank_rng = world.gather(snapshot.rng) if world.launched else None
+        optimizer = self.optimizer if self.config.save_optimizer else None
+        weights, optimizer_state = None, optimizer.state_dict() if optimizer is not None else None
+        if fsdp.is_sharded(self.model):  # gathered from every rank's shards, onto rank 0
+            weights, optimizer_state = fsdp.full_state(self.model, optimizer)
         if world.is_main:
             state = TrainerState(
                 snapshot.step,
@@ -181,13 +187,13 @@ class Run:
                 snapshot.rng,
                 snapshot.curriculum,
                 config=comparable(self.config),
-                optimizer=self.optimizer.state_dict() if self.config.save_optimizer else None,
+                optimizer=optimizer_state,
                 world_size=world.size if world.launched else None,
                 rank_rng=rank_rng,
             )
             merged = self.config.lora_merged and self.adapter is not None
             also = (lambda tmp: save_merged(self.adapter, self.tokenizer, tmp / MERGED)) if merged else None
-            save_checkpoint(folder, self.adapter or self.model, self.tokenizer, state, also)
+            save_checkpoint(folder, self.adapter or self.model, self.tokenizer, state, also, weights)
         world.barrier()
         self.last_saved = snapshot.step
         return folder
@@ -230,12 +236,15 @@ def setup(config: GRPOConfig) -> Run:
         )
     steps_per_epoch, total_steps = _setup_steps(config, prompts, state, folder)
     _check_rewards_fit_prompts(reward_set, prompts.train[0], config)
+    reference = _setup_reference(config, model, device, from_checkpoint=folder is not None, adapter=adapter)
+    if config.fsdp:
+        fsdp.shard(model, world)  # after the reference copies the whole model, before AdamW sees the shards
     run = Run(
         config,
         config.output_dir,
         model,
         tokenizer,
-        _setup_reference(config, model, device, from_checkpoint=folder is not None, adapter=adapter),
+        reference,
         _setup_optimizer(config, model, device),
         prompts,
         reward_set,
@@ -283,6 +292,10 @@ def _say_checkpoint_size(config: GRPOConfig, model: Any) -> None:
 def _check_launch(config: GRPOConfig, launch: Launch | None) -> Launch | None:
     """Refuse, in one line, a torchrun launch this config cannot run: B prompts that do not split into whole
     groups per process, and dynamic sampling, which refills only the groups of one process (not yet made global)."""
+    if config.fsdp and launch is None:
+        raise UsageError(
+            "--fsdp", "shards the model over the processes of a torchrun launch: start the run with torchrun"
+        )
     if launch is None or launch.size == 1:
         return launch
     if config.prompts_per_step % launch.size:
@@ -507,7 +520,9 @@ def _restore(run: Run, folder: Path, state: TrainerState) -> None:
     A state that loads but does not fit (another model's optimiser, a damaged generator state) is a one-line
     ``--resume`` error naming the file."""
     try:
-        if state.optimizer is not None:  # else saved with save_optimizer=false: AdamW restarts its moments
+        if state.optimizer is not None and fsdp.is_sharded(run.model):  # saved whole: each rank takes its shards
+            fsdp.load_optimizer_state(run.model, run.optimizer, state.optimizer)
+        elif state.optimizer is not None:  # else saved with save_optimizer=false: AdamW restarts its moments
             run.optimizer.load_state_dict(state.optimizer)
         if state.rank_rng:
             set_rng_state(state.rank_rng[run.world.rank])  # this rank's own generators

@@ -120,14 +120,20 @@ def problem(state: Any) -> str | None:
 
 
 def save_checkpoint(
-    folder: Path, model: Any, tokenizer: Any, state: TrainerState, also: Callable[[Path], None] | None = None
+    folder: Path,
+    model: Any,
+    tokenizer: Any,
+    state: TrainerState,
+    also: Callable[[Path], None] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Weights (a PEFT model saves its adapter alone), tokenizer and trainer state, and whatever ``also`` writes into
-    the folder, written atomically with a manifest of checksums (:func:`policygrad.checkpointing.save_atomic`): a
-    crash during the save leaves the previous checkpoint as it was."""
+    """Weights (a PEFT model saves its adapter alone; ``weights``, when given, in place of the model's own: a sharded
+    model's gathered ones), tokenizer and trainer state, and whatever ``also`` writes into the folder, written
+    atomically with a manifest of checksums (:func:`policygrad.checkpointing.save_atomic`): a crash during the save
+    leaves the previous checkpoint as it was."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if weights is None else {"state_dict": weights}))
         tokenizer.save_pretrained(tmp)
         torch.save(state.to_file(), tmp / TRAINER_STATE)
         if also is not None:

@@ -39,6 +39,7 @@ from policygrad.errors import UsageError
 from policygrad.guard import StepGuard
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.dynamic import sample_and_score
+from policygrad.lm.fsdp import gathered
 from policygrad.lm.metrics import curriculum_record, flat_scalars, samples, step_record
 from policygrad.lm.report import Progress, print_before_after, step0_evaluation
 from policygrad.lm.rollout import Rollout
@@ -75,7 +76,8 @@ def train(config: GRPOConfig) -> Path:
             # 1-2. sample G completions of each prompt with the current policy and score them (with dynamic
             # sampling, groups without reward spread are replaced by fresh prompts' groups)
             torch.manual_seed(step_seed(config.seed, step))  # repeatable, and the same after a resume
-            rollout, scored, dynamic = sample_and_score(run, guard, log, records, step)
+            with gathered(run.model):  # FSDP: every weight on every rank while generating; else nothing
+                rollout, scored, dynamic = sample_and_score(run, guard, log, records, step)
             sampled = time.perf_counter()
             ref_logprobs = reference_logprobs(run, rollout)  # (N, T) or None
 

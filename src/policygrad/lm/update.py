@@ -9,6 +9,7 @@ Letters as in :mod:`policygrad.lm.rollout`: N rows (B prompts x G completions), 
 Data parallel (:mod:`policygrad.distributed`): each rank holds N / W of the rows. The weights of its micro-batches
 are taken against the WHOLE batch's count (tokens, non-empty rows or rows, summed over the ranks), so the ranks'
 accumulated gradients sum to the one-process gradient; they are summed before clipping, and so are the metrics.
+Under FSDP2 (:mod:`policygrad.lm.fsdp`) the backward passes reduce-scatter them instead, each rank keeping its shard.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from policygrad.distributed import World
+from policygrad.lm import fsdp
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.lora import recomputing
 from policygrad.lm.rollout import Rollout, autocast_context, completion_logprobs, micro_batches, unshared_logprobs
@@ -134,18 +136,26 @@ def update(
     clipped = config.updates_per_batch > 1  # one step on fresh samples: ratio is 1, REINFORCE is the same gradient
     if clipped and rollout.logprobs is None:
         raise ValueError("several updates per batch need the sampling log-probs: sample(..., score_tokens=True)")
+    sharded = fsdp.is_sharded(model)  # FSDP2: gradients reduce-scattered in the backward, averaged (so scaled by W)
+    scale = fsdp.loss_scale(model, world)
     metrics: dict[str, float] = {}
     for _ in range(config.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         metrics = {}
         for rows in micro_batches(n, config.micro_batch_size):
             share = micro_batch_share(mask[rows], mask, config.aggregation, total)
-            if share == 0:
+            if share == 0 and not sharded:
                 continue  # no tokens that count (all-empty completions): nothing to learn from these rows
             with autocast_context(device, autocast_dtype), recomputing(model) as recompute:
-                logprobs, entropies = (unshared_logprobs if recompute else completion_logprobs)(
-                    model, temperature=config.temperature, **rollout.rows(rows)
-                )  # (M, T) each, M rows in this micro-batch
+                if recompute:
+                    logprobs, entropies = unshared_logprobs(model, temperature=config.temperature, **rollout.rows(rows))
+                else:  # FSDP: the embeddings looked up inside the forward passes (see completion_logprobs)
+                    logprobs, entropies = completion_logprobs(
+                        model, temperature=config.temperature, embed_once=not sharded, **rollout.rows(rows)
+                    )  # (M, T) each, M rows in this micro-batch
+            if share == 0:  # FSDP: the backward's reduce-scatters are collectives; a zero, finite gradient
+                (logprobs.sum() * 0.0).backward()
+                continue
             loss, micro = grpo_loss(
                 logprobs,
                 entropies,
@@ -161,14 +171,15 @@ def update(
                 clip_eps_high=config.clip_eps_high,
                 max_len=config.max_new_tokens,
             )
-            (loss * share).backward()
+            (loss * (share * scale)).backward()
             micro["loss"] = loss.item()
             for key, value in micro.items():
                 metrics[key] = metrics.get(key, 0.0) + share * value
-        world.all_reduce_gradients(model.parameters())  # each rank's share of the batch gradient, summed
+        if not sharded:
+            world.all_reduce_gradients(model.parameters())  # each rank's share of the batch gradient, summed
         metrics = world.sum_metrics(metrics)  # likewise the share-weighted metrics
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        metrics["grad_norm"] = fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         # reliability (issue 6, docs/reliability.md): a non-finite loss or gradient never reaches the weights or
         # AdamW's moments; the loop counts skipped updates and stops after max_bad_steps in a row. Under torchrun
         # the gradient and the loss are the summed ones, so every rank takes the same decision.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -330,58 +330,19 @@ def completion_logprobs(
     Returns:
         (logprobs, entropies), each (M, T), float32; values at masked positions are meaningless (mask them).
     """
-    if not embed_once:
-        first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (M, V)
-        return _complete(
-            model,
-            first,
-            cache,
-            prompt_ids,
-            prompt_mask,
-            completion_ids,
-            completion_mask,
-            prompt_index,
-            temperature,
-            {"input_ids": completion_ids[:, :-1]},
-        )
-    # one embedding lookup for the prompt and completion tokens: its backward zero-fills a vocabulary-sized gradient
-    # (V x D, 113 MB for SmolLM2), which two lookups would do twice (benchmarks/NOTES.md)
     fed = completion_ids[:, :-1]  # (M, T - 1): token t is predicted at the position of token t - 1
-    embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P + M*(T-1), D)
-    prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
-    first, cache = _prefill(
-        model, prompt_ids, prompt_mask, prompt_index, prompt_embeds.view(*prompt_ids.shape, -1)
-    )  # (M, V)
-    fed_inputs = {"inputs_embeds": fed_embeds.view(*fed.shape, -1)}
-    return _complete(
-        model,
-        first,
-        cache,
-        prompt_ids,
-        prompt_mask,
-        completion_ids,
-        completion_mask,
-        prompt_index,
-        temperature,
-        fed_inputs,
-    )
-
-
-def _complete(
-    model: PreTrainedModel,
-    first: Tensor,
-    cache: Any,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    prompt_index: Tensor,
-    temperature: float,
-    fed_inputs: dict[str, Tensor],
-) -> tuple[Tensor, Tensor]:
-    """The completion pass of :func:`completion_logprobs` on top of the prompts' cache: ``first`` (M, V) is the
-    prefill's logits of the first completion token, ``fed_inputs`` the completion tokens but the last (ids or
-    embeddings)."""
+    if embed_once:
+        # one embedding lookup for the prompt and completion tokens: its backward zero-fills a vocabulary-sized
+        # gradient (V x D, 113 MB for SmolLM2), which two lookups would do twice (benchmarks/NOTES.md)
+        embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P+M*(T-1), D)
+        prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
+        prompt_embeds, fed_inputs = (
+            prompt_embeds.view(*prompt_ids.shape, -1),
+            {"inputs_embeds": fed_embeds.view(*fed.shape, -1)},
+        )
+    else:
+        prompt_embeds, fed_inputs = None, {"input_ids": fed}
+    first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index, prompt_embeds)  # (M, V)
     logits = first[:, None]  # (M, 1, V)
     if completion_ids.shape[1] > 1:
         attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)

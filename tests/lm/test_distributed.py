@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,6 +124,34 @@ def test_two_processes_train_the_parameters_of_one(sharding, tiny_llama_chat, ti
     assert not (two / "checkpoints").exists() and sorted(p.name for p in two.iterdir()) == sorted(
         p.name for p in one.iterdir()
     )  # rank 0 wrote what one process writes, and nobody else wrote anything
+
+
+def test_two_nodes_train_what_one_node_trains(tiny_llama_chat, tiny_prompts, tmp_path):
+    # two torchrun launchers, one process each, meeting at a c10d rendezvous as two machines would (here both on
+    # localhost): the same run as one launcher with two processes, bit for bit (the same ranks, shards and shapes)
+    one_node = _recipe(tmp_path, "node", tiny_llama_chat, tiny_prompts)
+    assert _train(2, one_node).returncode == 0
+    two_nodes = _recipe(tmp_path, "nodes", tiny_llama_chat, tiny_prompts)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    launch = [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    launch += ["--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes"]
+    nodes = [
+        subprocess.Popen(
+            [*launch, "--node-rank", str(rank), "-m", "policygrad", "train", "--recipe", str(two_nodes)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=120)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors
+    for name, tensor in weights(tmp_path / "node" / "final").items():
+        assert torch.equal(weights(tmp_path / "nodes" / "final")[name], tensor), name
+    assert _untimed(tmp_path / "nodes") == _untimed(tmp_path / "node")
 
 
 def test_a_resumed_fsdp_run_is_bit_identical(tiny_llama_chat, tiny_prompts, tmp_path):

@@ -37,6 +37,12 @@ EXACT = ("reward_mean", "reward_std", "advantage_mean", "advantage_std", "advant
 EXACT += ("entropy_weight", "completion_tokens", "zero_spread_groups", "pass_rate", "length_rate", "truncated")
 ONE_VS_TWO = 1e-6  # parameters after 3 steps (see the module docstring)
 
+HALF_FLAT_REWARD = """
+def half_flat(prompts, completions, **fields):
+    # no spread for the even-numbered notes ("Note 4: cats nap."), the completion's length for the odd ones
+    return [0.0 if int(p.split()[1].rstrip(":")) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+"""
+
 LETHAL_REWARD = """
 import os
 import signal
@@ -202,6 +208,29 @@ def test_two_processes_train_the_lora_adapters_of_one(tiny_llama_chat, tiny_prom
     assert max(t.abs().max() for k, t in adapters[1].items() if "lora_B" in k) > 1e-3  # it trained
     for name, tensor in adapters[1].items():
         assert torch.allclose(adapters[2][name], tensor, rtol=0, atol=ONE_VS_TWO), name
+
+
+def test_two_processes_sample_dynamically_as_one_does(tiny_llama_chat, tiny_prompts, tmp_path):
+    # groups without spread replaced by fresh prompts' groups, drawn round the ranks (a round of one fresh prompt
+    # leaves rank 1 without any), picked from every rank's draws: the batch one process trains on
+    reward = tmp_path / "half_flat.py"
+    reward.write_text(HALF_FLAT_REWARD)
+    settings = dict(max_extra_groups=3, rewards=(f"{reward}:half_flat",), max_steps=4)
+    for processes in (1, 2):
+        done = _train(processes, _recipe(tmp_path, f"d{processes}", tiny_llama_chat, tiny_prompts, **settings))
+        assert done.returncode == 0, done.stderr
+    one, two = tmp_path / "d1", tmp_path / "d2"
+    assert (one / "completions.jsonl").read_text() == (two / "completions.jsonl").read_text()
+    dynamic = ("dynamic/extra_groups", "dynamic/first_zero_spread")
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        assert {k: a[k] for k in EXACT + dynamic} == {k: b[k] for k in EXACT + dynamic}
+    extra = [record["dynamic/extra_groups"] for record in _metrics(two)]
+    assert sum(extra) > 0 and 1.0 in extra, extra  # it drew, once a single fresh prompt (one rank had none)
+    # to 1e-5, not 1e-6: the same padding rounding as above over 4 AdamW steps, one of them on a gradient of norm
+    # 0.08 that AdamW's normalisation scales up (3.3e-6 when recorded)
+    expected, got = weights(one / "final"), weights(two / "final")
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, rtol=0, atol=1e-5), name
 
 
 def test_two_processes_share_the_evaluation_and_report_the_numbers_of_one(tiny_llama_chat, tiny_prompts, tmp_path):

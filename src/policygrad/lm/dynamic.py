@@ -40,7 +40,7 @@ __all__ = ["fresh_prompts", "join_scored", "sample_and_score"]
 def sample_and_score(
     run: Any, guard: StepGuard, log: RunLog, records: list[dict[str, Any]], step: int
 ) -> tuple[Rollout, Scored, dict[str, float]]:
-    """Sample G completions of each of the B ``records`` and score them; with ``max_extra_groups`` > 0, replace
+    """Sample G completions of each of this rank's ``records`` and score them; with ``max_extra_groups`` > 0, replace
     groups without reward spread by fresh prompts' groups as the module docstring says. Returns the rollout, its
     scores and the dynamic-sampling metrics ({} when it is off)."""
     config = run.config
@@ -49,29 +49,65 @@ def sample_and_score(
     scored = score(run, guard, log, rollout, records, step)
     if not config.max_extra_groups:
         return rollout, scored, {}
-    size = len(records)
-    first_flat = zero_spread_groups(scored.rewards, config.group_size).tolist()  # (B,)
-    kept, flat = _split(rollout, scored, first_flat)
+    world, size = run.world, config.prompts_per_step  # B, over every rank
+    first = world.shard(size).start  # this rank's first prompt, numbered over the whole batch
+    draws = [(first, rollout, scored)]  # (number of the draw's first prompt, its rollout, its scores)
+    flat = _gather_flat(world, [(first, _flat(scored, config.group_size))])  # {prompt number: no spread}
     extra = 0
-    while len(kept) < size and extra < config.max_extra_groups:
-        count = min(size - len(kept), config.max_extra_groups - extra)
+    while sum(not f for f in flat.values()) < size and extra < config.max_extra_groups:
+        count = min(size - sum(not f for f in flat.values()), config.max_extra_groups - extra)
         fresh = fresh_prompts(run.prompts.train, config.seed, step, extra, count)
-        generators = run.generators(step, count, offset=size + extra)  # fresh prompts' own streams (torchrun)
-        more = sample(run.model, run.tokenizer, [r["prompt"] for r in fresh], **run.sampling, generators=generators)
-        more_scored = score(run, guard, log, more, fresh, step)
-        more_flat = zero_spread_groups(more_scored.rewards, config.group_size).tolist()
-        more_kept, more_flat = _split(more, more_scored, more_flat)
-        kept, flat, extra = kept + more_kept, flat + more_flat, extra + count
-    picks = (kept + flat)[:size]
+        mine = list(range(world.rank, count, world.size))  # fresh prompt j goes to rank j mod W
+        numbers = [size + extra + j for j in mine]
+        more = _sample_some(run, [fresh[j]["prompt"] for j in mine], step, numbers)
+        more_scored = score(run, guard, log, more, [fresh[j] for j in mine], step)  # every rank: it agrees on faults
+        draws += [] if more is None else [(n, more, more_scored, g) for g, n in enumerate(numbers)]  # per group
+        flags = _flat(more_scored, config.group_size) if more_scored is not None else []
+        flat.update(_gather_flat(world, [(n, [f]) for n, f in zip(numbers, flags)]))
+        extra += count
+    picks = _picks(world, draws, flat, config.group_size, size)
     joined = join_groups([(r, g) for r, _, g in picks], pad_token_id(run.model, run.tokenizer))
-    metrics = {"dynamic/extra_groups": float(extra), "dynamic/first_zero_spread": sum(first_flat) / size}
+    joined = joined if world.size == 1 else joined.to(rollout.completion_ids.device)
+    first_flat = sum(flat[b] for b in range(size))
+    metrics = {"dynamic/extra_groups": float(extra), "dynamic/first_zero_spread": first_flat / size}
     return joined, join_scored([(s, g) for _, s, g in picks], config.group_size), metrics
 
 
-def _split(rollout: Rollout, scored: Scored, flat: list[bool]) -> tuple[list[tuple], list[tuple]]:
-    """The ``(rollout, scored, group)`` picks of a draw: those with reward spread, and those without (``flat``)."""
-    picks = [(rollout, scored, g) for g in range(len(flat))]
-    return [p for p, f in zip(picks, flat) if not f], [p for p, f in zip(picks, flat) if f]
+def _flat(scored: Scored, group_size: int) -> list[bool]:
+    return zero_spread_groups(scored.rewards, group_size).tolist()
+
+
+def _gather_flat(world: Any, parts: list[tuple[int, list[bool]]]) -> dict[int, bool]:
+    """Every rank's groups' flags, by prompt number: ``parts`` are (first prompt number, flags of its groups)."""
+    return {
+        start + g: f for rank_parts in world.gather(parts) for start, flags in rank_parts for g, f in enumerate(flags)
+    }
+
+
+def _sample_some(run: Any, prompts: list[str], step: int, numbers: list[int]) -> Rollout | None:
+    """G completions of each of ``prompts`` (numbered ``numbers`` over every rank's draws), or None for none."""
+    if not prompts:
+        return None
+    generators = run.generators_at(step, numbers)
+    return sample(run.model, run.tokenizer, prompts, **run.sampling, generators=generators)
+
+
+def _picks(world: Any, draws: list[tuple], flat: dict[int, bool], group_size: int, size: int) -> list[tuple]:
+    """This rank's share of the step's B groups, ``(rollout, scored, group)`` each: the groups with spread in the
+    order they were drawn, then those without, the first B of them, cut into the ranks' consecutive shares. Under
+    torchrun a group may have been drawn by another rank: every rank's draws are gathered (on the CPU)."""
+    groups: dict[int, tuple] = {}
+    first, rollout, scored = draws[0]
+    for g in range(len(rollout.completions) // group_size):
+        groups[first + g] = (rollout, scored, g)
+    for number, more, more_scored, g in draws[1:]:
+        groups[number] = (more, more_scored, g)
+    if world.size > 1:
+        shared = {n: (r.to("cpu"), s, g) for n, (r, s, g) in groups.items()}
+        groups = {n: pick for part in world.gather(shared) for n, pick in part.items()}
+    order = sorted(groups)  # the batch's prompts, then the fresh ones in the order drawn
+    chosen = ([n for n in order if not flat[n]] + [n for n in order if flat[n]])[:size]
+    return [groups[n] for n in chosen[world.shard(size)]]
 
 
 def fresh_prompts(train: list[dict[str, Any]], seed: int, step: int, start: int, count: int) -> list[dict[str, Any]]:

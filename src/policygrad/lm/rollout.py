@@ -11,6 +11,7 @@ P and generation starts at the same column for all rows; completions are right-p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,12 @@ class Rollout:
     @property
     def completion_lengths(self) -> Tensor:
         return self.completion_mask.sum(-1)  # (N,)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """This rollout with its tensors on ``device`` (the CPU, to pickle it for another rank)."""
+        names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "truncated")
+        moved = {name: getattr(self, name).to(device) for name in names if getattr(self, name) is not None}
+        return dataclasses.replace(self, **moved)
 
     def rows(self, rows: slice) -> dict[str, Tensor]:
         """The inputs of :func:`completion_logprobs` for a micro-batch of consecutive rows: each distinct prompt

@@ -37,23 +37,26 @@ class Scored:
 
 
 def score(
-    run: Any, guard: StepGuard, log: RunLog, rollout: Rollout, records: list[dict[str, Any]], step: int
-) -> Scored:
-    """Score the N completions of ``rollout`` (``records`` are its B prompt records; ``step`` the steps done before)."""
+    run: Any, guard: StepGuard, log: RunLog, rollout: Rollout | None, records: list[dict[str, Any]], step: int
+) -> Scored | None:
+    """Score the N completions of ``rollout`` (``records`` are its B prompt records; ``step`` the steps done before).
+    Under torchrun a rank with nothing to score this time (``rollout`` None: a round of dynamic sampling that drew
+    fewer fresh prompts than there are ranks) still takes part in the ranks' agreement on faults, and gets None."""
     config = run.config
     task_fields = fields = group_fields(records, config.group_size)
-    if run.curriculum is not None:  # the rewards see this stage's tolerance; the logged rates the task's
+    if run.curriculum is not None and rollout is not None:  # the rewards see this stage's tolerance
         fields = {**task_fields, "tolerance": [run.curriculum.tolerance] * len(rollout.completions)}
-    fault, original = None, None
+    fault, original, scores = None, None, None
     try:
-        scores = run.reward_set.score(
-            rollout.prompts,
-            rollout.completions,
-            fields,
-            on_fault=config.reward_fault,
-            timeout=config.reward_timeout or None,
-            allow_nan=False,
-        )
+        if rollout is not None:
+            scores = run.reward_set.score(
+                rollout.prompts,
+                rollout.completions,
+                fields,
+                on_fault=config.reward_fault,
+                timeout=config.reward_timeout or None,
+                allow_nan=False,
+            )
     except RewardError as err:  # policy "error": keep everything up to this step, then say how to go on
         fault, original = (err.field, str(err)[len(err.field) + 2 :]), err
     fault = run.world.first(fault)  # any rank's fault stops every rank (the first rank's message)
@@ -67,17 +70,19 @@ def score(
         ) from original
     first_row = run.world.shard(config.prompts_per_step).start * config.group_size  # of this rank's rows
     _log_faults(log, step + 1, scores, rollout, run.world, first_row)
+    if rollout is None:
+        return None
     rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # (N,)
     if config.truncated_reward is not None:  # a reply must end itself, not be cut off by the budget
         rewards[rollout.truncated.cpu() & ~rewards.isnan()] = config.truncated_reward
     return Scored(rewards, scores, task_fields, fields)
 
 
-def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout, world: Any, first_row: int = 0) -> None:
+def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout | None, world: Any, first_row: int = 0) -> None:
     """Reward faults skipped under ``reward_fault: skip``: one line each in faults.jsonl, one warning per step.
     Under torchrun rank 0 writes every rank's lines, ``sample`` counted over the whole batch (from ``first_row``)."""
     rows = []
-    for fault in scores.faults:
+    for fault in scores.faults if scores is not None else ():
         row = 0 if fault.sample is None else fault.sample
         rows.append(
             {
@@ -90,7 +95,7 @@ def _log_faults(log: RunLog, step: int, scores: Any, rollout: Rollout, world: An
             }
         )
     log.rows("faults", step, [row for part in world.gather(rows) for row in part])
-    if scores.faults:
+    if scores is not None and scores.faults:
         more = f" (and {len(scores.faults) - 1} more)" if len(scores.faults) > 1 else ""
         print(
             f"policygrad train: step {step}: {scores.faulted_samples} samples get advantage 0 after a reward fault: "

@@ -18,8 +18,8 @@ seeds each prompt's sampling (:meth:`Run.generators`), gathers the whole batch f
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,10 +132,15 @@ class Run:
         (b counted over every rank's prompts, then ``offset`` on) draws from ``step_seed(seed, step, b)``, so its
         completions do not depend on how the batch is split. None for a plain run: the global generator, seeded
         per step by the loop, as before data parallelism."""
+        first = self.world.shard(self.config.prompts_per_step).start + offset
+        return self.generators_at(step, range(first, first + count))
+
+    def generators_at(self, step: int, prompts: Sequence[int]) -> list[torch.Generator] | None:
+        """Under torchrun, the generators of the step's prompts numbered ``prompts`` (counted over every rank's
+        draws: 0..B-1 the batch, B on the fresh prompts of dynamic sampling); None for a plain run."""
         if not self.world.launched:
             return None
-        first = self.world.shard(self.config.prompts_per_step).start + offset
-        return [torch.Generator().manual_seed(step_seed(self.config.seed, step, first + b)) for b in range(count)]
+        return [torch.Generator().manual_seed(step_seed(self.config.seed, step, b)) for b in prompts]
 
     def whole_batch(self, rollout: Rollout, scored: Any) -> tuple[Rollout, Any]:
         """The step's whole batch, every rank's groups in prompt order, as one process would have sampled it (on
@@ -145,7 +150,7 @@ class Run:
             return rollout, scored
         from policygrad.lm.dynamic import join_scored
 
-        parts = self.world.gather((_on_cpu(rollout), scored))  # in rank order, so in prompt order
+        parts = self.world.gather((rollout.to("cpu"), scored))  # in rank order, so in prompt order
         picks = [
             (part, part_scored, g)
             for part, part_scored in parts
@@ -290,8 +295,8 @@ def _say_checkpoint_size(config: GRPOConfig, model: Any) -> None:
 
 
 def _check_launch(config: GRPOConfig, launch: Launch | None) -> Launch | None:
-    """Refuse, in one line, a torchrun launch this config cannot run: B prompts that do not split into whole
-    groups per process, and dynamic sampling, which refills only the groups of one process (not yet made global)."""
+    """Refuse, in one line, a launch this config cannot run: ``fsdp`` without torchrun, and B prompts that do not
+    split into whole groups per process."""
     if config.fsdp and launch is None:
         raise UsageError(
             "--fsdp", "shards the model over the processes of a torchrun launch: start the run with torchrun"
@@ -303,12 +308,6 @@ def _check_launch(config: GRPOConfig, launch: Launch | None) -> Launch | None:
             "--prompts-per-step",
             f"{config.prompts_per_step} prompts per step do not split evenly over the {launch.size} processes of "
             f"this torchrun launch (each takes whole prompt groups); use a multiple of {launch.size}",
-        )
-    if config.max_extra_groups:
-        raise UsageError(
-            "--max-extra-groups",
-            "dynamic sampling does not run under torchrun with several processes yet (each would refill only its "
-            "own groups); set it to 0, or train in one process",
         )
     return launch
 
@@ -328,18 +327,6 @@ def _setup_threads(config: GRPOConfig, launch: Launch | None) -> None:
     from policygrad.threads import default_threads, set_threads
 
     set_threads(max(1, default_threads() // max(launch.local_size, 1)))
-
-
-def _on_cpu(rollout: Rollout) -> Rollout:
-    """``rollout`` with its tensors on the CPU (to pickle it for another rank)."""
-    return dataclasses.replace(
-        rollout,
-        **{
-            name: getattr(rollout, name).cpu()
-            for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "truncated")
-            if getattr(rollout, name) is not None
-        },
-    )
 
 
 def _setup_rewards(config: GRPOConfig) -> Any:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policygrad.losses import aggregate, policy_loss, value_loss
+from policygrad.losses import aggregate, policy_loss, truncated_importance_weights, value_loss
 
 DTYPE = torch.float64  # the exact values are compared to 1e-15
 
@@ -331,3 +331,41 @@ def test_explained_variance_edge_cases():
         warnings.simplefilter("error")
         _, m = value_loss(t([0.0, 5.0]), t([1.0, 7.0]), t([1.0, 0.0]))
     assert math.isnan(m["explained_variance"])
+
+
+@pytest.mark.exact
+def test_truncated_importance_weights_by_hand():
+    trainer = torch.tensor([[0.0, -1.0], [-2.0, 0.5]])
+    sampler = torch.tensor([[0.0, -2.0], [-1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # the last token does not count in the metrics
+    weights, metrics = truncated_importance_weights(trainer, sampler, cap=2.0, mask=mask)
+    # min(exp(trainer - sampler), 2): exp(0) = 1, exp(1) = 2.718 -> 2, exp(-1) = 0.368, exp(0.5) = 1.649
+    expected = torch.tensor([[1.0, 2.0], [math.exp(-1.0), math.exp(0.5)]])
+    assert torch.allclose(weights, expected, rtol=0, atol=1e-7)
+    assert not weights.requires_grad
+    assert metrics["tis_weight_mean"] == pytest.approx((1.0 + 2.0 + math.exp(-1.0)) / 3, abs=1e-7)
+    assert metrics["tis_capped_fraction"] == pytest.approx(1 / 3, abs=1e-7)
+    assert metrics["tis_logprob_gap"] == pytest.approx((0.0 + 1.0 + 1.0) / 3, abs=1e-7)
+
+
+@pytest.mark.property
+@pytest.mark.parametrize("clipped", [False, True])
+def test_importance_weights_scale_each_tokens_gradient(clipped):
+    # the weighted loss's gradient is each token's unweighted gradient times its weight; weights of 1 change nothing
+    torch.manual_seed(0)
+    logprobs = torch.randn(3, 4, requires_grad=True)
+    old = logprobs.detach() + 0.05 * torch.randn(3, 4) if clipped else None
+    advantages, mask = torch.randn(3), torch.ones(3, 4)
+    weights = torch.rand(3, 4) * 2
+
+    def gradient(is_weights):
+        logprobs.grad = None
+        loss, _ = policy_loss(logprobs, advantages, mask, old, aggregation="token_mean", is_weights=is_weights)
+        loss.backward()
+        return loss.detach(), logprobs.grad.clone()
+
+    plain_loss, plain = gradient(None)
+    ones_loss, ones = gradient(torch.ones(3, 4))
+    assert torch.equal(ones_loss, plain_loss) and torch.equal(ones, plain)
+    _, weighted = gradient(weights)
+    assert torch.allclose(weighted, plain * weights, rtol=1e-6, atol=1e-7)

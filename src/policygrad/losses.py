@@ -13,7 +13,15 @@ from torch import Tensor
 from policygrad.regularizers import kl
 from policygrad.variants import AGGREGATIONS
 
-__all__ = ["aggregate", "constant_length_mean", "policy_loss", "sequence_mean", "token_mean", "value_loss"]
+__all__ = [
+    "aggregate",
+    "constant_length_mean",
+    "policy_loss",
+    "sequence_mean",
+    "token_mean",
+    "truncated_importance_weights",
+    "value_loss",
+]
 
 
 def token_mean(values: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
@@ -68,6 +76,7 @@ def policy_loss(
     clip_eps_high: float | None = None,
     aggregation: str = "token_mean",
     max_len: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The policy-gradient loss, per token, then aggregated.
 
@@ -85,6 +94,9 @@ def policy_loss(
 
     At ``r = 1`` (the first update on fresh samples) its gradient is exactly REINFORCE's: ``grad r = r grad log pi``.
 
+    With ``is_weights`` w_t (no gradient; :func:`truncated_importance_weights`), each token's term is ``w_t * l_t``:
+    the correction for samples drawn by an engine whose probabilities differ from the trainer's.
+
     Args:
         logprobs:      (B, T) log pi_theta of the taken actions; carries the gradient.
         advantages:    (B, T) per token, or (B,) per sequence (broadcast over T).
@@ -94,6 +106,7 @@ def policy_loss(
         clip_eps_high: eps_high; defaults to eps_low.
         aggregation:   how per-token losses are averaged, see :func:`aggregate`.
         max_len:       for ``aggregation="constant"``.
+        is_weights:    (B, T) per-token importance weights, or None for none.
     Returns:
         (loss, metrics). Metrics: ``clip_fraction`` (tokens whose gradient the clip removed, low and high split out
         as ``clip_fraction_low``/``clip_fraction_high``), ``approx_kl`` (k3 estimate of KL(old || new), Schulman 2020),
@@ -104,15 +117,16 @@ def policy_loss(
     mask = mask.to(logprobs.dtype)
     if advantages.dim() == logprobs.dim() - 1:
         advantages = advantages.unsqueeze(-1)  # (B, 1): one advantage for every token of a sequence
+    weights = 1.0 if is_weights is None else is_weights.detach()  # (B, T) or 1
     if old_logprobs is None:
-        per_token = -advantages * logprobs  # (B, T)
+        per_token = -advantages * logprobs * weights  # (B, T)
         return aggregate(per_token, mask, aggregation, max_len), {}
 
     eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)  # (B, T)
+    per_token = -torch.minimum(unclipped, clipped) * weights  # (B, T)
     loss = aggregate(per_token, mask, aggregation, max_len)
 
     with torch.no_grad():
@@ -128,6 +142,40 @@ def policy_loss(
         }
         metrics["clip_fraction"] = metrics["clip_fraction_low"] + metrics["clip_fraction_high"]
     return loss, metrics
+
+
+def truncated_importance_weights(
+    logprobs: Tensor, sampler_logprobs: Tensor, cap: float, mask: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; TRL's ``vllm_importance_sampling_correction``, verl's rollout importance sampling): the
+    tokens were drawn by a sampling engine with probabilities pi_sampler, the gradient is the trainer's under its own
+    pi_old, and the two differ (other kernels, other precision, a KV cache). Reweight each token by
+
+        w_t = min( pi_old(y_t) / pi_sampler(y_t),  C ) = min( exp(logprobs_t - sampler_logprobs_t),  C )
+
+    The cap C bounds the variance that a token the sampler found far less likely than the trainer would add.
+
+    Args:
+        logprobs:         (B, T) log pi_old of the sampled tokens, recomputed by the trainer (no gradient).
+        sampler_logprobs: (B, T) the sampling engine's log-probs of the same tokens.
+        cap:              C > 0.
+        mask:             (B, T) tokens that count, for the metrics (default all).
+    Returns:
+        (weights (B, T) without gradient, metrics): ``tis_weight_mean``, ``tis_capped_fraction`` (tokens whose
+        weight the cap cut) and ``tis_logprob_gap`` (mean |logprobs - sampler_logprobs|, in nats).
+    """
+    with torch.no_grad():
+        ratio = torch.exp(logprobs.float() - sampler_logprobs.float())  # (B, T)
+        weights = ratio.clamp(max=cap)
+        mask = torch.ones_like(ratio) if mask is None else mask.to(ratio.dtype)
+        tokens = mask.sum().clamp(min=1)
+        metrics = {
+            "tis_weight_mean": ((weights * mask).sum() / tokens).item(),
+            "tis_capped_fraction": (((ratio > cap).to(mask.dtype) * mask).sum() / tokens).item(),
+            "tis_logprob_gap": (((logprobs - sampler_logprobs).abs() * mask).sum() / tokens).item(),
+        }
+    return weights, metrics
 
 
 def value_loss(

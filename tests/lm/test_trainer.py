@@ -125,6 +125,19 @@ def test_train_variants_base_model_kl_clipping_bfloat16(tiny_qwen_base, tiny_pro
     assert abs(record["ratio_mean"] - 1.0) > 1e-3 and record["kl"] > 1e-3  # more than rounding
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_truncated_importance_sampling_measures_the_samplers_gap(precision, tiny_llama_chat, tiny_prompts, tmp_path):
+    # the sampler (cached one-token decoding steps) and the trainer's log-prob pass (one forward pass over each
+    # completion) compute the same probabilities with other kernels; on this tiny model they agree to rounding
+    # (5e-8 nats per token when recorded, in both precisions), so every weight is 1 and none is capped
+    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", tis_cap=2.0, precision=precision)
+    records = [json.loads(line) for line in (train(config) / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "tis/logprob_gap" in record] == [1, 2]  # every step
+    for record in records:
+        assert 0.0 <= record["tis/logprob_gap"] < 1e-5
+        assert record["tis/weight_mean"] == pytest.approx(1.0, abs=1e-5) and record["tis/capped_fraction"] == 0.0
+
+
 def test_reward_error_during_training_is_one_line(tiny_llama_chat, tiny_prompts, tmp_path):
     rewards_file = tmp_path / "bad.py"
     rewards_file.write_text("def bad(prompts, completions, **fields):\n    return [1.0]\n")

@@ -690,3 +690,27 @@ def test_an_update_on_a_batch_with_no_token_that_counts_changes_nothing(policy_a
     assert metrics == {"grad_norm": 0.0}
     # no gradient at all, not a zero one: AdamW would still apply its momentum and weight decay to a zero gradient
     assert all(torch.equal(p, b) for p, b in zip(policy.parameters(), before))
+
+
+@pytest.mark.exact
+def test_importance_weights_reach_the_policy_term(policy_and_reference):
+    """``update(..., is_weights=w)`` weights every token's policy term by w (here 0.5 everywhere: half the policy
+    loss and half the gradient, the entropy term off), as :func:`policygrad.losses.policy_loss` says."""
+    policy, _, tokenizer = policy_and_reference
+    rollout = _rollout(policy, tokenizer, score_tokens=False)
+    halves = torch.full(rollout.completion_ids.shape, 0.5)
+    plain, halved = (
+        update(
+            copy.deepcopy(policy),
+            torch.optim.SGD(policy.parameters(), lr=0.0),
+            rollout,
+            ADVANTAGES,
+            None,
+            0.0,
+            _config(),
+            is_weights=weights,
+        )
+        for weights in (None, halves)
+    )
+    assert halved["pg_loss"] == pytest.approx(0.5 * plain["pg_loss"], rel=1e-6)
+    assert halved["grad_norm"] == pytest.approx(0.5 * plain["grad_norm"], rel=1e-5)

@@ -168,6 +168,10 @@ class GRPOConfig(TaskSettings):
     gradient_checkpointing: bool = False
     """recompute each decoder layer's activations in the backward pass instead of keeping them: less memory, about
     one more forward pass of time; the same gradients"""
+    tis_cap: float = 0.0
+    """truncated importance sampling: weight each sampled token's policy-gradient term by min(pi_trainer /
+    pi_sampler, C) with C this cap (2 is TRL's and verl's usual), for the gap between the sampler's log-probs and the
+    trainer's forward pass (other kernels, precision, the KV cache), logged as tis_logprob_gap; 0: off"""
     fsdp: bool = False
     """under torchrun: shard the weights, gradients and AdamW's moments over the processes (FSDP2), for a model
     whose training state does not fit one device per process; the same updates as data parallelism"""
@@ -325,6 +329,7 @@ class GRPOConfig(TaskSettings):
         _require(
             self.lora_rank > 0 or not self.lora_merged, "--lora-merged", "merges LoRA adapters: set --lora-rank too"
         )
+        _positive("--tis-cap", self.tis_cap, allow_zero=True)
         _require(not (self.fsdp and self.lora_rank), "--fsdp", "with --lora-rank is not supported yet; drop one")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "--max-steps", f"must be at least 1, got {self.max_steps}")

@@ -31,6 +31,7 @@ def step_record(
         "reward_mean": valid.mean().item() if valid.numel() else float("nan"),
         "reward_std": valid.std().item() if valid.numel() > 1 else 0.0,
         "reward_nan": float(scores.nan_count),
+        "reward_faults": float(scores.faulted_samples),
         "zero_spread_groups": zero_spread_fraction(rewards, group_size),
         "advantage_mean": advantages.mean().item(),
         "advantage_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
@@ -41,6 +42,7 @@ def step_record(
         "completion_chars": sum(len(c.strip()) for c in rollout.completions) / len(rollout.completions),
         "truncated": rollout.truncated.float().mean().item(),
         **task.rates(rollout.completions, scored.task_fields),
+        "skipped_updates": 0.0,  # 1 when a non-finite loss or gradient skipped the update (update_metrics say so)
         **update_metrics,
     }
     if len(scores.per_function) > 1:

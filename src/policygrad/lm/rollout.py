@@ -58,6 +58,7 @@ class Rollout:
     logprobs: Tensor | None  # (N, T) log pi_old of the sampled tokens (0 where masked), no grad; None if not scored
     group_size: int
     truncated: Tensor  # (N,) bool: cut off by max_new_tokens, i.e. no EOS among the completion's tokens
+    sampler_logprobs: Tensor | None = None  # (N, T) log of the probability each token was drawn with, or None
 
     @property
     def input_ids(self) -> Tensor:
@@ -78,6 +79,7 @@ class Rollout:
     def to(self, device: torch.device | str) -> Rollout:
         """This rollout with its tensors on ``device`` (the CPU, to pickle it for another rank)."""
         names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logprobs", "truncated")
+        names += ("sampler_logprobs",)
         moved = {name: getattr(self, name).to(device) for name in names if getattr(self, name) is not None}
         return dataclasses.replace(self, **moved)
 
@@ -112,7 +114,7 @@ def join_groups(picks: Sequence[tuple[Rollout, int]], pad_id: int) -> Rollout:
         extra = width - tensor.shape[1]
         return F.pad(tensor, (extra, 0) if left else (0, extra), value=value)
 
-    columns: dict[str, list[Tensor]] = {name: [] for name in ("pi", "pm", "ci", "cm", "lp", "tr")}
+    columns: dict[str, list[Tensor]] = {name: [] for name in ("pi", "pm", "ci", "cm", "lp", "sl", "tr")}
     prompts: list[str] = []
     completions: list[str] = []
     for rollout, group in picks:
@@ -123,10 +125,12 @@ def join_groups(picks: Sequence[tuple[Rollout, int]], pad_id: int) -> Rollout:
         columns["cm"].append(padded(rollout.completion_mask[rows], width_t, 0, left=False))
         if rollout.logprobs is not None:
             columns["lp"].append(padded(rollout.logprobs[rows], width_t, 0.0, left=False))
+        if rollout.sampler_logprobs is not None:
+            columns["sl"].append(padded(rollout.sampler_logprobs[rows], width_t, 0.0, left=False))
         columns["tr"].append(rollout.truncated[rows])
         prompts += rollout.prompts[rows]
         completions += rollout.completions[rows]
-    if len(columns["lp"]) not in (0, len(picks)):
+    if len(columns["lp"]) not in (0, len(picks)) or len(columns["sl"]) not in (0, len(picks)):
         raise ValueError("join_groups: some rollouts have log-probs and some do not")
     return Rollout(
         prompts=prompts,
@@ -138,6 +142,7 @@ def join_groups(picks: Sequence[tuple[Rollout, int]], pad_id: int) -> Rollout:
         logprobs=torch.cat(columns["lp"]) if columns["lp"] else None,
         group_size=group_size,
         truncated=torch.cat(columns["tr"]),
+        sampler_logprobs=torch.cat(columns["sl"]) if columns["sl"] else None,
     )
 
 
@@ -399,14 +404,16 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
 
 def _next_token(
     logits: Tensor, temperature: float, top_p: float, greedy: bool, generators: Sequence[torch.Generator] | None = None
-) -> Tensor:
-    """(M, V) logits -> (M,) token ids: the argmax, or a draw from softmax(z / tau) cut to its top-p nucleus."""
+) -> tuple[Tensor, Tensor | None]:
+    """(M, V) logits -> (M,) token ids: the argmax, or a draw from softmax(z / tau) cut to its top-p nucleus; and
+    (M,) the log of the probability each drawn token had (None for the argmax)."""
     if greedy:
-        return logits.argmax(-1)
+        return logits.argmax(-1), None
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
-    return draw(probs, generators)
+    chosen = draw(probs, generators)
+    return chosen, probs.gather(-1, chosen[:, None]).squeeze(1).log()
 
 
 def draw(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
@@ -447,6 +454,7 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generators: Sequence[torch.Generator] | None = None,
+    drawn_logprobs: Tensor | None = None,
 ) -> Tensor:
     """Decode ``group_size`` completions of each prompt with a key/value cache; -> (N, T) ids, T <= max_new_tokens.
 
@@ -460,6 +468,8 @@ def generate(
     Args:
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
         generators: (B,) or None.
+        drawn_logprobs: (N, max_new_tokens) float32, or None: filled with the log of the probability each token was
+            drawn with, under this loop's arithmetic (the sampler's side of an importance ratio); not for greedy.
     Returns:
         (N, T) completion ids, N = B * G, rows of a group consecutive; T is the step at which the last row ended.
     """
@@ -476,8 +486,10 @@ def generate(
     steps = 0
     for t in range(max_new_tokens):
         row_generators = None if generators is None else [generators[r // group_size] for r in active.tolist()]
-        chosen = _next_token(logits, temperature, top_p, greedy, row_generators)  # (A,)
+        chosen, chosen_logprobs = _next_token(logits, temperature, top_p, greedy, row_generators)  # (A,) each
         tokens[active, t] = chosen
+        if drawn_logprobs is not None and chosen_logprobs is not None:
+            drawn_logprobs[active, t] = chosen_logprobs
         steps = t + 1
         going = ~torch.isin(chosen, eos)  # (A,)
         if t + 1 == max_new_tokens or not going.any():
@@ -512,6 +524,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     score_tokens: bool = True,
     generators: Sequence[torch.Generator] | None = None,
+    sampler_logprobs: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt and score their tokens under the sampling policy.
 
@@ -529,6 +542,9 @@ def sample(
             a single on-policy update never reads them (its ratio is 1 by construction).
         generators: one CPU ``torch.Generator`` per prompt, each drawing its group's tokens (see :func:`generate`);
             None: the global torch RNG.
+        sampler_logprobs: also keep, as ``sampler_logprobs``, the log-probabilities the decoding loop drew each
+            token with (its one-token passes over the key/value cache round differently from the log-prob pass's
+            whole-sequence forward): the sampler's side of :func:`policygrad.losses.truncated_importance_weights`.
     Returns:
         a :class:`Rollout` with N = B * G rows.
     """
@@ -536,6 +552,8 @@ def sample(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)  # (B, P)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(model, tokenizer)
+    n = prompt_ids.shape[0] * group_size
+    drawn = torch.zeros(n, max_new_tokens, device=device) if sampler_logprobs and not greedy else None
     with autocast_context(device, autocast_dtype):
         completion_ids = generate(
             model,
@@ -549,6 +567,7 @@ def sample(
             top_p,
             greedy,
             generators,
+            drawn,
         )  # (N, T)
     mask = completion_mask(completion_ids, eos_ids)  # (N, T)
     completions = tokenizer.batch_decode(
@@ -565,6 +584,7 @@ def sample(
         group_size=group_size,
         # not "the last column counts": a row whose EOS is the batch's last token ended; one cut off did not
         truncated=~(torch.isin(completion_ids, torch.tensor(eos_ids, device=device)) & mask.bool()).any(-1),
+        sampler_logprobs=None if drawn is None else drawn[:, : completion_ids.shape[1]] * mask,
     )
     if score_tokens:
         rollout.logprobs = rollout_logprobs(

@@ -22,7 +22,7 @@ from policygrad.lm.rewards import RewardError
 from policygrad.lm.rollout import Rollout, rollout_logprobs
 from policygrad.runlog import RunLog
 
-__all__ = ["Scored", "reference_logprobs", "score"]
+__all__ = ["Scored", "importance_correction", "reference_logprobs", "score"]
 
 
 @dataclass
@@ -111,3 +111,22 @@ def reference_logprobs(run: Any, rollout: Rollout) -> Tensor | None:
         return None
     config = run.config
     return rollout_logprobs(run.reference, rollout, config.temperature, config.micro_batch_size, run.autocast_dtype)
+
+
+def importance_correction(run: Any, rollout: Rollout) -> tuple[Tensor | None, dict[str, float]]:
+    """With ``tis_cap`` C > 0: the truncated importance weights min(pi_old / pi_sampler, C) of the sampled tokens
+    (:func:`policygrad.losses.truncated_importance_weights`; pi_old from the trainer's log-prob pass, pi_sampler
+    what the decoding loop drew each token with), and their metrics over the whole batch (every rank's tokens).
+    Without: None and no metrics."""
+    config = run.config
+    if config.tis_cap <= 0:
+        return None, {}
+    from policygrad.losses import truncated_importance_weights
+
+    mask = rollout.completion_mask
+    weights, local = truncated_importance_weights(rollout.logprobs, rollout.sampler_logprobs, config.tis_cap, mask)
+    tokens = float(mask.sum())
+    total = run.world.sum(tokens)
+    return weights, {
+        f"tis/{key[len('tis_') :]}": run.world.sum(value * tokens) / max(total, 1.0) for key, value in local.items()
+    }

@@ -112,7 +112,9 @@ class Run:
             "top_p": config.top_p,
             "micro_batch_size": config.micro_batch_size,
             "autocast_dtype": self.autocast_dtype,
-            "score_tokens": config.updates_per_batch > 1,  # the clipped surrogate needs the sampling log-probs
+            # the clipped surrogate and the importance correction need the sampling log-probs
+            "score_tokens": config.updates_per_batch > 1 or config.tis_cap > 0,
+            "sampler_logprobs": config.tis_cap > 0,
         }
 
     @property

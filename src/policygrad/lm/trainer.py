@@ -43,7 +43,7 @@ from policygrad.lm.fsdp import gathered
 from policygrad.lm.metrics import curriculum_record, flat_scalars, samples, step_record
 from policygrad.lm.report import Progress, print_before_after, step0_evaluation
 from policygrad.lm.rollout import Rollout
-from policygrad.lm.scoring import reference_logprobs
+from policygrad.lm.scoring import importance_correction, reference_logprobs
 from policygrad.lm.setup import Run, setup
 from policygrad.lm.update import update
 from policygrad.rng import step_seed
@@ -80,6 +80,7 @@ def train(config: GRPOConfig) -> Path:
                 rollout, scored, dynamic = sample_and_score(run, guard, log, records, step)
             sampled = time.perf_counter()
             ref_logprobs = reference_logprobs(run, rollout)  # (N, T) or None
+            is_weights, tis = importance_correction(run, rollout)  # (N, T) or None: tis_cap, the sampler's gap
 
             # 3. advantages, and this batch's entropy and KL weights, from the whole batch's rewards (all processes')
             batch, batch_scored = run.whole_batch(rollout, scored)  # the B prompts' N rows
@@ -87,26 +88,24 @@ def train(config: GRPOConfig) -> Path:
             entropy_weight, kl_coef = run.entropy_weight(batch_scored.rewards), run.kl_weight(batch_scored.rewards)
 
             # 4. update the policy on this process's rows (the gradients are summed over the processes)
-            mine = advantages[run.world.shard(len(advantages))]
             metrics = update(
                 run.model,
                 run.optimizer,
                 rollout,
-                mine,
+                advantages[run.world.shard(len(advantages))],  # this process's rows
                 ref_logprobs,
                 entropy_weight,
                 config,
                 run.autocast_dtype,
                 run.world,
                 kl_coef=kl_coef,
+                is_weights=is_weights,
             )
 
             # 5. log the whole batch, and now and then evaluate; the guard then checkpoints or stops
             record = step_record(run.task, batch, batch_scored, advantages, entropy_weight, metrics, config.group_size)
-            record.update(curriculum_record(run.task, run.curriculum, batch, batch_scored), **dynamic)
-            record.update(_timings(run, batch, step, started, sampled))
-            record.update(_estimator_record(run), reward_faults=float(batch_scored.scores.faulted_samples))
-            record["skipped_updates"] = metrics.get("skipped_updates", 0.0)
+            record.update(curriculum_record(run.task, run.curriculum, batch, batch_scored), **dynamic, **tis)
+            record.update(_timings(run, batch, step, started, sampled), **_estimator_record(run))
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < run.total_steps:
                 record.update(flat_scalars(run.evaluate()))
             log.write(step + 1, record)

@@ -49,6 +49,7 @@ def grpo_loss(
     clip_eps_low: float = 0.2,
     clip_eps_high: float | None = None,
     max_len: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The per-batch objective, to minimise:
 
@@ -65,12 +66,13 @@ def grpo_loss(
         advantages:   (N,) one per completion.
         old_logprobs: (N, T) sampling-policy log-probs, or None for REINFORCE.
         ref_logprobs: (N, T) reference-model log-probs, or None for no KL term.
+        is_weights:   (N, T) truncated importance weights of the policy term (``tis_cap``), or None.
     Returns:
         (loss, metrics) with metrics ``pg_loss``, ``entropy``, ``kl`` (when a reference is given) and the
         clip/ratio metrics of policy_loss.
     """
     pg_loss, metrics = policy_loss(
-        logprobs, advantages, mask, old_logprobs, clip_eps_low, clip_eps_high, aggregation, max_len
+        logprobs, advantages, mask, old_logprobs, clip_eps_low, clip_eps_high, aggregation, max_len, is_weights
     )
     mean_entropy = aggregate(entropies, mask, aggregation, max_len)
     loss = pg_loss - entropy_weight * mean_entropy if entropy_weight else pg_loss
@@ -118,9 +120,11 @@ def update(
     autocast_dtype: torch.dtype | None = None,
     world: World | None = None,
     kl_coef: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> dict[str, float]:
     """``config.updates_per_batch`` optimiser steps on one rollout, each accumulating gradients over micro-batches.
     ``kl_coef`` is this batch's beta (``config.kl_weight`` of its rewards); None takes ``config.kl_coef``.
+    ``is_weights`` (N, T): the truncated importance weights of the sampled tokens (``tis_cap``), or None.
 
     Returns the metrics of the LAST optimiser step (weighted over its micro-batches), plus ``grad_norm`` (before
     clipping) and ``loss``; and ``skipped_updates`` = 1 when a non-finite loss or gradient norm stopped it before
@@ -170,6 +174,7 @@ def update(
                 clip_eps_low=config.clip_eps_low,
                 clip_eps_high=config.clip_eps_high,
                 max_len=config.max_new_tokens,
+                is_weights=is_weights[rows] if is_weights is not None else None,
             )
             (loss * (share * scale)).backward()
             micro["loss"] = loss.item()

@@ -64,6 +64,7 @@ class StepGuard(Generic[S]):
         advice: str = "check the rewards",
         consensus: Callable[[int], int] | None = None,
         speaks: bool = True,
+        quiet_signals: tuple[int, ...] = (),
     ):
         self.command, self.total_steps = command, total_steps
         self.max_bad_steps, self.save_every = max_bad_steps, save_every
@@ -72,7 +73,7 @@ class StepGuard(Generic[S]):
         self.before: tuple[int, S] | None = None  # (step, state) before the current step
         self.first_bad: tuple[int, S] | None = None  # the state before the first step of a streak of skipped ones
         self.bad_steps = 0
-        self.signals = StopSignals(command, announce=speaks)
+        self.signals = StopSignals(command, announce=speaks, quiet=quiet_signals)
 
     def __enter__(self) -> StepGuard[S]:
         self.signals.__enter__()

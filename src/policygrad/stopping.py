@@ -38,7 +38,9 @@ class StopSignals:
     """Context manager: while active, SIGINT and SIGTERM set :attr:`signum` instead of stopping the process.
 
     Outside the main thread (where Python cannot install handlers) it does nothing and the defaults stay. With
-    ``announce`` False the signal is noted without a word (the processes of a data-parallel run other than rank 0).
+    ``announce`` False the signal is noted without a word (the processes of a data-parallel run other than rank 0);
+    so are the signals in ``quiet`` (SIGTERM under torchrun, which also sends it to the survivors of a process that
+    died: there the run ends with one line naming the dead process, not with a promise to save).
 
     >>> with StopSignals("train") as stop:
     ...     stop.requested
@@ -47,8 +49,8 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, program: str, announce: bool = True):
-        self.program, self.announce = program, announce
+    def __init__(self, program: str, announce: bool = True, quiet: tuple[int, ...] = ()):
+        self.program, self.announce, self.quiet = program, announce, quiet
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -68,7 +70,7 @@ class StopSignals:
         self.signum = signum
         # the next signal of this kind acts as it would without us: a second Ctrl-C stops at once
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        if not self.announce:  # another process of a data-parallel run says it
+        if not self.announce or signum in self.quiet:  # another process says it, or the stop itself will
             return
         again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(

@@ -28,6 +28,7 @@ numbers come from the whole batch (:meth:`~policygrad.lm.setup.Run.whole_batch`)
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,7 @@ def _guard(run: Run) -> StepGuard:
         resume_hint=run.resume_hint,
         consensus=run.world.maximum,
         speaks=run.world.is_main,
+        quiet_signals=(signal.SIGTERM,) if run.world.size > 1 else (),  # torchrun's, to survivors of a dead process
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lm_helpers import tiny_config, weights  # tests/lm, on sys.path under pytest
+from lm_helpers import tiny_config, weights, write_tiny_prompts  # tests/lm, on sys.path under pytest
 
 from policygrad import checkpointing
 from policygrad.configs import config_to_dict
@@ -105,16 +105,26 @@ def _untimed(run: Path) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TIMING} for record in _metrics(run)]
 
 
+@pytest.fixture(scope="module")
+def plain_runs(tiny_llama_chat, tmp_path_factory) -> dict[int, Path]:
+    """The runs of :func:`_recipe` on 1 and 2 data-parallel processes, made once for the tests that compare with them."""
+    tmp = tmp_path_factory.mktemp("plain")
+    prompts = write_tiny_prompts(tmp / "prompts.jsonl")
+    for processes in (1, 2):
+        done = _train(processes, _recipe(tmp, f"p{processes}", tiny_llama_chat, prompts))
+        assert done.returncode == 0, done.stderr
+    return {processes: tmp / f"p{processes}" for processes in (1, 2)}
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_train_the_parameters_of_one(sharding, tiny_llama_chat, tiny_prompts, tmp_path):
+def test_two_processes_train_the_parameters_of_one(sharding, plain_runs, tiny_llama_chat, tiny_prompts, tmp_path):
     # ddp: whole copies, gradients summed by hand; fsdp: FSDP2 shards (weights, gradients, AdamW's moments), the
     # gradients reduce-scattered in the backward passes; both must be one process on the same global batch
-    one = tmp_path / "p1"
-    done = _train(1, _recipe(tmp_path, "p1", tiny_llama_chat, tiny_prompts))
-    assert done.returncode == 0, done.stderr
-    two = tmp_path / "p2"
-    done = _train(2, _recipe(tmp_path, "p2", tiny_llama_chat, tiny_prompts, fsdp=sharding == "fsdp"))
-    assert done.returncode == 0, done.stderr
+    one, two = plain_runs[1], plain_runs[2]
+    if sharding == "fsdp":
+        two = tmp_path / "fsdp"
+        done = _train(2, _recipe(tmp_path, "fsdp", tiny_llama_chat, tiny_prompts, fsdp=True))
+        assert done.returncode == 0, done.stderr
     # the same prompts, the same completions (seeded per prompt), so the same rewards and batch-wide numbers
     assert (one / "completions.jsonl").read_text() == (two / "completions.jsonl").read_text()
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
@@ -132,11 +142,9 @@ def test_two_processes_train_the_parameters_of_one(sharding, tiny_llama_chat, ti
     )  # rank 0 wrote what one process writes, and nobody else wrote anything
 
 
-def test_two_nodes_train_what_one_node_trains(tiny_llama_chat, tiny_prompts, tmp_path):
+def test_two_nodes_train_what_one_node_trains(plain_runs, tiny_llama_chat, tiny_prompts, tmp_path):
     # two torchrun launchers, one process each, meeting at a c10d rendezvous as two machines would (here both on
     # localhost): the same run as one launcher with two processes, bit for bit (the same ranks, shards and shapes)
-    one_node = _recipe(tmp_path, "node", tiny_llama_chat, tiny_prompts)
-    assert _train(2, one_node).returncode == 0
     two_nodes = _recipe(tmp_path, "nodes", tiny_llama_chat, tiny_prompts)
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -155,9 +163,9 @@ def test_two_nodes_train_what_one_node_trains(tiny_llama_chat, tiny_prompts, tmp
     ]
     errors = [node.communicate(timeout=120)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors
-    for name, tensor in weights(tmp_path / "node" / "final").items():
+    for name, tensor in weights(plain_runs[2] / "final").items():
         assert torch.equal(weights(tmp_path / "nodes" / "final")[name], tensor), name
-    assert _untimed(tmp_path / "nodes") == _untimed(tmp_path / "node")
+    assert _untimed(tmp_path / "nodes") == _untimed(plain_runs[2])
 
 
 def test_a_resumed_fsdp_run_is_bit_identical(tiny_llama_chat, tiny_prompts, tmp_path):

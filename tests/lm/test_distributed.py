@@ -37,6 +37,17 @@ EXACT = ("reward_mean", "reward_std", "advantage_mean", "advantage_std", "advant
 EXACT += ("entropy_weight", "completion_tokens", "zero_spread_groups", "pass_rate", "length_rate", "truncated")
 ONE_VS_TWO = 1e-6  # parameters after 3 steps (see the module docstring)
 
+EVAL_FAULT_REWARD = """
+import os
+
+
+def eval_fault(prompts, completions, **fields):
+    # fails on rank 1's evaluation batches only (2 completions; training calls it with 3, the setup trial with 1)
+    if os.environ.get("RANK") == "1" and len(completions) == 2:
+        raise ValueError("rank 1 cannot score this")
+    return [float(len(c)) for c in completions]
+"""
+
 HALF_FLAT_REWARD = """
 def half_flat(prompts, completions, **fields):
     # no spread for the even-numbered notes ("Note 4: cats nap."), the completion's length for the odd ones
@@ -166,6 +177,19 @@ def test_two_nodes_train_what_one_node_trains(plain_runs, tiny_llama_chat, tiny_
     for name, tensor in weights(plain_runs[2] / "final").items():
         assert torch.equal(weights(tmp_path / "nodes" / "final")[name], tensor), name
     assert _untimed(tmp_path / "nodes") == _untimed(plain_runs[2])
+
+
+def test_a_reward_fault_in_another_ranks_evaluation_is_one_line(tiny_llama_chat, tiny_prompts, tmp_path):
+    # rank 1 scores the second evaluation batch and fails: every rank stops with its message, said once by rank 0
+    reward = tmp_path / "eval_fault.py"
+    reward.write_text(EVAL_FAULT_REWARD)
+    settings = dict(eval_every=1, eval_size=4, heldout_prompts=4, eval_decoding=("greedy",), micro_batch_size=2)
+    recipe = _recipe(tmp_path, "run", tiny_llama_chat, tiny_prompts, rewards=(f"{reward}:eval_fault",), **settings)
+    started = time.monotonic()
+    done = _train(2, recipe)
+    assert time.monotonic() - started < 60 and done.returncode != 0
+    lines = _ours(done.stderr)
+    assert len(lines) == 1 and "rank 1 cannot score this" in lines[0], done.stderr
 
 
 def test_a_resumed_fsdp_run_is_bit_identical(tiny_llama_chat, tiny_prompts, tmp_path):

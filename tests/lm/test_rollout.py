@@ -108,3 +108,27 @@ def test_sequence_logprobs_match_generate_scores_with_left_padding(tiny_qwen_bas
     with torch.no_grad():
         logprobs, _ = sequence_logprobs(model, out.sequences, attention, start)
     assert torch.allclose(logprobs * mask, expected * mask, atol=1e-4)
+
+
+@pytest.mark.exact
+def test_widened_pads_completions_with_tokens_that_do_not_count():
+    from policygrad.lm.rollout import Rollout
+
+    rollout = Rollout(
+        prompts=["a", "a"],
+        prompt_ids=torch.tensor([[5, 6], [5, 6]]),
+        prompt_mask=torch.ones(2, 2, dtype=torch.long),
+        completion_ids=torch.tensor([[7], [8]]),
+        completion_mask=torch.tensor([[1], [1]]),
+        completions=["x", "y"],
+        logprobs=torch.tensor([[-0.5], [-1.5]]),
+        group_size=2,
+        truncated=torch.tensor([True, True]),
+        sampler_logprobs=torch.tensor([[-0.25], [-1.25]]),
+    )
+    wide = rollout.widened(3)
+    assert wide.completion_ids.tolist() == [[7, 0, 0], [8, 0, 0]]
+    assert wide.completion_mask.tolist() == [[1, 0, 0], [1, 0, 0]]
+    assert wide.logprobs.tolist() == [[-0.5, 0.0, 0.0], [-1.5, 0.0, 0.0]]
+    assert wide.sampler_logprobs.tolist() == [[-0.25, 0.0, 0.0], [-1.25, 0.0, 0.0]]
+    assert wide.prompt_ids is rollout.prompt_ids and rollout.widened(1) is rollout

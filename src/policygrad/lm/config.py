@@ -171,7 +171,8 @@ class GRPOConfig(TaskSettings):
     tis_cap: float = 0.0
     """truncated importance sampling: weight each sampled token's policy-gradient term by min(pi_trainer /
     pi_sampler, C) with C this cap (2 is TRL's and verl's usual), for the gap between the sampler's log-probs and the
-    trainer's forward pass (other kernels, precision, the KV cache), logged as tis_logprob_gap; 0: off"""
+    trainer's forward pass (other kernels, precision, the KV cache), logged as tis/logprob_gap; a top-p cut is not
+    corrected for; 0: off"""
     fsdp: bool = False
     """under torchrun: shard the weights, gradients and AdamW's moments over the processes (FSDP2), for a model
     whose training state does not fit one device per process; the same updates as data parallelism"""

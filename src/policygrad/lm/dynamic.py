@@ -103,7 +103,8 @@ def _picks(world: Any, draws: list[tuple], flat: dict[int, bool], group_size: in
     for number, more, more_scored, g in draws[1:]:
         groups[number] = (more, more_scored, g)
     if world.size > 1:
-        shared = {n: (r.to("cpu"), s, g) for n, (r, s, g) in groups.items()}
+        on_cpu = {id(r): r.to("cpu") for r, _, _ in groups.values()}  # each draw once, not once per group
+        shared = {n: (on_cpu[id(r)], s, g) for n, (r, s, g) in groups.items()}
         groups = {n: pick for part in world.gather(shared) for n, pick in part.items()}
     order = sorted(groups)  # the batch's prompts, then the fresh ones in the order drawn
     chosen = ([n for n in order if not flat[n]] + [n for n in order if flat[n]])[:size]

@@ -29,6 +29,10 @@ __all__ = ["EvalSettings", "evaluate", "evaluate_heldout", "group_fields", "run_
 EXAMPLES = 3
 """Completions kept per decoding in the result, for a human to read."""
 
+EVAL_STREAMS = 2**32 - 1
+"""The ``step`` argument of :func:`policygrad.rng.step_seed` for the sampled evaluation's per-prompt generators: a
+step no run reaches, so they are never the generators of a training step's prompts."""
+
 
 def group_fields(records: Sequence[Mapping[str, Any]], group_size: int) -> dict[str, list[Any]]:
     """The records' fields other than ``"prompt"``, one list per field, each value repeated ``group_size`` times
@@ -146,13 +150,15 @@ def _generate_and_score(
     """This rank's batches of one decoding, each ``(start, completions, truncated, rewards, nan_count)``."""
     import torch
 
+    from policygrad.lm.rewards import RewardError
     from policygrad.lm.rollout import sample
     from policygrad.rng import step_seed
 
-    parts = []
+    parts, failure = [], None
     for start in range(world.rank * settings.batch_size, len(records), world.size * settings.batch_size):
         chunk = records[start : start + settings.batch_size]
-        generators = [torch.Generator().manual_seed(step_seed(settings.seed, 0, start + i)) for i in range(len(chunk))]
+        seeds = [step_seed(settings.seed, EVAL_STREAMS, start + i) for i in range(len(chunk))]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         rollout = sample(
             model,
             tokenizer,
@@ -166,13 +172,18 @@ def _generate_and_score(
             score_tokens=False,
             generators=None if decoding == "greedy" else generators,
         )
-        prompts = [r["prompt"] for r in chunk]
-        scores = reward_set.score(
-            prompts, rollout.completions, group_fields(chunk, 1), settings.on_fault, settings.timeout
-        )
+        prompts, fields = [r["prompt"] for r in chunk], group_fields(chunk, 1)
+        try:
+            scores = reward_set.score(prompts, rollout.completions, fields, settings.on_fault, settings.timeout)
+        except RewardError as err:  # said on every rank below, or the others would wait for this one's batches
+            failure = (err.field, str(err)[len(err.field) + 2 :])
+            break
         parts.append((start, rollout.completions, int(rollout.truncated.sum()), list(scores.rewards), scores.nan_count))
         if on_batch is not None:
             on_batch(len(chunk))
+    failure = world.first(failure)  # any rank's reward fault stops the evaluation on every rank, with its message
+    if failure is not None:
+        raise RewardError(*failure)
     return parts
 
 

@@ -83,6 +83,16 @@ class Rollout:
         moved = {name: getattr(self, name).to(device) for name in names if getattr(self, name) is not None}
         return dataclasses.replace(self, **moved)
 
+    def widened(self, width: int) -> Rollout:
+        """This rollout with its completions right-padded to ``width`` tokens (mask 0, so nothing that counts
+        changes): under FSDP every rank must run the same forward passes (:mod:`policygrad.lm.fsdp`)."""
+        extra = width - self.completion_ids.shape[1]
+        if extra <= 0:
+            return self
+        names = ("completion_ids", "completion_mask", "logprobs", "sampler_logprobs")
+        padded = {name: F.pad(getattr(self, name), (0, extra)) for name in names if getattr(self, name) is not None}
+        return dataclasses.replace(self, **padded)
+
     def rows(self, rows: slice) -> dict[str, Tensor]:
         """The inputs of :func:`completion_logprobs` for a micro-batch of consecutive rows: each distinct prompt
         once, and the completion rows with the index of their prompt."""
@@ -348,9 +358,10 @@ def completion_logprobs(
         # gradient (V x D, 113 MB for SmolLM2), which two lookups would do twice (benchmarks/NOTES.md)
         embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P+M*(T-1), D)
         prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
+        width = embeds.shape[-1]  # D, named: T = 1 leaves no completion token to infer it from
         prompt_embeds, fed_inputs = (
-            prompt_embeds.view(*prompt_ids.shape, -1),
-            {"inputs_embeds": fed_embeds.view(*fed.shape, -1)},
+            prompt_embeds.view(*prompt_ids.shape, width),
+            {"inputs_embeds": fed_embeds.view(*fed.shape, width)},
         )
     else:
         prompt_embeds, fed_inputs = None, {"input_ids": fed}
@@ -406,14 +417,16 @@ def _next_token(
     logits: Tensor, temperature: float, top_p: float, greedy: bool, generators: Sequence[torch.Generator] | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """(M, V) logits -> (M,) token ids: the argmax, or a draw from softmax(z / tau) cut to its top-p nucleus; and
-    (M,) the log of the probability each drawn token had (None for the argmax)."""
+    (M,) the log of each drawn token's probability under softmax(z / tau), before the nucleus cut (None for the
+    argmax): the same distribution the trainer's log-prob pass computes, so the two differ by arithmetic alone."""
     if greedy:
         return logits.argmax(-1), None
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    full = probs  # the policy's distribution at this temperature: what the trainer's log-prob pass computes too
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
     chosen = draw(probs, generators)
-    return chosen, probs.gather(-1, chosen[:, None]).squeeze(1).log()
+    return chosen, full.gather(-1, chosen[:, None]).squeeze(1).log()
 
 
 def draw(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
@@ -468,8 +481,9 @@ def generate(
     Args:
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
         generators: (B,) or None.
-        drawn_logprobs: (N, max_new_tokens) float32, or None: filled with the log of the probability each token was
-            drawn with, under this loop's arithmetic (the sampler's side of an importance ratio); not for greedy.
+        drawn_logprobs: (N, max_new_tokens) float32, or None: filled with each drawn token's log-probability under
+            softmax(z / tau) (before a top-p cut), in this loop's arithmetic: the sampler's side of an importance
+            ratio; not for greedy.
     Returns:
         (N, T) completion ids, N = B * G, rows of a group consecutive; T is the step at which the last row ended.
     """

@@ -132,6 +132,13 @@ def update(
     ``rollout`` and ``advantages`` are this rank's rows and the gradients and metrics are the whole batch's.
     """
     world = world or World()
+    sharded = fsdp.is_sharded(model)  # FSDP2: gradients reduce-scattered in the backward, averaged (so scaled by W)
+    if sharded:  # the same passes on every rank: one whose completions are all 1 token would skip the second
+        width = world.maximum(rollout.completion_ids.shape[1])
+        pad = (0, width - rollout.completion_ids.shape[1])
+        rollout = rollout.widened(width)
+        ref_logprobs = None if ref_logprobs is None else torch.nn.functional.pad(ref_logprobs, pad)
+        is_weights = None if is_weights is None else torch.nn.functional.pad(is_weights, pad, value=1.0)
     device = rollout.completion_ids.device
     mask = rollout.completion_mask  # (N, T)
     n = mask.shape[0]
@@ -140,7 +147,6 @@ def update(
     clipped = config.updates_per_batch > 1  # one step on fresh samples: ratio is 1, REINFORCE is the same gradient
     if clipped and rollout.logprobs is None:
         raise ValueError("several updates per batch need the sampling log-probs: sample(..., score_tokens=True)")
-    sharded = fsdp.is_sharded(model)  # FSDP2: gradients reduce-scattered in the backward, averaged (so scaled by W)
     scale = fsdp.loss_scale(model, world)
     metrics: dict[str, float] = {}
     for _ in range(config.updates_per_batch):

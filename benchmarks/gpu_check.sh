@@ -5,12 +5,12 @@
 #   bash benchmarks/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt"        # $OUT: where the results come back
 #
 # 1. the suite's GPU tests (tests/lm/test_cuda.py: a tiny run on CUDA, LoRA + gradient checkpointing there, torchrun's
-#    NCCL path with one process), which skip on a machine without a GPU;
+#    NCCL path with one process, with and without --fsdp), which skip on a machine without a GPU;
 # 2. the peak memory of one whole GRPO update of the reference recipe's shape (Qwen2.5-0.5B architecture, random
 #    weights; 128 rows in 8 micro-batches) for full fine-tuning, LoRA and gradient checkpointing (benchmarks/memory.py);
 # 3. three steps of `policygrad train` on that model with transformers generation on the GPU, 16 prompts x 8
 #    completions of up to 64 tokens: step time, sampling time and tokens per second from its metrics.jsonl.
-# Not in it yet: TRL's step on the same work, and vLLM generation (policygrad has no vLLM sampling path yet).
+# Not in it yet: TRL's step on the same work, and vLLM generation (policygrad has no vLLM sampling engine yet).
 # SHAPE=tiny runs the same steps at a tiny shape on the CPU, to check the script itself (no GPU needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
 """The GPU paths, run where a CUDA device exists (benchmarks/gpu_check.sh runs them on a lent GPU; on a machine
 without one they skip with the allowed reason "no CUDA device"): a tiny run trains on the GPU and its checkpoint loads
-on the CPU with the same logits, LoRA trains there too, and torchrun's NCCL path runs one process."""
+on the CPU with the same logits, LoRA trains there too, and torchrun's NCCL path runs one process (with and without FSDP2, with the TIS
+correction)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def test_lora_and_gradient_checkpointing_on_the_gpu(tiny_llama_chat, tiny_prompt
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_torchrun_runs_one_nccl_process(tiny_llama_chat, tiny_prompts, tmp_path):
-    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", device="cuda")
+@pytest.mark.parametrize("fsdp", [False, True])  # FSDP2 on a one-GPU mesh: NCCL all-gathers and reduce-scatters
+def test_torchrun_runs_one_nccl_process(fsdp, tiny_llama_chat, tiny_prompts, tmp_path):
+    config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", device="cuda", fsdp=fsdp, tis_cap=2.0)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(config_to_dict(config)))
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -42,6 +42,7 @@ __all__ = [
     "layers",
     "load_optimizer_state",
     "loss_scale",
+    "same_width",
     "shard",
 ]
 
@@ -107,6 +108,17 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def same_width(rollout: Any, ref_logprobs: torch.Tensor | None, is_weights: torch.Tensor | None, world: World) -> tuple:
+    """The update's (N, T) inputs right-padded to the longest T of any rank (tokens that do not count): a rank whose
+    completions are all one token long would skip the completion pass, and with it its layers' all-gathers, while
+    the others wait for them (:func:`policygrad.lm.rollout.completion_logprobs`). A collective."""
+    width = world.maximum(rollout.completion_ids.shape[1])
+    pad = (0, width - rollout.completion_ids.shape[1])
+    ref_logprobs = None if ref_logprobs is None else torch.nn.functional.pad(ref_logprobs, pad)
+    is_weights = None if is_weights is None else torch.nn.functional.pad(is_weights, pad, value=1.0)
+    return rollout.widened(width), ref_logprobs, is_weights
 
 
 def grad_norm(norm: torch.Tensor) -> float:

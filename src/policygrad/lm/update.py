@@ -134,11 +134,7 @@ def update(
     world = world or World()
     sharded = fsdp.is_sharded(model)  # FSDP2: gradients reduce-scattered in the backward, averaged (so scaled by W)
     if sharded:  # the same passes on every rank: one whose completions are all 1 token would skip the second
-        width = world.maximum(rollout.completion_ids.shape[1])
-        pad = (0, width - rollout.completion_ids.shape[1])
-        rollout = rollout.widened(width)
-        ref_logprobs = None if ref_logprobs is None else torch.nn.functional.pad(ref_logprobs, pad)
-        is_weights = None if is_weights is None else torch.nn.functional.pad(is_weights, pad, value=1.0)
+        rollout, ref_logprobs, is_weights = fsdp.same_width(rollout, ref_logprobs, is_weights, world)
     device = rollout.completion_ids.device
     mask = rollout.completion_mask  # (N, T)
     n = mask.shape[0]

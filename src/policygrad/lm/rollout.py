@@ -414,11 +414,16 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
 
 
 def _next_token(
-    logits: Tensor, temperature: float, top_p: float, greedy: bool, generators: Sequence[torch.Generator] | None = None
+    logits: Tensor,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    generators: Sequence[torch.Generator] | None = None,
+    with_logprobs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(M, V) logits -> (M,) token ids: the argmax, or a draw from softmax(z / tau) cut to its top-p nucleus; and
     (M,) the log of each drawn token's probability under softmax(z / tau), before the nucleus cut (None for the
-    argmax): the same distribution the trainer's log-prob pass computes, so the two differ by arithmetic alone."""
+    argmax or without ``with_logprobs``): the same distribution the trainer's log-prob pass computes, so the two differ by arithmetic alone."""
     if greedy:
         return logits.argmax(-1), None
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -426,7 +431,7 @@ def _next_token(
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
     chosen = draw(probs, generators)
-    return chosen, full.gather(-1, chosen[:, None]).squeeze(1).log()
+    return chosen, full.gather(-1, chosen[:, None]).squeeze(1).log() if with_logprobs else None
 
 
 def draw(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
@@ -500,9 +505,11 @@ def generate(
     steps = 0
     for t in range(max_new_tokens):
         row_generators = None if generators is None else [generators[r // group_size] for r in active.tolist()]
-        chosen, chosen_logprobs = _next_token(logits, temperature, top_p, greedy, row_generators)  # (A,) each
+        chosen, chosen_logprobs = _next_token(
+            logits, temperature, top_p, greedy, row_generators, drawn_logprobs is not None
+        )  # (A,) each
         tokens[active, t] = chosen
-        if drawn_logprobs is not None and chosen_logprobs is not None:
+        if chosen_logprobs is not None:  # asked for (drawn_logprobs), and not greedy
             drawn_logprobs[active, t] = chosen_logprobs
         steps = t + 1
         going = ~torch.isin(chosen, eos)  # (A,)

@@ -173,6 +173,26 @@ MUTANTS = [
         "return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=False)",
         (f"{UPDATE_MATH}::test_bfloat16_autocast_update_stays_within_a_stated_bound_of_float32",),
     ),
+    Mutant(
+        "the fused pass's entropy gradient ascends where it should descend (sign flipped)",
+        "lm/logprobs.py",
+        "out = log_pi.add_(entropies[part, None]).mul_(pi).mul_(-h[part, None])",
+        "out = log_pi.add_(entropies[part, None]).mul_(pi).mul_(h[part, None])",
+        (
+            f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",
+            "tests/lm/test_logprobs.py",
+        ),
+    ),
+    Mutant(
+        "the fused pass's log-prob gradient without the drawn token's +1",
+        "lm/logprobs.py",
+        "out.scatter_add_(1, tokens[part, None], g[part, None])",
+        "out.scatter_add_(1, tokens[part, None], 0 * g[part, None])",
+        (
+            f"{UPDATE_MATH}::test_one_update_with_entropy_and_kl_moves_the_weights_by_the_reference_gradient",
+            "tests/lm/test_logprobs.py",
+        ),
+    ),
     # control/: the issue found PPO, NPG and REINFORCE checked only for a `value_loss` key and a saved file
     Mutant(
         "PPO without old log-probs (REINFORCE's gradient, no clip)",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policygrad.regularizers import entropy_of_log_probs
+from policygrad.lm.logprobs import token_logprobs
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -232,16 +232,9 @@ def sequence_logprobs(
 
 
 def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(M, T, V) logits, (M, T) tokens -> (log-probs of the tokens, entropies), each (M, T) float32.
-
-    One log-softmax over the vocabulary serves both, and a temperature of 1 divides nothing: at 16 x 32 x 49,152
-    every vocabulary-sized pass costs ~0.1 s forward and again backward on a CPU (benchmarks/NOTES.md).
-    """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits, dim=-1)  # (M, T, V)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy_of_log_probs(logp)
+    """(M, T, V) logits, (M, T) tokens -> (log-probs of the tokens, entropies), each (M, T) float32: one fused pass
+    over the vocabulary each way (:func:`policygrad.lm.logprobs.token_logprobs`)."""
+    return token_logprobs(logits, tokens, temperature)
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:

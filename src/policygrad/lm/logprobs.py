@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["token_logprobs"]
 
-SLICE_ELEMENTS = 1 << 22  # float32 numbers per slice of rows (16 MB): the working set of one pass, not the tensor's
+SLICE_ELEMENTS = 1 << 20  # float32 numbers per slice of rows (4 MB): the working set of one pass, not the tensor's
 
 
 def _slices(rows: int, width: int) -> list[slice]:

@@ -94,6 +94,9 @@ class GRPOConfig(TaskSettings):
     """sampling temperature (> 0); the log-probs of the update use the same temperature"""
     top_p: float = 1.0
     """nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]"""
+    decoder: Literal["auto", "transformers"] = "auto"
+    """decoding passes: auto = policygrad's packed decoder where it supports the model (Llama-family on a CPU),
+    else the model's forward; transformers = always the model's forward"""
     max_extra_groups: int = 0
     """dynamic sampling (DAPO): groups whose rewards are all equal are replaced by fresh prompts' groups, at most
     this many extra groups sampled per step (0: off)"""

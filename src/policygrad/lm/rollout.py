@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -452,6 +453,36 @@ def draw(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> 
     return torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
+def packed_decoder(model: PreTrainedModel, cache, max_new_tokens: int, decoder: str = "auto"):
+    """The :class:`policygrad.lm.decoder.PackedDecoder` for this generation, or None for the model's own forward:
+    when asked for ("transformers"), when the model or device does not qualify, or when building it fails (a
+    warning, once: then the model's forward decodes, as it always could)."""
+    if decoder == "transformers":
+        return None
+    if decoder != "auto":
+        raise ValueError(f"decoder must be 'auto' or 'transformers', got {decoder!r}")
+    from policygrad.lm.decoder import PackedDecoder, unsupported
+
+    device = next(model.parameters()).device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    if unsupported(model, device, dtype) is not None or not hasattr(cache, "layers"):
+        return None
+    try:
+        return PackedDecoder(model, cache, max_new_tokens, dtype)
+    except (RuntimeError, AttributeError, TypeError) as error:  # e.g. a torch build without oneDNN's kernels
+        _warn_once(f"the packed decoder failed ({type(error).__name__}: {error}); decoding with the model's forward")
+        return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -466,6 +497,7 @@ def generate(
     greedy: bool = False,
     generators: Sequence[torch.Generator] | None = None,
     drawn_logprobs: Tensor | None = None,
+    decoder: str = "auto",
 ) -> Tensor:
     """Decode ``group_size`` completions of each prompt with a key/value cache; -> (N, T) ids, T <= max_new_tokens.
 
@@ -482,6 +514,9 @@ def generate(
         drawn_logprobs: (N, max_new_tokens) float32, or None: filled with each drawn token's log-probability under
             softmax(z / tau) (before a top-p cut), in this loop's arithmetic: the sampler's side of an importance
             ratio; not for greedy.
+        decoder: "auto": the decoding passes after the prefill run in :class:`policygrad.lm.decoder.PackedDecoder`
+            where it supports the model (Llama-family on a CPU: 1.7x faster steps), else in the model's forward;
+            "transformers": always the model's forward.
     Returns:
         (N, T) completion ids, N = B * G, rows of a group consecutive; T is the step at which the last row ended.
     """
@@ -489,6 +524,7 @@ def generate(
     n = prompt_ids.shape[0] * group_size
     prompt_index = torch.arange(n, device=device) // group_size  # (N,)
     logits, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (N, V)
+    engine = packed_decoder(model, cache, max_new_tokens, decoder) if max_new_tokens > 1 else None
     cache_argument = _cache_argument(model)
     attention = prompt_mask.index_select(0, prompt_index)  # (A, P + t) for the A active rows
     next_position = attention.sum(-1)  # (A,) the position of each active row's next token
@@ -511,15 +547,18 @@ def generate(
         if not going.all():  # drop finished rows from the batch and the cache
             keep = going.nonzero().squeeze(1)
             active, chosen, attention, next_position = active[keep], chosen[keep], attention[keep], next_position[keep]
-            cache.reorder_cache(keep)
+            cache.reorder_cache(keep) if engine is None else engine.keep(keep)
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-        logits = model(
-            input_ids=chosen[:, None],
-            attention_mask=attention,
-            position_ids=next_position[:, None],
-            use_cache=True,
-            **{cache_argument: cache},
-        ).logits[:, -1]  # (A, V)
+        if engine is not None:
+            logits = engine.step(chosen, next_position, attention)  # (A, V)
+        else:
+            logits = model(
+                input_ids=chosen[:, None],
+                attention_mask=attention,
+                position_ids=next_position[:, None],
+                use_cache=True,
+                **{cache_argument: cache},
+            ).logits[:, -1]  # (A, V)
         next_position = next_position + 1
     return tokens[:, :steps]
 
@@ -539,6 +578,7 @@ def sample(
     score_tokens: bool = True,
     generators: Sequence[torch.Generator] | None = None,
     sampler_logprobs: bool = False,
+    decoder: str = "auto",
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt and score their tokens under the sampling policy.
 
@@ -559,6 +599,7 @@ def sample(
         sampler_logprobs: also keep, as ``sampler_logprobs``, the log-probabilities the decoding loop drew each
             token with (its one-token passes over the key/value cache round differently from the log-prob pass's
             whole-sequence forward): the sampler's side of :func:`policygrad.losses.truncated_importance_weights`.
+        decoder: "auto" or "transformers", see :func:`generate`.
     Returns:
         a :class:`Rollout` with N = B * G rows.
     """
@@ -582,6 +623,7 @@ def sample(
             greedy,
             generators,
             drawn,
+            decoder,
         )  # (N, T)
     mask = completion_mask(completion_ids, eos_ids)  # (N, T)
     completions = tokenizer.batch_decode(

@@ -110,6 +110,7 @@ class Run:
             "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature,
             "top_p": config.top_p,
+            "decoder": config.decoder,
             "micro_batch_size": config.micro_batch_size,
             "autocast_dtype": self.autocast_dtype,
             # the clipped surrogate and the importance correction need the sampling log-probs

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from grpo_vs_trl import WORK, _timed, write_prompts
+from grpo_vs_trl import WORK, _timed, work_config, write_prompts
 
 from policygrad.regularizers import entropy_of_log_probs
 
@@ -86,18 +86,18 @@ def update_alternating(repeats: int) -> dict:
     config = GRPOConfig(group_size=WORK["group_size"], micro_batch_size=16, max_new_tokens=WORK["max_new_tokens"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     advantages = torch.randn(16)
-    fused = rollout._token_logprobs
+    fused = rollout.token_logprobs
     arms = {"plain": plain_token_logprobs, "fused": fused}
     times = {name: [] for name in arms}
     try:
         for _ in range(repeats + 1):  # the first round warms up and is not counted
             for name, fn in arms.items():
-                rollout._token_logprobs = fn
+                rollout.token_logprobs = fn
                 times[name].append(
                     _timed(lambda: update(model, optimizer, batch, advantages, None, 0.0, config, torch.bfloat16))
                 )
     finally:
-        rollout._token_logprobs = fused
+        rollout.token_logprobs = fused
     out = {name: {"median_s": statistics.median(t[1:]), "times_s": t[1:]} for name, t in times.items()}
     for name, value in out.items():
         print(f"update alone, {name}: median {value['median_s']:.2f} s of {repeats}", flush=True)
@@ -105,7 +105,6 @@ def update_alternating(repeats: int) -> dict:
 
 
 def decoder_training(rounds: int, steps: int = 8, warmup: int = 2) -> dict:
-    from policygrad.lm.config import GRPOConfig
     from policygrad.lm.trainer import train
 
     folder = Path(tempfile.mkdtemp())
@@ -114,34 +113,8 @@ def decoder_training(rounds: int, steps: int = 8, warmup: int = 2) -> dict:
     out = {"transformers": [], "auto": []}
     for _ in range(rounds):
         for decoder in out:
-            config = GRPOConfig(
-                model="default",
-                prompts=str(prompts),
-                heldout_prompts=0,
-                rewards=("shaped",),
-                prompts_per_step=WORK["prompts_per_step"],
-                group_size=WORK["group_size"],
-                max_new_tokens=WORK["max_new_tokens"],
-                temperature=WORK["temperature"],
-                target_length=WORK["target_length"],
-                max_passage_tokens=WORK["max_passage_tokens"],
-                lr=WORK["lr"],
-                weight_decay=0.0,
-                max_grad_norm=WORK["max_grad_norm"],
-                micro_batch_size=16,
-                max_steps=steps,
-                precision="bfloat16",
-                device="cpu",
-                threads=2,
-                seed=WORK["seed"],
-                eval_decoding=(),
-                eval_every=0,
-                save_every=0,
-                save_optimizer=False,
-                output_dir=folder / decoder,
-                overwrite=True,
-                progress=False,
-                decoder=decoder,
+            config = work_config(
+                prompts, folder / decoder, "bf16", threads=2, max_steps=steps, decoder=decoder, overwrite=True
             )
             run = train(config)
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -143,12 +143,11 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
-
+def work_config(prompts: Path, out: Path, precision: str, threads: int, max_steps: int, **overrides):
+    """policygrad's GRPOConfig for the benchmark's work (WORK), no evaluation and no checkpoints."""
     from policygrad.lm.config import GRPOConfig
-    from policygrad.lm.trainer import train
 
-    config = GRPOConfig(
+    return GRPOConfig(
         model="default",
         prompts=str(prompts),
         heldout_prompts=0,
@@ -171,7 +170,7 @@ def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmu
         weight_decay=0.0,
         max_grad_norm=WORK["max_grad_norm"],
         micro_batch_size=WORK["prompts_per_step"] * WORK["group_size"],
-        max_steps=warmup + steps,
+        max_steps=max_steps,
         precision="bfloat16" if precision == "bf16" else "float32",
         device="cpu",
         threads=threads,
@@ -182,7 +181,14 @@ def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmu
         save_optimizer=False,
         output_dir=out,
         progress=False,
+        **overrides,
     )
+
+
+def run_policygrad(prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
+    from policygrad.lm.trainer import train
+
+    config = work_config(prompts, out, precision, threads, warmup + steps)
     run_dir = train(config)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "step_time" in r][warmup:]

@@ -47,8 +47,9 @@ def unsupported(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
         return "this CPU or torch build has no oneDNN bfloat16 products"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "a module with forward hooks (the packed decoder does not call modules, so it would skip them)"
-    if next(model.parameters()).dtype != torch.float32:
-        return f"weights in {next(model.parameters()).dtype} (float32 only)"
+    weights_dtype = next(model.parameters()).dtype
+    if weights_dtype != torch.float32:
+        return f"weights in {weights_dtype} (float32 only)"
     config = model.config
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
@@ -71,7 +72,7 @@ def unsupported(model: nn.Module, device: torch.device, dtype: torch.dtype | Non
             return "a layer whose projections are not plain nn.Linear (LoRA adapters, quantised layers)"
         if any(getattr(layer, n, None) is None for n in ("input_layernorm", "post_attention_layernorm")):
             return "a layer without input_layernorm / post_attention_layernorm"
-        if any(type(p) is not nn.Parameter or p.__class__.__name__ == "DTensor" for p in layer.parameters()):
+        if any(type(p) is not nn.Parameter for p in layer.parameters()):  # FSDP2's are DTensor subclasses
             return "sharded parameters (FSDP)"
     return None
 

@@ -229,13 +229,7 @@ def sequence_logprobs(
         # only the last T + 1 positions' logits: skips the (N, P, V) prompt logits, the largest tensor by far
         kwargs["logits_to_keep"] = completion_len + 1
     logits = model(**kwargs).logits  # (N, T + 1, V) or (N, P + T, V)
-    return _token_logprobs(logits[:, -(completion_len + 1) : -1], input_ids[:, completion_start:], temperature)
-
-
-def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(M, T, V) logits, (M, T) tokens -> (log-probs of the tokens, entropies), each (M, T) float32: one fused pass
-    over the vocabulary each way (:func:`policygrad.lm.logprobs.token_logprobs`)."""
-    return token_logprobs(logits, tokens, temperature)
+    return token_logprobs(logits[:, -(completion_len + 1) : -1], input_ids[:, completion_start:], temperature)
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:
@@ -371,7 +365,7 @@ def completion_logprobs(
             **{_cache_argument(model): cache},
         ).logits  # (M, T - 1, V)
         logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
-    return _token_logprobs(logits, completion_ids, temperature)
+    return token_logprobs(logits, completion_ids, temperature)
 
 
 def unshared_logprobs(
@@ -470,17 +464,10 @@ def packed_decoder(model: PreTrainedModel, cache, max_new_tokens: int, decoder: 
     try:
         return PackedDecoder(model, cache, max_new_tokens, dtype)
     except (RuntimeError, AttributeError, TypeError) as error:  # e.g. a torch build without oneDNN's kernels
-        _warn_once(f"the packed decoder failed ({type(error).__name__}: {error}); decoding with the model's forward")
-        return None
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
+        # shown once per run: Python's default warning filter prints a message once per place that issues it
+        message = f"the packed decoder failed ({type(error).__name__}: {error}); decoding with the model's forward"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
 
 
 @torch.no_grad()
@@ -515,7 +502,8 @@ def generate(
             softmax(z / tau) (before a top-p cut), in this loop's arithmetic: the sampler's side of an importance
             ratio; not for greedy.
         decoder: "auto": the decoding passes after the prefill run in :class:`policygrad.lm.decoder.PackedDecoder`
-            where it supports the model (Llama-family on a CPU: 1.7x faster steps), else in the model's forward;
+            where it supports the model (Llama-family on a CPU: decoding steps ~1.5x faster, benchmarks/RESULTS.md), else
+            in the model's forward;
             "transformers": always the model's forward.
     Returns:
         (N, T) completion ids, N = B * G, rows of a group consecutive; T is the step at which the last row ended.
@@ -547,7 +535,10 @@ def generate(
         if not going.all():  # drop finished rows from the batch and the cache
             keep = going.nonzero().squeeze(1)
             active, chosen, attention, next_position = active[keep], chosen[keep], attention[keep], next_position[keep]
-            cache.reorder_cache(keep) if engine is None else engine.keep(keep)
+            if engine is None:
+                cache.reorder_cache(keep)
+            else:
+                engine.keep(keep)
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
         if engine is not None:
             logits = engine.step(chosen, next_position, attention)  # (A, V)

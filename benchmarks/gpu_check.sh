@@ -9,8 +9,11 @@
 # 2. the peak memory of one whole GRPO update of the reference recipe's shape (Qwen2.5-0.5B architecture, random
 #    weights; 128 rows in 8 micro-batches) for full fine-tuning, LoRA and gradient checkpointing (benchmarks/memory.py);
 # 3. three steps of `policygrad train` on that model with transformers generation on the GPU, 16 prompts x 8
-#    completions of up to 64 tokens: step time, sampling time and tokens per second from its metrics.jsonl.
-# Not in it yet: TRL's step on the same work, and vLLM generation (policygrad has no vLLM sampling engine yet).
+#    completions of up to 64 tokens: step time, sampling time and tokens per second from its metrics.jsonl;
+# 4. policygrad's step against TRL's on grpo_vs_trl.py's work (benchmarks/gpu_step.py), transformers generation;
+# 5. vLLM, if it installs (into a separate environment: it pins its own torch): the tests of decoder vllm against
+#    the real engine (tests/lm/test_cuda.py, vllm-marked), then step 3 with --decoder vllm, then step 4 with --vllm
+#    (both trainers with vLLM colocated).
 # SHAPE=tiny runs the same steps at a tiny shape on the CPU, to check the script itself (no GPU needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,3 +60,33 @@ for r in rows:
     print(f"step {r['step']}: {r['step_time']:.2f} s (sampling {r['sample_time']:.2f} s), {r['tokens_per_s']:.1f} tokens/s, {r['completion_tokens']:.1f} tokens per completion")
 PY
 cp "$RUN/metrics.jsonl" "$OUT/gpu-steps-metrics.jsonl" 2>/dev/null || true
+
+echo "== 4. policygrad against TRL on the GPU (transformers generation)"
+python -c "import trl" 2>/dev/null || pip install --quiet -c constraints.txt -e ".[bench]" "$(grep -o 'torch==[0-9.]*' Makefile | head -1)" >/dev/null 2>&1 || pip install --quiet "trl>=1.0" >/dev/null 2>&1
+if [ "$DEVICE" = cuda ]; then
+  timeout 300 python benchmarks/gpu_step.py --warmup 1 --steps 3
+else
+  timeout 300 python benchmarks/gpu_step.py --device cpu --warmup 0 --steps 1
+fi
+
+if [ "$DEVICE" = cuda ]; then
+  echo "== 5. vLLM (a separate environment)"
+  VENV="$(mktemp -d)/vllm-env"
+  if python -m venv "$VENV" && timeout 240 "$VENV/bin/pip" install --quiet vllm "trl>=1.0" && \
+     "$VENV/bin/pip" install --quiet -e ".[lm,lora]" pytest; then
+    "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+    timeout 120 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/lm/test_cuda.py -k vllm
+    timeout 180 "$VENV/bin/python" -m policygrad train --model "$MODEL" --prompts pydoc --max-passage-tokens 128 \
+      --prompts-per-step "$PROMPTS" --group-size "$GROUP" --max-new-tokens "$TOKENS" --micro-batch-size 16 \
+      --max-steps "$STEPS" --device cuda --precision auto --eval-every 0 --eval-size 0 --no-progress \
+      --no-save-optimizer --output-dir "$RUN-vllm" --seed 0 --decoder vllm --tis-cap 2
+    "$VENV/bin/python" - "$RUN-vllm/metrics.jsonl" <<'PY'
+import json, sys
+for r in (json.loads(line) for line in open(sys.argv[1]) if '"step_time"' in line):
+    print(f"vllm step {r['step']}: {r['step_time']:.2f} s (sampling {r['sample_time']:.2f} s), {r['tokens_per_s']:.1f} tokens/s, logprob gap {r.get('tis/logprob_gap', float('nan')):.4f}, capped {r.get('tis/capped_fraction', float('nan')):.4f}")
+PY
+    timeout 300 "$VENV/bin/python" benchmarks/gpu_step.py --vllm --warmup 1 --steps 3
+  else
+    echo "vLLM did not install here: steps 5 skipped"
+  fi
+fi

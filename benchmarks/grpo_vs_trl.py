@@ -143,7 +143,9 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def work_config(prompts: Path, out: Path, precision: str, threads: int, max_steps: int, **overrides):
+def work_config(
+    prompts: Path, out: Path, precision: str, threads: int, max_steps: int, device: str = "cpu", **overrides
+):
     """policygrad's GRPOConfig for the benchmark's work (WORK), no evaluation and no checkpoints."""
     from policygrad.lm.config import GRPOConfig
 
@@ -172,7 +174,7 @@ def work_config(prompts: Path, out: Path, precision: str, threads: int, max_step
         micro_batch_size=WORK["prompts_per_step"] * WORK["group_size"],
         max_steps=max_steps,
         precision="bfloat16" if precision == "bf16" else "float32",
-        device="cpu",
+        device=device,
         threads=threads,
         seed=WORK["seed"],
         eval_decoding=(),
@@ -362,7 +364,10 @@ def decoding_bounds(profile: dict, bandwidth_gbs: float) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int) -> dict:
+def run_trl(
+    prompts: Path, out: Path, precision: str, threads: int, warmup: int, steps: int, device: str = "cpu", **trl_options
+) -> dict:
+    """TRL's GRPOTrainer on the benchmark's work; ``trl_options`` are more GRPOConfig fields (vLLM's, on a GPU)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -404,7 +409,7 @@ def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int,
         warmup_steps=0,
         max_steps=warmup + steps,
         bf16=precision == "bf16",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         logging_steps=1,
         report_to=[],
         save_strategy="no",
@@ -412,6 +417,7 @@ def run_trl(prompts: Path, out: Path, precision: str, threads: int, warmup: int,
         disable_dropout=True,
         dataloader_num_workers=0,
         log_completions=False,
+        **trl_options,
     )
     trainer = GRPOTrainer(model=str(default_model_path()), reward_funcs=shaped, args=args, train_dataset=dataset)
 

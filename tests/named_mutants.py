@@ -225,6 +225,27 @@ MUTANTS = [
         "full_step = trust_region_step(direction, fvp(direction), 2 * cfg.max_kl)",
         (f"{ALGORITHMS}::test_npg_takes_the_natural_gradient_step_on_the_kl_radius",),
     ),
+    Mutant(
+        "vLLM engine never given the trained weights",
+        "lm/setup.py",
+        "            self.engine.push(vllm_engine.policy_weights(self.model, self.adapter))\n",
+        "",
+        ("tests/lm/test_vllm_engine.py::test_the_policy_reaches_the_engine_before_every_steps_sampling",),
+    ),
+    Mutant(
+        "LoRA pushed to vLLM without its adapters",
+        "lm/vllm_engine.py",
+        "            tensor = tensor + deltas[name].to(tensor.dtype)",
+        "            tensor = tensor",
+        ("tests/lm/test_vllm_engine.py::test_lora_pushes_the_merged_weights",),
+    ),
+    Mutant(
+        "vLLM's log-probs not the sampler's side of the importance ratio",
+        "lm/vllm_engine.py",
+        "            drawn[i, : len(ids)] = torch.tensor(logprobs)",
+        "            pass",
+        ("tests/lm/test_vllm_engine.py::test_the_policy_reaches_the_engine_before_every_steps_sampling",),
+    ),
 ]
 
 

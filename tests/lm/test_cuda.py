@@ -5,6 +5,7 @@ correction)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -61,3 +62,19 @@ def test_torchrun_runs_one_nccl_process(fsdp, tiny_llama_chat, tiny_prompts, tmp
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_vllm_samples_the_pushed_policy_on_the_gpu(tiny_llama_chat, tiny_prompts, tmp_path):
+    # the real engine (decoder: vllm, colocated); the GPU check installs vllm in an environment of its own (it pins
+    # its own torch) and runs `-k vllm` there
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (a GPU-only extra: benchmarks/gpu_check.sh installs it)")
+    import json
+
+    config = tiny_config(
+        tiny_llama_chat, tiny_prompts, tmp_path / "run", device="cuda", decoder="vllm", tis_cap=2.0, max_steps=3
+    )
+    records = [json.loads(line) for line in (train(config) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "tis/logprob_gap" in r] == [1, 2, 3]
+    for record in records:  # the engine's log-probs of the pushed weights against the trainer's: rounding apart
+        assert record["tis/logprob_gap"] < 0.05 and record["tis/capped_fraction"] < 0.01, record

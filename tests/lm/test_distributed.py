@@ -108,6 +108,12 @@ def _ours(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("policygrad train:")]
 
 
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -192,16 +198,23 @@ def test_a_reward_fault_in_another_ranks_evaluation_is_one_line(tiny_llama_chat,
     assert len(lines) == 1 and "rank 1 cannot score this" in lines[0], done.stderr
 
 
-def test_a_resumed_fsdp_run_is_bit_identical(tiny_llama_chat, tiny_prompts, tmp_path):
-    # the checkpoint holds the gathered weights and AdamW's gathered state; the resume shards both again
-    straight = _recipe(tmp_path, "straight", tiny_llama_chat, tiny_prompts, fsdp=True)
-    split = _recipe(tmp_path, "split", tiny_llama_chat, tiny_prompts, fsdp=True, max_steps=2)
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_resumed_fsdp_run_is_bit_identical(lora, tiny_llama_chat, tiny_prompts, tmp_path):
+    # the checkpoint holds the gathered weights (with LoRA: the gathered adapters) and AdamW's gathered state; the
+    # resume shards both again
+    if lora:
+        pytest.importorskip("peft", reason="the lora extra (PEFT) is part of make install")
+    adapters = {"lora_rank": 4} if lora else {}
+    straight = _recipe(tmp_path, "straight", tiny_llama_chat, tiny_prompts, fsdp=True, **adapters)
+    split = _recipe(tmp_path, "split", tiny_llama_chat, tiny_prompts, fsdp=True, max_steps=2, **adapters)
     for recipe in (straight, split):
         done = _train(2, recipe)
         assert done.returncode == 0, done.stderr
     resumed = _train(2, tmp_path / "split" / "config.yaml", "--resume", "--max-steps", "3")
     assert resumed.returncode == 0, resumed.stderr
-    expected, got = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
+    saved = _adapter if lora else weights
+    expected, got = saved(tmp_path / "straight" / "final"), saved(tmp_path / "split" / "final")
+    assert expected
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
@@ -225,14 +238,18 @@ def test_fsdp_without_torchrun_is_one_line(tiny_llama_chat, tiny_prompts, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_two_processes_train_the_lora_adapters_of_one(tiny_llama_chat, tiny_prompts, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_the_lora_adapters_of_one(sharding, tiny_llama_chat, tiny_prompts, tmp_path):
+    # ddp: the adapters' gradients summed by hand; fsdp: the frozen base weights and the adapters sharded together
+    # (FSDP2 shards each parameter, trainable or not), the checkpoint's adapter gathered from the shards
     pytest.importorskip("peft", reason="the lora extra (PEFT) is part of make install")
     from safetensors.torch import load_file
 
     adapters = {}
     for processes in (1, 2):
         # the KL reference is the adapters switched off; the gradients summed are the adapters' alone
-        recipe = _recipe(tmp_path, f"lora{processes}", tiny_llama_chat, tiny_prompts, lora_rank=4)
+        sharded = {"fsdp": True} if sharding == "fsdp" and processes == 2 else {}
+        recipe = _recipe(tmp_path, f"lora{processes}", tiny_llama_chat, tiny_prompts, lora_rank=4, **sharded)
         done = _train(processes, recipe)
         assert done.returncode == 0, done.stderr
         adapters[processes] = load_file(str(tmp_path / f"lora{processes}" / "final" / "adapter_model.safetensors"))

@@ -159,7 +159,7 @@ def test_target_modules_the_model_lacks_are_one_line_before_any_weight_loads(tin
         (dict(lora_merged=True), "--lora-merged: merges LoRA adapters: set --lora-rank too"),
         (dict(lora_rank=4, lora_alpha=0.0), "--lora-alpha"),
         (dict(lora_rank=4, lora_target_modules=()), "--lora-target-modules: names no module"),
-        (dict(lora_rank=4, fsdp=True), "--fsdp: with --lora-rank is not supported yet; drop one"),
+        (dict(lora_rank=4, fsdp=True, lora_merged=True), "--lora-merged: under --fsdp not yet: drop it and merge"),
     ],
 )
 def test_bad_lora_flags_are_one_line(fields, message):

@@ -129,13 +129,15 @@ def test_train_variants_base_model_kl_clipping_bfloat16(tiny_qwen_base, tiny_pro
 def test_truncated_importance_sampling_measures_the_samplers_gap(precision, tiny_llama_chat, tiny_prompts, tmp_path):
     # the sampler (cached one-token decoding steps) and the trainer's log-prob pass (one forward pass over each
     # completion) compute the same probabilities with other kernels; on this tiny model they agree to rounding
-    # (5e-8 nats per token when recorded, in both precisions), so every weight is 1 and none is capped
+    # (5e-8 nats per token when recorded, in both precisions, on CPUs with bfloat16 units; 1.9e-5 under bfloat16
+    # on an AMD EPYC without them, whose bfloat16 products are emulated), so every weight is 1 and none is capped
     config = tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", tis_cap=2.0, precision=precision)
     records = [json.loads(line) for line in (train(config) / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records if "tis/logprob_gap" in record] == [1, 2]  # every step
+    bound = 1e-5 if precision == "float32" else 1e-3  # bfloat16 keeps 8 bits: its rounding is 4e-3 relative
     for record in records:
-        assert 0.0 <= record["tis/logprob_gap"] < 1e-5
-        assert record["tis/weight_mean"] == pytest.approx(1.0, abs=1e-5) and record["tis/capped_fraction"] == 0.0
+        assert 0.0 <= record["tis/logprob_gap"] < bound
+        assert record["tis/weight_mean"] == pytest.approx(1.0, abs=bound) and record["tis/capped_fraction"] == 0.0
 
 
 def test_reward_error_during_training_is_one_line(tiny_llama_chat, tiny_prompts, tmp_path):

@@ -94,9 +94,14 @@ class GRPOConfig(TaskSettings):
     """sampling temperature (> 0); the log-probs of the update use the same temperature"""
     top_p: float = 1.0
     """nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]"""
-    decoder: Literal["auto", "transformers"] = "auto"
-    """decoding passes: auto = policygrad's packed decoder where it supports the model (Llama-family on a CPU),
-    else the model's forward; transformers = always the model's forward"""
+    decoder: Literal["auto", "transformers", "vllm"] = "auto"
+    """what decodes the training samples: auto = policygrad's packed decoder where it supports the model
+    (Llama-family on a CPU), else the model's forward; transformers = always the model's forward; vllm = a vLLM
+    engine colocated on the GPU, fed the policy's weights before each step's sampling (needs a CUDA GPU, the vllm
+    extra and --tis-cap; policygrad.lm.vllm_engine); evaluation decodes with transformers whichever is chosen"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """decoder vllm: the fraction of the GPU's memory the engine takes for its weights and key/value blocks (the
+    rest is the trainer's)"""
     max_extra_groups: int = 0
     """dynamic sampling (DAPO): groups whose rewards are all equal are replaced by fresh prompts' groups, at most
     this many extra groups sampled per step (0: off)"""
@@ -289,6 +294,8 @@ class GRPOConfig(TaskSettings):
         _require(self.max_new_tokens >= 1, "--max-new-tokens", f"must be at least 1, got {self.max_new_tokens}")
         _positive("--temperature", self.temperature)
         _require(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
+        utilization = self.vllm_gpu_memory_utilization
+        _require(0 < utilization < 1, "--vllm-gpu-memory-utilization", f"must be in (0, 1), got {utilization}")
         _require(self.max_extra_groups >= 0, "--max-extra-groups", f"must be >= 0, got {self.max_extra_groups}")
         _positive("--advantage-eps", self.advantage_eps, allow_zero=True)
         _require(0 <= self.baseline_decay < 1, "--baseline-decay", f"must be in [0, 1), got {self.baseline_decay}")
@@ -334,7 +341,11 @@ class GRPOConfig(TaskSettings):
             self.lora_rank > 0 or not self.lora_merged, "--lora-merged", "merges LoRA adapters: set --lora-rank too"
         )
         _positive("--tis-cap", self.tis_cap, allow_zero=True)
-        _require(not (self.fsdp and self.lora_rank), "--fsdp", "with --lora-rank is not supported yet; drop one")
+        _require(
+            not (self.fsdp and self.lora_merged),
+            "--lora-merged",
+            "under --fsdp not yet: drop it and merge afterwards with policygrad export RUN_DIR",
+        )
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "--max-steps", f"must be at least 1, got {self.max_steps}")
         _require(

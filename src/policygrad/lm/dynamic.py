@@ -29,7 +29,7 @@ import torch
 from policygrad.guard import StepGuard
 from policygrad.lm.metrics import zero_spread_groups
 from policygrad.lm.rewards import Scores
-from policygrad.lm.rollout import Rollout, join_groups, pad_token_id, sample
+from policygrad.lm.rollout import Rollout, join_groups, pad_token_id
 from policygrad.lm.scoring import Scored, score
 from policygrad.rng import step_seed
 from policygrad.runlog import RunLog
@@ -45,12 +45,12 @@ def sample_and_score(
     scores and the dynamic-sampling metrics ({} when it is off)."""
     config = run.config
     prompts = [r["prompt"] for r in records]
-    rollout = sample(run.model, run.tokenizer, prompts, **run.sampling, generators=run.generators(step, len(prompts)))
+    first = run.world.shard(config.prompts_per_step).start  # this rank's first prompt, numbered over the whole batch
+    rollout = run.sample(prompts, step, range(first, first + len(prompts)))
     scored = score(run, guard, log, rollout, records, step)
     if not config.max_extra_groups:
         return rollout, scored, {}
     world, size = run.world, config.prompts_per_step  # B, over every rank
-    first = world.shard(size).start  # this rank's first prompt, numbered over the whole batch
     draws = [(first, rollout, scored)]  # (number of the draw's first prompt, its rollout, its scores)
     flat = _gather_flat(world, [(first, _flat(scored, config.group_size))])  # {prompt number: no spread}
     extra = 0
@@ -88,8 +88,7 @@ def _sample_some(run: Any, prompts: list[str], step: int, numbers: list[int]) ->
     """G completions of each of ``prompts`` (numbered ``numbers`` over every rank's draws), or None for none."""
     if not prompts:
         return None
-    generators = run.generators_at(step, numbers)
-    return sample(run.model, run.tokenizer, prompts, **run.sampling, generators=generators)
+    return run.sample(prompts, step, numbers)
 
 
 def _picks(world: Any, draws: list[tuple], flat: dict[int, bool], group_size: int, size: int) -> list[tuple]:

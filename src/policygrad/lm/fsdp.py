@@ -53,12 +53,13 @@ def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
+def shard(model: torch.nn.Module, world: World, keep_root: bool = True) -> torch.nn.Module:
     """``fully_shard`` each decoder layer, then the root; in place (the model's class becomes an ``FSDPModule``).
     The root keeps its weights gathered between the prompt pass and the completion pass of a micro-batch
     (``reshard_after_forward=False``), which share the key/value cache. Its embedding must be looked up inside the
     forward passes (``completion_logprobs(..., embed_once=False)``): a lookup outside them would leave the gradient
-    in the gathered weight, never reduced."""
+    in the gathered weight, never reduced. ``keep_root=False`` (the frozen KL reference, which has no backward pass
+    to reshard its root after) reshards the root after every forward pass like the layers."""
     from torch.distributed.fsdp import fully_shard
 
     units = layers(model)
@@ -67,7 +68,7 @@ def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
     mesh = _mesh(world)
     for unit in units:
         fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=not keep_root)
     return model
 
 

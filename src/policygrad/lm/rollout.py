@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Rollout",
+    "assemble",
     "autocast_context",
     "completion_logprobs",
     "completion_mask",
@@ -616,11 +617,38 @@ def sample(
             drawn,
             decoder,
         )  # (N, T)
+    rollout = assemble(tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, eos_ids, group_size, drawn)
+    if score_tokens:
+        rollout.logprobs = rollout_logprobs(
+            model, rollout, 1.0 if greedy else temperature, micro_batch_size, autocast_dtype
+        )
+    return rollout
+
+
+def assemble(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    eos_ids: Sequence[int],
+    group_size: int,
+    drawn: Tensor | None = None,
+) -> Rollout:
+    """The :class:`Rollout` of sampled completion ids, whichever engine drew them (:func:`generate`, or vLLM in
+    :mod:`policygrad.lm.vllm_engine`): masks, decoded text, the truncation flags; ``logprobs`` left None.
+
+    Args:
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        completion_ids: (N, T) right-padded, rows of a group consecutive.
+        drawn: (N, >= T) the log-probability each token was drawn with, or None.
+    """
+    device = completion_ids.device
     mask = completion_mask(completion_ids, eos_ids)  # (N, T)
     completions = tokenizer.batch_decode(
         [row[row_mask.bool()] for row, row_mask in zip(completion_ids, mask)], skip_special_tokens=True
     )
-    rollout = Rollout(
+    return Rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
         prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),  # (N, P): rows of a group are consecutive
         prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
@@ -630,14 +658,9 @@ def sample(
         logprobs=None,
         group_size=group_size,
         # not "the last column counts": a row whose EOS is the batch's last token ended; one cut off did not
-        truncated=~(torch.isin(completion_ids, torch.tensor(eos_ids, device=device)) & mask.bool()).any(-1),
+        truncated=~(torch.isin(completion_ids, torch.tensor(list(eos_ids), device=device)) & mask.bool()).any(-1),
         sampler_logprobs=None if drawn is None else drawn[:, : completion_ids.shape[1]] * mask,
     )
-    if score_tokens:
-        rollout.logprobs = rollout_logprobs(
-            model, rollout, 1.0 if greedy else temperature, micro_batch_size, autocast_dtype
-        )
-    return rollout
 
 
 def pad_token_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -658,13 +681,17 @@ def rollout_logprobs(
     temperature: float,
     micro_batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    embed_once: bool = True,
 ) -> Tensor:
     """(N, T) log-probs of a rollout's sampled tokens under ``model`` (the sampling policy, or the frozen reference
-    for the KL term), zero where masked; no gradient, in micro-batches."""
+    for the KL term), zero where masked; no gradient, in micro-batches. ``embed_once``: see
+    :func:`completion_logprobs` (False for a model sharded by FSDP2)."""
     device = rollout.completion_ids.device
     chunks = []
     with autocast_context(device, autocast_dtype):
         for rows in micro_batches(rollout.completion_ids.shape[0], micro_batch_size):
-            logprobs, _ = completion_logprobs(model, temperature=temperature, **rollout.rows(rows))
+            logprobs, _ = completion_logprobs(
+                model, temperature=temperature, embed_once=embed_once, **rollout.rows(rows)
+            )
             chunks.append(logprobs)
     return torch.cat(chunks) * rollout.completion_mask

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from policygrad.guard import StepGuard
+from policygrad.lm import fsdp
 from policygrad.lm.evaluate import group_fields
 from policygrad.lm.rewards import RewardError
 from policygrad.lm.rollout import Rollout, rollout_logprobs
@@ -110,7 +111,14 @@ def reference_logprobs(run: Any, rollout: Rollout) -> Tensor | None:
     if run.reference is None:
         return None
     config = run.config
-    return rollout_logprobs(run.reference, rollout, config.temperature, config.micro_batch_size, run.autocast_dtype)
+    sharded = fsdp.is_sharded(run.model)  # the reference too: a sharded copy, or (LoRA) the policy, adapters off
+    width = rollout.completion_ids.shape[1]
+    if sharded:  # every rank runs the same passes (their all-gathers are collectives): see fsdp.same_width
+        rollout = rollout.widened(run.world.maximum(width))
+    logprobs = rollout_logprobs(
+        run.reference, rollout, config.temperature, config.micro_batch_size, run.autocast_dtype, embed_once=not sharded
+    )
+    return logprobs[:, :width]
 
 
 def importance_correction(run: Any, rollout: Rollout) -> tuple[Tensor | None, dict[str, float]]:

@@ -30,14 +30,14 @@ from policygrad import checkpointing, runs
 from policygrad.configs import config_to_dict
 from policygrad.distributed import Launch, World, init_world, launch_from_env
 from policygrad.errors import UsageError, first_line
-from policygrad.lm import fsdp
+from policygrad.lm import fsdp, vllm_engine
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.curriculum import ToleranceCurriculum
 from policygrad.lm.device import fused_adamw_supported, resolve_device, use_threads
 from policygrad.lm.evaluate import EvalSettings, evaluate, group_fields
 from policygrad.lm.lora import MERGED, AdapterOff, attach, check_lora, enable_gradient_checkpointing, save_merged
 from policygrad.lm.rewards import RewardError
-from policygrad.lm.rollout import Rollout, join_groups, pad_token_id
+from policygrad.lm.rollout import Rollout, join_groups, pad_token_id, sample
 from policygrad.lm.state import TRAINER_STATE, Snapshot, TrainerState, load_trainer_state, save_checkpoint
 from policygrad.lm.task import Task
 from policygrad.rng import rng_state, seed_everything, set_rng_state, step_seed
@@ -95,6 +95,7 @@ class Run:
     eval_settings: EvalSettings = field(default_factory=EvalSettings)
     world: World = field(default_factory=World)  # this process's place in a torchrun launch (or the plain one)
     adapter: Any = None  # the PeftModel around ``model`` with LoRA (what a checkpoint saves), else None
+    engine: Any = None  # the colocated vLLM engine with ``decoder: vllm`` (policygrad.lm.vllm_engine), else None
 
     @property
     def task(self) -> Task:
@@ -130,20 +131,29 @@ class Run:
         order = prompt_order(len(self.prompts.train), self.config.prompts_per_step, epoch, self.config.seed)
         return [self.prompts.train[i] for i in order[index][self.world.shard(self.config.prompts_per_step)]]
 
-    def generators(self, step: int, count: int, offset: int = 0) -> list[torch.Generator] | None:
-        """Under torchrun, one generator per prompt this rank samples at ``step``: prompt b of the step's batch
-        (b counted over every rank's prompts, then ``offset`` on) draws from ``step_seed(seed, step, b)``, so its
-        completions do not depend on how the batch is split. None for a plain run: the global generator, seeded
-        per step by the loop, as before data parallelism."""
-        first = self.world.shard(self.config.prompts_per_step).start + offset
-        return self.generators_at(step, range(first, first + count))
-
     def generators_at(self, step: int, prompts: Sequence[int]) -> list[torch.Generator] | None:
-        """Under torchrun, the generators of the step's prompts numbered ``prompts`` (counted over every rank's
-        draws: 0..B-1 the batch, B on the fresh prompts of dynamic sampling); None for a plain run."""
+        """Under torchrun, one generator per prompt: the step's prompt numbered b (counted over every rank's draws:
+        0..B-1 the batch, B on the fresh prompts of dynamic sampling) draws from ``step_seed(seed, step, b)``, so
+        its completions do not depend on how the batch is split. None for a plain run: the global generator, seeded
+        per step by the loop, as before data parallelism."""
         if not self.world.launched:
             return None
         return [torch.Generator().manual_seed(step_seed(self.config.seed, step, b)) for b in prompts]
+
+    def sample(self, prompts: Sequence[str], step: int, numbers: Sequence[int]) -> Rollout:
+        """G completions of each of ``prompts`` with the current policy, the prompts numbered ``numbers`` among the
+        step's draws (over every rank: 0..B-1 the batch, B on dynamic sampling's fresh prompts). With vLLM the
+        policy's weights are pushed into the engine first, once a step, and prompt b draws from seed
+        step_seed(seed, step, b); else :func:`policygrad.lm.rollout.sample` draws from :meth:`generators_at`."""
+        if self.engine is None:
+            return sample(
+                self.model, self.tokenizer, prompts, **self.sampling, generators=self.generators_at(step, numbers)
+            )
+        if self.engine.pushed_step != step:
+            self.engine.push(vllm_engine.policy_weights(self.model, self.adapter))
+            self.engine.pushed_step = step
+        seeds = [step_seed(self.config.seed, step, b) % 2**63 for b in numbers]  # a signed 64-bit int for vLLM
+        return self.engine.sample(self.model, self.tokenizer, prompts, seeds, **self.sampling)
 
     def whole_batch(self, rollout: Rollout, scored: Any) -> tuple[Rollout, Any]:
         """The step's whole batch, every rank's groups in prompt order, as one process would have sampled it (on
@@ -188,6 +198,8 @@ class Run:
         weights, optimizer_state = None, optimizer.state_dict() if optimizer is not None else None
         if fsdp.is_sharded(self.model):  # gathered from every rank's shards, onto rank 0
             weights, optimizer_state = fsdp.full_state(self.model, optimizer)
+            if self.adapter is not None:  # PEFT picks its adapters out of its wrapper's names
+                weights = {f"base_model.model.{name}": tensor for name, tensor in weights.items()}
         if world.is_main:
             state = TrainerState(
                 snapshot.step,
@@ -223,6 +235,8 @@ def setup(config: GRPOConfig) -> Run:
     """Build the run ``config`` describes, or restore it from its newest checkpoint with ``resume``."""
     launch = _check_launch(config, launch_from_env())  # torchrun's processes against the config, before anything
     runs.check_output_dir(config.output_dir, config.resume, config.overwrite)  # before anything heavy
+    if config.decoder == "vllm":
+        vllm_engine.check(config)  # the package, a GPU, the importance correction: before any model loads
     device, autocast_dtype = resolve_device(config)
     device = _rank_device(device, launch)
     world = init_world(device, config.collective_timeout, launch)
@@ -247,6 +261,8 @@ def setup(config: GRPOConfig) -> Run:
     reference = _setup_reference(config, model, device, from_checkpoint=folder is not None, adapter=adapter)
     if config.fsdp:
         fsdp.shard(model, world)  # after the reference copies the whole model, before AdamW sees the shards
+        if reference is not None and adapter is None:  # the frozen copy sharded too: 1 / W of it on each rank
+            fsdp.shard(reference, world, keep_root=False)
     run = Run(
         config,
         config.output_dir,
@@ -270,6 +286,8 @@ def setup(config: GRPOConfig) -> Run:
     )
     if state is not None:
         _restore(run, folder, state)
+    if config.decoder == "vllm":  # after the restore: it starts from the base weights, the first push brings it up
+        run.engine = vllm_engine.VLLMEngine(_model_source(config.model), config, device, world.launched)
     if world.is_main:
         runs.prepare_output_dir(config.output_dir, config.resume, config.overwrite, config_to_dict(config))
         _say_checkpoint_size(config, model)

@@ -55,6 +55,9 @@ from policygrad.variants import TASKS
 
 __all__ = ["run_train", "train"]
 
+USAGE_ERROR_GRACE_S = 5.0
+"""Under torchrun: how long a process other than rank 0 waits before exiting on a usage error that rank 0 prints."""
+
 
 def train(config: GRPOConfig) -> Path:
     """Train ``config.model`` on ``config.prompts`` and return the run folder (see the module docstring)."""
@@ -194,6 +197,9 @@ def run_train(config: GRPOConfig) -> int:
     except UsageError:
         if main:
             raise  # the command line prints it, once
+        # every process found the same error; torchrun stops the others as soon as one exits, so this one gives
+        # rank 0 time to print it first (measured: under load an early exit here left the user no message at all)
+        time.sleep(USAGE_ERROR_GRACE_S)
         return 2
     if not main:
         return 0

@@ -49,7 +49,15 @@ progress: false
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2"]
 # no data-parallel pair: each of its processes holds what the one process holds (12.4 GB measured), and two of them
 # do not fit this 24 GiB machine; that is the case FSDP is for
-CONFIGS = {"1 process": ([], False), "2 processes, --fsdp": (TORCHRUN, True)}
+# with the KL term the run also holds the frozen reference model: a whole copy in one process, a sharded one (1 / W
+# on each process) under --fsdp
+KL = ["--kl-coef", "0.05"]
+CONFIGS = {
+    "1 process": ([], []),
+    "2 processes, --fsdp": (TORCHRUN, ["--fsdp"]),
+    "1 process, KL reference": ([], KL),
+    "2 processes, --fsdp, KL reference": (TORCHRUN, ["--fsdp", *KL]),
+}
 
 
 def build_model(folder: Path) -> None:
@@ -79,12 +87,12 @@ def child(report: Path, argv: list[str]) -> None:
     sys.exit(code)
 
 
-def run(name: str, launcher: list[str], fsdp: bool, recipe: Path, work: Path) -> dict:
-    report = work / name.replace(" ", "_").replace(",", "")
+def run(name: str, launcher: list[str], flags: list[str], recipe: Path, work: Path) -> dict:
+    report = work / name.replace(" ", "_").replace(",", "").replace("-", "")
     report.mkdir()
     python = [sys.executable] if not launcher else []
     command = [*launcher, *python, str(Path(__file__)), "--child", str(report), "--", "train", "--recipe", str(recipe)]
-    command += ["--output-dir", str(report / "run"), "--overwrite", *(["--fsdp"] if fsdp else [])]
+    command += ["--output-dir", str(report / "run"), "--overwrite", *flags]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - start
@@ -108,6 +116,7 @@ def main() -> None:
         child(Path(sys.argv[2]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", action="append", choices=list(CONFIGS), help="these configurations (default: all)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
@@ -115,7 +124,8 @@ def main() -> None:
         build_model(work / "model")
         recipe = work / "recipe.yaml"
         recipe.write_text(RECIPE.format(model=work / "model"))
-        result = {name: run(name, launcher, fsdp, recipe, work) for name, (launcher, fsdp) in CONFIGS.items()}
+        chosen = {name: CONFIGS[name] for name in args.only or CONFIGS}
+        result = {name: run(name, launcher, flags, recipe, work) for name, (launcher, flags) in chosen.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

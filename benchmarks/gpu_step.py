@@ -7,7 +7,7 @@ on an otherwise idle GPU. Step time, generation time and completion tokens per s
 
     python benchmarks/gpu_step.py                       # transformers generation, both trainers
     python benchmarks/gpu_step.py --vllm                # also both with vLLM (needs the vllm package)
-    python benchmarks/gpu_step.py --device cpu --warmup 0 --steps 1     # checks the script itself, no GPU
+    python benchmarks/gpu_step.py --device cpu --warmup 0 --steps 1     # checks the script itself (float32, 2 threads)
 
 Writes benchmarks/results/gpu_step.json and prints a table. Prepared for issue 15's GPU check
 (benchmarks/gpu_check.sh); not yet run on a GPU (none was lent to this work), so it holds no results yet.
@@ -34,7 +34,8 @@ def run_policygrad(prompts: Path, out: Path, warmup: int, steps: int, vllm: bool
     from policygrad.lm.trainer import train
 
     engine = {"decoder": "vllm", "tis_cap": 2.0, "vllm_gpu_memory_utilization": VLLM_MEMORY} if vllm else {}
-    config = work_config(prompts, out, "bf16", 1, warmup + steps, device=device, **engine)
+    precision = "bf16" if device != "cpu" else "fp32"  # on a CPU only a check of the script: no emulated bfloat16
+    config = work_config(prompts, out, precision, 2, warmup + steps, device=device, **engine)
     records = [json.loads(line) for line in (train(config) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "step_time" in r][warmup:]
     n = WORK["prompts_per_step"] * WORK["group_size"]
@@ -47,7 +48,8 @@ def run_policygrad(prompts: Path, out: Path, warmup: int, steps: int, vllm: bool
 
 def run_trl_on_gpu(prompts: Path, out: Path, warmup: int, steps: int, vllm: bool, device: str) -> dict:
     engine = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": VLLM_MEMORY} if vllm else {}
-    return run_trl(prompts, out, "bf16", 1, warmup, steps, device=device, **engine)
+    precision = "bf16" if device != "cpu" else "fp32"
+    return run_trl(prompts, out, precision, 2, warmup, steps, device=device, **engine)
 
 
 RUNNERS = {"policygrad": run_policygrad, "trl": run_trl_on_gpu}
@@ -96,7 +98,8 @@ def main() -> None:
     if args.device == "cuda":
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "gpu_step.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"GPU: {summary['gpu']}; {WORK['prompts_per_step']} prompts x {WORK['group_size']} completions, bfloat16")
+    precision = "bfloat16" if args.device == "cuda" else "float32"
+    print(f"GPU: {summary['gpu']}; {WORK['prompts_per_step']} prompts x {WORK['group_size']} completions, {precision}")
     print("| trainer | step (s) | generation (s) | update (s) | generation tokens/s |")
     print("|---|---:|---:|---:|---:|")
     for label, r in results.items():

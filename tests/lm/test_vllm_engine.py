@@ -121,3 +121,19 @@ def test_vllm_without_the_package_is_one_line_before_any_model_loads(tiny_prompt
         "pip install 'policygrad[vllm]'"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_vllm_build_without_the_in_process_path_loads_through_apply_model():
+    loaded = []
+
+    class EngineModel:
+        def load_weights(self, pairs):
+            loaded.extend(pairs)
+
+    engine = vllm_engine.VLLMEngine.__new__(vllm_engine.VLLMEngine)  # no engine to build: only push is under test
+    engine.llm = SimpleNamespace(apply_model=lambda fn: [fn(EngineModel())], reset_prefix_cache=lambda: True)
+    engine.push(iter([("model.norm.weight", torch.ones(2))]))
+    assert [name for name, _ in loaded] == ["model.norm.weight"]
+    engine.llm = SimpleNamespace(reset_prefix_cache=lambda: True)
+    with pytest.raises(RuntimeError, match="no way to load weights"):
+        engine.push(iter([]))

@@ -103,16 +103,18 @@ def _whole(tensor: Tensor) -> Tensor:
 
 def _engine_model(llm: Any) -> Any:
     """The engine's own torch module (its ``load_weights`` takes (name, tensor) pairs), where vLLM keeps it in
-    one process: V1's in-process engine, then V0's."""
-    executor = llm.llm_engine.model_executor
-    worker = executor.driver_worker
-    for path in (("worker", "model_runner", "model"), ("model_runner", "model")):
-        found = worker
+    one process: V1's in-process engine, then V0's; None where neither path leads to it."""
+    paths = (
+        ("llm_engine", "model_executor", "driver_worker", "worker", "model_runner", "model"),
+        ("llm_engine", "model_executor", "driver_worker", "model_runner", "model"),
+    )
+    for path in paths:
+        found = llm
         for attribute in path:
             found = getattr(found, attribute, None)
         if found is not None and hasattr(found, "load_weights"):
             return found
-    raise RuntimeError("could not find the model inside this vLLM build's engine to push weights to")
+    return None
 
 
 class VLLMEngine:
@@ -142,7 +144,14 @@ class VLLMEngine:
     def push(self, weights: Iterator[tuple[str, Tensor]]) -> None:
         """Load the policy's current weights into the engine (it converts dtypes and fuses projections itself) and
         drop its prefix cache, which holds key/value blocks of the old weights."""
-        _engine_model(self.llm).load_weights(weights)
+        model = _engine_model(self.llm)
+        if model is not None:
+            model.load_weights(weights)
+        elif hasattr(self.llm, "apply_model"):  # vLLM's documented way to run a function on its model
+            pairs = list(weights)
+            self.llm.apply_model(lambda engine_model: engine_model.load_weights(pairs))
+        else:
+            raise RuntimeError("this vLLM build offers no way to load weights into its engine (see vllm_engine.py)")
         reset = getattr(self.llm, "reset_prefix_cache", None)
         if reset is not None:
             reset()

@@ -98,17 +98,17 @@ def test_a_stop_token_the_engine_leaves_out_is_put_back_without_a_logprob():
 
 
 def test_vllm_without_a_gpu_or_the_importance_correction_is_one_line(
-    fake_vllm, tiny_llama_chat, tiny_prompts, tmp_path
+    fake_vllm, tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch
 ):
-    fake_vllm_gpu = vllm_engine._has_cuda
-    assert fake_vllm_gpu()
+    assert vllm_engine._has_cuda()  # the fixture's stand-in GPU
     with pytest.raises(UsageError, match=r"--decoder: vllm draws tokens with its own kernels.*set --tis-cap"):
         train(vllm_config(tiny_llama_chat, tiny_prompts, tmp_path / "a", tis_cap=0.0))
-    with pytest.raises(
-        UsageError, match=r"--decoder: vllm generates on a CUDA GPU and there is none here \(device cpu"
-    ):
+    with pytest.raises(UsageError, match=r"--decoder: vllm generates on a CUDA GPU, and --device cpu keeps the run"):
         train(vllm_config(tiny_llama_chat, tiny_prompts, tmp_path / "b", device="cpu"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not fake_vllm.LLM.built
+    monkeypatch.setattr(vllm_engine, "_has_cuda", lambda: False)
+    with pytest.raises(UsageError, match=r"--decoder: vllm generates on a CUDA GPU and torch sees none here"):
+        train(vllm_config(tiny_llama_chat, tiny_prompts, tmp_path / "c"))
+    assert not any((tmp_path / name).exists() for name in "abc") and not fake_vllm.LLM.built
 
 
 def test_vllm_without_the_package_is_one_line_before_any_model_loads(tiny_prompts, tmp_path):

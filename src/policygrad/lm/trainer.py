@@ -198,7 +198,7 @@ def run_train(config: GRPOConfig) -> int:
         if main:
             raise  # the command line prints it, once
         # every process found the same error; torchrun stops the others as soon as one exits, so this one gives
-        # rank 0 time to print it first (measured: under load an early exit here left the user no message at all)
+        # rank 0 time to print it first (seen once under load: the line never appeared; this is the suspected cause)
         time.sleep(USAGE_ERROR_GRACE_S)
         return 2
     if not main:

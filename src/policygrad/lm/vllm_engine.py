@@ -123,7 +123,6 @@ class VLLMEngine:
         import vllm
 
         self._vllm = vllm
-        self.config = config
         self.pushed_step: int | None = None  # the step whose sampling last saw the pushed weights
         options: dict[str, Any] = {
             "model": model_folder,

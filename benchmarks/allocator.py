@@ -1,21 +1,22 @@
-"""What the memory allocator costs a training step on a CPU (issue 17): glibc's malloc against two of its own settings.
+"""What the memory allocator costs a training step on a CPU (issue 17): ``--allocator keep`` against glibc's defaults.
 
 A GRPO step allocates and frees the same large buffers every step (the vocabulary-sized logits, activations, their
 gradients). glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives it
 back with ``munmap`` on free, so the next step touches new pages and the kernel zero-fills each 4 KiB page at its
-first touch: a minor page fault, system time. Each arm runs ``policygrad train`` in a fresh process (glibc reads its
-settings once, at start) on the same recipe and seed, so every arm does the same arithmetic on the same tokens:
+first touch: a minor page fault, system time. ``--allocator keep`` (policygrad.allocator, the default since
+2026-12-03) switches that off from inside the process with ``mallopt``. Each arm runs ``policygrad train`` in a fresh
+process on the same recipe and seed, so every arm does the same arithmetic on the same tokens:
 
-- ``default``: glibc as it comes;
-- ``no-mmap``: ``glibc.malloc.mmap_max=0`` and a trim threshold of 64 GiB: every allocation from the heap, and freed
-  memory stays there for the next step;
-- ``hugepages``: ``glibc.malloc.hugetlb=1``: malloc asks for transparent huge pages (``madvise``), 2 MiB a fault;
-- ``both``: the two together.
+- ``system``: ``--allocator system``, glibc as it comes (policygrad's default before 2026-12-03);
+- ``keep``: ``--allocator keep``: every allocation from the heap, which is never trimmed;
+- ``hugepages``: ``--allocator system`` with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: malloc asks for transparent
+  huge pages (``madvise``), 2 MiB a fault;
+- ``keep-hugepages``: the two together.
 
 Reported per arm: the median step time over the steps after the first, the process's user and system CPU seconds,
 its minor page faults and its peak RSS (the whole run, model load included). Arms alternate, ``--repeats`` rounds.
 
-    python benchmarks/allocator.py --json benchmarks/results/allocator.json
+    python benchmarks/allocator.py --arms system keep --repeats 2 --json benchmarks/results/allocator.json
 
 Name the CPU (``lscpu``) beside the numbers: the cost of a page fault depends on the machine and its hypervisor.
 """
@@ -35,11 +36,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-ARMS = {
-    "default": "",
-    "no-mmap": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736",
-    "hugepages": "glibc.malloc.hugetlb=1",
-    "both": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736",
+ARMS = {  # name: (--allocator, GLIBC_TUNABLES)
+    "system": ("system", ""),
+    "keep": ("keep", ""),
+    "hugepages": ("system", "glibc.malloc.hugetlb=1"),
+    "keep-hugepages": ("keep", "glibc.malloc.hugetlb=1"),
 }
 
 
@@ -47,13 +48,14 @@ def run_arm(name: str, args: argparse.Namespace, folder: Path) -> dict:
     """One ``policygrad train`` in a child process under the arm's glibc tunables; its step times and rusage."""
     env = {**os.environ}
     env.pop("GLIBC_TUNABLES", None)
-    if ARMS[name]:
-        env["GLIBC_TUNABLES"] = ARMS[name]
+    allocator, tunables = ARMS[name]
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
     out = folder / name
     command = [
         sys.executable, "-m", "policygrad", "train", "--recipe", str(args.recipe), "--seed", "0",
         "--max-steps", str(args.steps), "--eval-every", "0", "--save-every", "0", "--threads", str(args.threads),
-        "--output-dir", str(out), "--overwrite",
+        "--output-dir", str(out), "--overwrite", "--allocator", allocator,
     ]  # fmt: skip
     started = time.perf_counter()
     log = folder / f"{name}.log"
@@ -93,7 +95,7 @@ def main() -> None:
                 results[name].append(run_arm(name, args, Path(tmp)))
                 print(f"{name}: {results[name][-1]['median_step_s']:.2f} s/step", flush=True)
     print(f"policygrad train --recipe {args.recipe.name}, {args.steps} steps, {args.threads} threads, seed 0")
-    print("| glibc malloc | median s/step | user CPU s | system CPU s | minor faults | peak RSS MB |")
+    print("| allocator | median s/step | user CPU s | system CPU s | minor faults | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
         med = statistics.median

@@ -102,6 +102,10 @@ class GRPOConfig(TaskSettings):
     vllm_gpu_memory_utilization: float = 0.3
     """decoder vllm: the fraction of the GPU's memory the engine takes for its weights and key/value blocks (the
     rest is the trainer's)"""
+    allocator: Literal["keep", "system"] = "keep"
+    """CPU runs: keep = the memory a step frees stays in the process for the next step (glibc's malloc without mmap
+    or trimming; no page faults after the first steps, peak memory a little higher: policygrad.allocator);
+    system = the C library's defaults"""
     max_extra_groups: int = 0
     """dynamic sampling (DAPO): groups whose rewards are all equal are replaced by fresh prompts' groups, at most
     this many extra groups sampled per step (0: off)"""

@@ -8,9 +8,11 @@ runs the same arithmetic with less around it:
 
 - the q, k and v projections are one product, and so are the gate and up projections (weights concatenated along
   the output axis: the same dot products, fewer and larger calls);
-- under bfloat16 autocast the weights are cast once per generation and packed in oneDNN's own layout
-  (``torch.ops.mkldnn._reorder_linear_weight``, the kernel torch's inductor uses on CPUs): a (16, 576) x (576, 1536)
-  product takes 35 us instead of 71 us;
+- the weights are packed once per generation in oneDNN's own layout (``torch.ops.mkldnn._reorder_linear_weight``,
+  the kernel torch's inductor uses on CPUs), cast to bfloat16 first under bfloat16 autocast: a (16, 576) x
+  (576, 1536) bfloat16 product takes 35 us instead of 71 us on an Intel Xeon with AMX; in float32 on an AMD EPYC
+  without AVX512 a (16, 576) x (576, 3072) product takes 465 us instead of 694 us, and the (16, 576) x (576, 49152)
+  output head 9.2 ms instead of 22.5 ms (benchmarks/NOTES.md, changes 14 and 20);
 - keys and values live in one preallocated buffer per generation, in the dtype attention reads them in, written in
   place: no concatenation and no cast of the whole cache per step.
 
@@ -108,7 +110,7 @@ class PackedDecoder:
         self.kv_heads = attn.k_proj.out_features // self.head_dim
         self.dtype = dtype or self.embed.weight.dtype  # what products and attention run in
         rows = cache.layers[0].keys.shape[0]
-        self.packed = dtype is not None
+        self.packed = torch.backends.mkldnn.is_available()  # oneDNN's layout, in float32 too (NOTES.md, change 20)
         with torch.no_grad():
             # built for each generation and dropped with it: never stale after an optimiser step, and no second
             # copy of the weights alive during the update (~150 ms a build for the embedded model, 2 cores)
@@ -127,7 +129,8 @@ class PackedDecoder:
 
     def _weight(self, linear: nn.Linear, rows: int, *more: nn.Linear) -> tuple[Tensor, Tensor | None]:
         """The weight (and bias) of ``linear`` and ``more`` concatenated along the output axis, ready for
-        :meth:`_product`: cast to bfloat16 and packed for ``rows`` rows under autocast, float32 as is otherwise."""
+        :meth:`_product`: cast to the decoding dtype and packed in oneDNN's layout for ``rows`` rows (as they are
+        where this torch build has no oneDNN)."""
         modules = (linear, *more)
         bias = None if linear.bias is None else torch.cat([m.bias.detach() for m in modules]).to(self.dtype)
         if not self.packed:

@@ -355,7 +355,7 @@ def completion_logprobs(
     else:
         prompt_embeds, fed_inputs = None, {"input_ids": fed}
     first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index, prompt_embeds)  # (M, V)
-    logits = first[:, None]  # (M, 1, V)
+    logprobs, entropies = token_logprobs(first[:, None], completion_ids[:, :1], temperature)  # (M, 1) each
     if completion_ids.shape[1] > 1:
         attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
         rest = model(
@@ -365,8 +365,11 @@ def completion_logprobs(
             use_cache=True,
             **{_cache_argument(model): cache},
         ).logits  # (M, T - 1, V)
-        logits = torch.cat([logits, rest], dim=1)  # (M, T, V)
-    return token_logprobs(logits, completion_ids, temperature)
+        # the two parts' log-probs joined, not their logits: no (M, T, V) copy in the forward pass (100 MB at GRPO's
+        # 16 x 32 x 49,152 in float32), and none of its gradient in the backward (benchmarks/NOTES.md, change 19)
+        more_logprobs, more_entropies = token_logprobs(rest, completion_ids[:, 1:], temperature)  # (M, T - 1) each
+        logprobs, entropies = torch.cat([logprobs, more_logprobs], 1), torch.cat([entropies, more_entropies], 1)
+    return logprobs, entropies
 
 
 def unshared_logprobs(

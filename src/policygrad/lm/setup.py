@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from policygrad import checkpointing, runs
+from policygrad.allocator import use_allocator
 from policygrad.configs import config_to_dict
 from policygrad.distributed import Launch, World, init_world, launch_from_env
 from policygrad.errors import UsageError, first_line
@@ -50,7 +51,7 @@ RESUME_MAY_CHANGE = frozenset(
         *("resume", "overwrite", "allow_config_change", "output_dir", "max_steps", "epochs", "progress", "threads"),
         *("device", "eval_every", "eval_size", "eval_decoding", "save_every", "save_optimizer", "keep_checkpoints"),
         *("log_completions", "reward_fault", "reward_timeout", "max_bad_steps", "collective_timeout"),
-        *("gradient_checkpointing", "lora_merged"),
+        *("gradient_checkpointing", "lora_merged", "allocator"),
     }
 )
 """Fields a resumed run may change without ``--allow-config-change``: how long to train, where and how to log, save
@@ -241,6 +242,8 @@ def setup(config: GRPOConfig) -> Run:
     device = _rank_device(device, launch)
     world = init_world(device, config.collective_timeout, launch)
     _setup_threads(config, launch)
+    if device.type == "cpu":
+        use_allocator(config.allocator)  # freed memory stays for the next step (policygrad.allocator)
     seed_everything(world.seed(config.seed))  # a resumed run then restores the generators' saved states
     reward_set = _setup_rewards(config)
     _check_prompt_source(config)

@@ -12,8 +12,10 @@ from the guest, and the next touch faults on the host as well.
 trimmed, so a freed buffer stays in the process and the next step reuses it without a fault. The price is that the
 process keeps its high-water mark: peak memory rises by whatever the heap's fragmentation leaves unused.
 
-Measured (benchmarks/NOTES.md, change 18; AMD EPYC family 25 model 1, float32, 2 threads, the benchmark's work):
-minor faults of a steady-state step ~400,000 -> ~0, the step 18.9 -> 14.6 s, peak resident memory 4,308 -> 4,536 MB.
+Measured (benchmarks/NOTES.md, change 18; AMD EPYC family 25 model 1, float32, 2 threads): side by side on
+recipes/cpu-dynamic.yaml (``benchmarks/allocator.py``) a step took 13.86 s against 17.36 s with glibc's defaults, with
+1.43 M page faults against 4.60 M over 5 steps and the same peak memory; on grpo_vs_trl.py's work the update in a step
+fell to its time alone, and peak memory rose 6% (4,299 -> 4,563 MB, benchmarks/RESULTS.md).
 ``--allocator system`` keeps glibc's defaults. Elsewhere (macOS, musl) there is nothing to do and nothing is done.
 
 Standard library only.

@@ -4,8 +4,8 @@ Every step of a CPU training run allocates and frees the same large buffers: the
 packed weights, the update's activations, logits and gradients. glibc's malloc (Linux) serves each block above its
 mmap threshold (128 KiB, rising with use to at most 32 MiB) with a fresh ``mmap`` and unmaps it when it is freed, and
 trims the top of its heap once 128 KiB or more lie free there. So each step the kernel takes the step's memory back
-and gives it again page by page: a minor fault and a zero-filled 4 KiB page each time, ~250,000 faults a step for
-the embedded model. On a virtual machine that reports freed pages to its host, a page given back is also taken away
+and gives it again page by page: a minor fault and a zero-filled 4 KiB page each time, 230,000-280,000 faults an update
+for the embedded model (benchmarks/NOTES.md, change 18). On a virtual machine that reports freed pages to its host, a page given back is also taken away
 from the guest, and the next touch faults on the host as well.
 
 :func:`keep_freed_memory` switches both off through ``mallopt``: no block is served by ``mmap`` and the heap is never
@@ -27,13 +27,13 @@ import ctypes
 import sys
 from typing import Literal
 
-__all__ = ["ALLOCATORS", "keep_freed_memory", "use_allocator"]
+__all__ = ["ALLOCATORS", "Allocator", "keep_freed_memory", "use_allocator"]
 
 ALLOCATORS = ("keep", "system")
 """keep: freed memory stays in the process for the next step (:func:`keep_freed_memory`); system: the C library's
 defaults."""
 
-Allocator = Literal["keep", "system"]
+Allocator = Literal["keep", "system"]  # the config field's type: ALLOCATORS
 
 # mallopt's parameter numbers (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1

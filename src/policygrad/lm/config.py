@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from policygrad import configs
+from policygrad.allocator import Allocator
 from policygrad.configs import choice as _choice
 from policygrad.configs import default_hint
 from policygrad.configs import flag as _flag
@@ -102,7 +103,7 @@ class GRPOConfig(TaskSettings):
     vllm_gpu_memory_utilization: float = 0.3
     """decoder vllm: the fraction of the GPU's memory the engine takes for its weights and key/value blocks (the
     rest is the trainer's)"""
-    allocator: Literal["keep", "system"] = "keep"
+    allocator: Allocator = "keep"
     """CPU runs: keep = the memory a step frees stays in the process for the next step (glibc's malloc without mmap
     or trimming; no page faults after the first steps, peak memory a little higher: policygrad.allocator);
     system = the C library's defaults"""

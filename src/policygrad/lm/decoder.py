@@ -11,8 +11,8 @@ runs the same arithmetic with less around it:
 - the weights are packed once per generation in oneDNN's own layout (``torch.ops.mkldnn._reorder_linear_weight``,
   the kernel torch's inductor uses on CPUs), cast to bfloat16 first under bfloat16 autocast: a (16, 576) x
   (576, 1536) bfloat16 product takes 35 us instead of 71 us on an Intel Xeon with AMX; in float32 on an AMD EPYC
-  without AVX512 a (16, 576) x (576, 3072) product takes 465 us instead of 694 us, and the (16, 576) x (576, 49152)
-  output head 9.2 ms instead of 22.5 ms (benchmarks/NOTES.md, changes 14 and 20);
+  without AVX512 a 16-row decoding step takes 97.5 ms instead of 150.6 ms through ``F.linear``
+  (``benchmarks/decoder_fp32.py``; benchmarks/NOTES.md, changes 14 and 20);
 - keys and values live in one preallocated buffer per generation, in the dtype attention reads them in, written in
   place: no concatenation and no cast of the whole cache per step.
 

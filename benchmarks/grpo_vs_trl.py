@@ -136,7 +136,14 @@ def write_prompts(path: Path, config=None) -> int:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory, MB: Linux's VmHWM, the high-water mark of this program's own memory.
+    Not ``getrusage``'s ru_maxrss, which a process started by ``subprocess`` inherits from the parent it was forked
+    from (the kernel keeps the larger across ``exec``): a child of a large parent reports the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 from lm_helpers import eos_boosted, whole_sequence_logprobs  # noqa: E402  (tests/lm is on sys.path under pytest)
 
+import policygrad.lm.rollout as rollout_module
 from policygrad.lm.config import GRPOConfig
 from policygrad.lm.models import load_model
 from policygrad.lm.rollout import (
@@ -49,8 +50,15 @@ def _rollout(model, tokenizer, seed=0):
 
 @pytest.mark.exact
 @pytest.mark.parametrize("embed_once", [True, False])  # False: each forward looks up its embeddings (FSDP's path)
-def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradients(embed_once, eos_prone):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "copies"])  # copies: one row per completion, cache copied
+def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradients(
+    embed_once, attention, eos_prone, monkeypatch
+):
     model, tokenizer = eos_prone
+    if attention == "copies":  # the path of attention kernels that take no 4-D mask
+        monkeypatch.setattr(rollout_module, "PACKABLE_ATTENTION", frozenset())
+    else:
+        model.set_attn_implementation(attention)
     rollout = _rollout(model, tokenizer)
     weights = torch.randn(rollout.completion_ids.shape)  # an arbitrary function of the log-probs and entropies
     results = []
@@ -73,6 +81,35 @@ def test_shared_prompt_forward_equals_whole_sequence_forward_values_and_gradient
     assert torch.allclose(ent_fast, ent_ref, atol=1e-5)
     for a, b in zip(g_fast, g_ref):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.property
+def test_packed_completions_see_the_prompt_and_their_own_earlier_tokens_only(eos_prone):
+    model, tokenizer = eos_prone
+    rollout = _rollout(model, tokenizer)
+    rows = rollout.rows(slice(2, 5))  # prompt 0 has one row here, prompt 1 two
+    packing = rollout_module.Packing.of(model, rows["prompt_mask"], rows["completion_mask"], rows["prompt_index"])
+    fed = (rows["completion_mask"].sum(-1) - 1).tolist()  # tokens each completion feeds
+    width = max(fed[0], fed[1] + fed[2])  # W: prompt 1's two completions end to end
+    prompt_length = rows["prompt_mask"].shape[1]
+    attends = packing.attention == 0  # (U, 1, W, P + W)
+    assert attends.shape == (2, 1, width, prompt_length + width)
+    assert packing.valid.sum(-1).tolist() == fed
+    columns = [list(range(fed[0])), list(range(fed[1])), list(range(fed[1], fed[1] + fed[2]))]
+    for row, (u, cols) in enumerate(zip([0, 1, 1], columns)):
+        assert packing.index[row, : fed[row]].tolist() == [u * width + c for c in cols]
+        real = int(rows["prompt_mask"][u].sum())
+        for t, c in enumerate(cols):
+            query = attends[u, 0, c]
+            assert torch.equal(query[:prompt_length], rows["prompt_mask"][u].bool())
+            seen = query[prompt_length:].nonzero().squeeze(1).tolist()
+            assert seen == cols[: t + 1]  # its own completion's tokens up to itself, no other's
+            assert packing.positions[u, c] == real + t
+        assert torch.equal(
+            packing.pack(rows["completion_ids"][:, :-1])[u, cols], rows["completion_ids"][row, : fed[row]]
+        )
+    if fed[0] < width:  # a column no token fills sees the prompt only
+        assert not attends[0, 0, width - 1, prompt_length:].any()
 
 
 @pytest.mark.property
@@ -193,3 +230,18 @@ def test_draw_follows_the_categorical_distribution():
     assert (tokens[1::2] == 2).all() and first[1] == 0  # zero-probability tokens are never drawn
     # within 4 standard errors of 0.5 / 0.3 / 0.2 (se <= 0.0036 at n = 20000)
     assert torch.allclose(first, torch.tensor([0.5, 0.0, 0.3, 0.2], dtype=torch.float64), atol=4 * 0.0036)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])  # rotary positions without a chat template; learned positions
+def test_packed_completions_equal_whole_sequences_in_other_model_families(family, tmp_path):
+    from tiny_models import save_tiny, save_tiny_gpt2
+
+    folder = save_tiny_gpt2(tmp_path) if family == "gpt2" else save_tiny(tmp_path, family, chat=False)
+    model, tokenizer = eos_boosted(folder, 3.0)
+    rollout = _rollout(model, tokenizer)
+    with torch.no_grad():
+        packed, _ = completion_logprobs(model, **rollout.rows(slice(0, 6)))
+        whole, _ = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.completion_start)
+    mask = rollout.completion_mask
+    assert torch.allclose(packed * mask, whole * mask, atol=1e-5)

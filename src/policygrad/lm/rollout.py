@@ -290,21 +290,24 @@ def _prefill(
     prompt_mask: Tensor,
     prompt_index: Tensor,
     prompt_embeds: Tensor | None = None,
+    copy: bool = True,
 ):
-    """One forward pass over the U distinct prompts, its key/value cache then copied out to the M rows.
+    """One forward pass over the U distinct prompts, its key/value cache then copied out to the M rows (``copy``)
+    or left with one row per prompt.
 
     Args:
         prompt_ids, prompt_mask: (U, P), left-padded.
         prompt_index: (M,) which prompt each row continues.
         prompt_embeds: (U, P, D) the prompts' input embeddings, when the caller has looked them up already.
     Returns:
-        (logits (M, V) at each prompt's last position, i.e. of the first completion token; the cache, M rows)
+        (logits (M, V) at each prompt's last position, i.e. of the first completion token; the cache, M rows or U)
     """
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     inputs = {"input_ids": prompt_ids} if prompt_embeds is None else {"inputs_embeds": prompt_embeds}
     out = model(**inputs, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True, **kwargs)
     cache = _returned_cache(out)
-    cache.reorder_cache(prompt_index)  # (U, ...) -> (M, ...); autograd flows back to the shared prompt states
+    if copy:
+        cache.reorder_cache(prompt_index)  # (U, ...) -> (M, ...); autograd flows back to the shared prompt states
     return out.logits[:, -1].index_select(0, prompt_index), cache  # (M, V)
 
 
@@ -321,18 +324,24 @@ def completion_logprobs(
     """:func:`sequence_logprobs` with each prompt's forward pass done ONCE for the G completions that share it.
 
     The G rows of a group have the same prompt, so its hidden states, keys and values are the same G times over.
-    This runs the U distinct prompts once, copies their key/value cache out to the M rows (``prompt_index``), and
-    runs only the completion tokens on top; gradients flow back through the copies into the one prompt pass. With
-    P prompt and T completion tokens the transformer sees U*P + M*T tokens instead of M*(P + T): for GRPO's
-    G = 8, P = 160, T = 32 that is 3.7x fewer. Same function, same values up to floating-point reordering
-    (tested against :func:`sequence_logprobs`).
+    This runs the U distinct prompts once, then runs only the completion tokens on top of them; gradients flow back
+    into the one prompt pass. With P prompt and T completion tokens the transformer sees U*P + M*T tokens instead
+    of M*(P + T): for GRPO's G = 8, P = 160, T = 32 that is 3.7x fewer. Same function, same values up to
+    floating-point reordering (tested against :func:`sequence_logprobs`).
+
+    Under SDPA or eager attention the completions of a prompt are packed end to end into ONE row after it
+    (:class:`Packing`), each without the padding after its end, and a mask lets each token see the prompt and its
+    own completion's earlier tokens only. So no work goes to the padding of completions shorter than the longest,
+    and attention reads each prompt's keys and values where the prompt pass left them, instead of a copy per
+    completion and another per query head (benchmarks/NOTES.md, change 21). Other attention kernels get one row per
+    completion on copies of the cache.
 
         logprobs[i, t]  = log softmax(z_{i, t} / tau)[y_{i, t}]      z_{i, 0} from the prompt's last position
         entropies[i, t] = H(softmax(z_{i, t} / tau))
 
     Args:
         prompt_ids, prompt_mask: (U, P) distinct prompts, left-padded.
-        completion_ids, completion_mask: (M, T).
+        completion_ids, completion_mask: (M, T); the mask is 1 on a prefix of each row (:func:`completion_mask`).
         prompt_index: (M,) long, the prompt row (in 0..U-1) that completion row i continues.
         temperature: tau > 0.
         embed_once: look up the prompt and completion tokens' embeddings in one call, outside the model's forward
@@ -341,35 +350,107 @@ def completion_logprobs(
     Returns:
         (logprobs, entropies), each (M, T), float32; values at masked positions are meaningless (mask them).
     """
-    fed = completion_ids[:, :-1]  # (M, T - 1): token t is predicted at the position of token t - 1
+    packing = Packing.of(model, prompt_mask, completion_mask, prompt_index)
+    fed = completion_ids[:, :-1] if packing is None else packing.pack(completion_ids[:, :-1])  # (M or U, T-1 or W)
     if embed_once:
         # one embedding lookup for the prompt and completion tokens: its backward zero-fills a vocabulary-sized
         # gradient (V x D, 113 MB for SmolLM2), which two lookups would do twice (benchmarks/NOTES.md)
-        embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P+M*(T-1), D)
+        embeds = model.get_input_embeddings()(torch.cat([prompt_ids.reshape(-1), fed.reshape(-1)]))  # (U*P+..., D)
         prompt_embeds, fed_embeds = embeds.split([prompt_ids.numel(), fed.numel()])
         width = embeds.shape[-1]  # D, named: T = 1 leaves no completion token to infer it from
-        prompt_embeds, fed_inputs = (
-            prompt_embeds.view(*prompt_ids.shape, width),
-            {"inputs_embeds": fed_embeds.view(*fed.shape, width)},
-        )
+        prompt_embeds = prompt_embeds.view(*prompt_ids.shape, width)
+        fed_inputs = {"inputs_embeds": fed_embeds.view(*fed.shape, width)}
     else:
         prompt_embeds, fed_inputs = None, {"input_ids": fed}
-    first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index, prompt_embeds)  # (M, V)
+    first, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index, prompt_embeds, copy=packing is None)
     logprobs, entropies = token_logprobs(first[:, None], completion_ids[:, :1], temperature)  # (M, 1) each
-    if completion_ids.shape[1] > 1:
+    if fed.shape[1] == 0:  # T = 1, or every completion one token long
+        return F.pad(logprobs, (0, completion_ids.shape[1] - 1)), F.pad(entropies, (0, completion_ids.shape[1] - 1))
+    if packing is None:  # one row per completion, on a copy of its prompt's cache
         attention = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask[:, :-1]], dim=1)
-        rest = model(
-            **fed_inputs,
-            attention_mask=attention,
-            position_ids=_positions(attention)[:, prompt_ids.shape[1] :],
-            use_cache=True,
-            **{_cache_argument(model): cache},
-        ).logits  # (M, T - 1, V)
-        # the two parts' log-probs joined, not their logits: no (M, T, V) copy in the forward pass (100 MB at GRPO's
-        # 16 x 32 x 49,152 in float32), and none of its gradient in the backward (benchmarks/NOTES.md, change 19)
-        more_logprobs, more_entropies = token_logprobs(rest, completion_ids[:, 1:], temperature)  # (M, T - 1) each
-        logprobs, entropies = torch.cat([logprobs, more_logprobs], 1), torch.cat([entropies, more_entropies], 1)
-    return logprobs, entropies
+        where = {"attention_mask": attention, "position_ids": _positions(attention)[:, prompt_ids.shape[1] :]}
+        targets = completion_ids[:, 1:]
+    else:  # one row per prompt, its completions end to end: (U, W)
+        where = {"attention_mask": packing.attention, "position_ids": packing.positions}
+        targets = packing.pack(completion_ids[:, 1:])
+    rest = model(**fed_inputs, **where, use_cache=True, **{_cache_argument(model): cache}).logits  # (rows, width, V)
+    # the two parts' log-probs joined, not their logits: no (M, T, V) copy in the forward pass (100 MB at GRPO's
+    # 16 x 32 x 49,152 in float32), and none of its gradient in the backward (benchmarks/NOTES.md, change 19)
+    more_logprobs, more_entropies = token_logprobs(rest, targets, temperature)  # (M, T - 1) or (U, W) each
+    if packing is not None:
+        more_logprobs, more_entropies = packing.unpack(more_logprobs), packing.unpack(more_entropies)  # (M, T - 1)
+    return torch.cat([logprobs, more_logprobs], 1), torch.cat([entropies, more_entropies], 1)
+
+
+PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+"""Attention implementations that take :class:`Packing`'s 4-D mask as it is: a float mask added to the scores (0
+attends, the lowest float32 does not). Float, not boolean: SDPA's CPU kernel turns a boolean mask into a float one
+in every layer and keeps each copy for the backward pass; a float mask is kept once."""
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each completion token goes when a prompt's completions run end to end in one row after it.
+
+    Completion row i (of prompt u = prompt_index[i], with L_i real tokens) feeds its tokens 0 .. L_i - 2 (the last
+    one predicts nothing that counts), F_i = max(L_i - 1, 0) of them, at columns o_i .. o_i + F_i - 1 of row u, where
+    o_i counts the fed tokens of prompt u's earlier rows; W is the longest row. For the token fed at column c of row
+    u, from completion i at its offset t = c - o_i, and key k:
+
+        mask[u, 0, c, k] = prompt_mask[u, k]                     k < P    (the prompt)
+                         = [k - P holds completion i] [t' <= t]   k >= P   (its own tokens up to itself: t' its offset)
+        position[u, c]   = (real prompt tokens of u) + t
+
+    which are the mask and positions completion i has in its own row after a copy of its prompt, so every query sees
+    the same keys at the same positions; columns past a row's last token see the prompt only.
+
+    Fields: ``index`` (M, T-1) the column in the flattened (U, W) of completion token (i, t), ``valid`` (M, T-1)
+    whether it is fed, ``attention`` (U, 1, W, P + W) float32, ``positions`` (U, W).
+    """
+
+    index: Tensor
+    valid: Tensor
+    attention: Tensor
+    positions: Tensor
+
+    @classmethod
+    def of(
+        cls, model: PreTrainedModel, prompt_mask: Tensor, completion_mask: Tensor, prompt_index: Tensor
+    ) -> Packing | None:
+        """The packing of these rows, or None where the model's attention implementation takes no 4-D mask."""
+        if getattr(model.config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
+            return None
+        (rows, width), prompts, device = completion_mask.shape, prompt_mask.shape[0], completion_mask.device
+        fed = (completion_mask.sum(-1) - 1).clamp(min=0).clamp(max=width - 1)  # (M,) F_i
+        order = torch.sort(prompt_index, stable=True).indices  # rows grouped by prompt, each prompt's in order
+        ends = torch.empty_like(fed)
+        ends[order] = fed[order].cumsum(0)  # running total over the grouped rows
+        totals = torch.zeros(prompts, dtype=fed.dtype, device=device).index_add_(0, prompt_index, fed)  # (U,)
+        offset = ends - fed - (totals.cumsum(0) - totals)[prompt_index]  # (M,) o_i
+        columns = max(int(totals.max()), 0)  # W
+        t = torch.arange(width - 1, device=device)  # (T-1,)
+        valid = t[None, :] < fed[:, None]  # (M, T-1)
+        index = torch.where(valid, prompt_index[:, None] * columns + offset[:, None] + t, 0)  # (M, T-1)
+        owner = torch.full((prompts * columns,), -1, dtype=torch.long, device=device)  # completion of each column
+        place = torch.zeros(prompts * columns, dtype=torch.long, device=device)  # its offset t there
+        owner[index[valid]] = torch.arange(rows, device=device)[:, None].expand(-1, width - 1)[valid]
+        place[index[valid]] = t.expand(rows, -1)[valid]
+        owner, place = owner.view(prompts, 1, columns), place.view(prompts, 1, columns)
+        own = (owner.transpose(1, 2) == owner) & (owner >= 0) & (place <= place.transpose(1, 2))  # (U, W, W)
+        attends = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, columns, -1), own], dim=-1)[:, None]
+        attention = torch.zeros(attends.shape, device=device).masked_fill_(~attends, torch.finfo(torch.float32).min)
+        positions = prompt_mask.sum(-1, keepdim=True) + place.view(prompts, columns)  # (U, W)
+        return cls(index, valid, attention, positions)
+
+    def pack(self, values: Tensor) -> Tensor:
+        """(M, T-1) per-completion-token values -> (U, W), each at its column (0 in columns no token fills)."""
+        packed = values.new_zeros(self.positions.numel())
+        packed[self.index[self.valid]] = values[self.valid]
+        return packed.view(self.positions.shape)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """(U, W) -> (M, T-1), 0 where a completion feeds no token; differentiable."""
+        return torch.where(self.valid, packed.reshape(-1)[self.index], 0.0)
 
 
 def unshared_logprobs(

@@ -113,6 +113,23 @@ def test_packed_completions_see_the_prompt_and_their_own_earlier_tokens_only(eos
 
 
 @pytest.mark.property
+def test_a_batch_whose_packed_mask_would_be_too_large_gets_one_row_per_completion(eos_prone, monkeypatch):
+    model, tokenizer = eos_prone
+    rows = _rollout(model, tokenizer).rows(slice(0, 6))
+    arguments = (model, rows["prompt_mask"], rows["completion_mask"], rows["prompt_index"])
+    packing = rollout_module.Packing.of(*arguments)
+    monkeypatch.setattr(rollout_module, "PACKED_MASK_LIMIT", packing.attention.numel() - 1)
+    assert rollout_module.Packing.of(*arguments) is None
+    with torch.no_grad():
+        copies, _ = completion_logprobs(model, **rows)
+    monkeypatch.undo()
+    with torch.no_grad():
+        packed, _ = completion_logprobs(model, **rows)
+    mask = rows["completion_mask"]
+    assert torch.allclose(copies * mask, packed * mask, atol=1e-5)
+
+
+@pytest.mark.property
 def test_micro_batch_that_splits_a_group_uses_the_right_prompts(eos_prone):
     model, tokenizer = eos_prone
     rollout = _rollout(model, tokenizer)

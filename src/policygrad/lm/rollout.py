@@ -333,8 +333,9 @@ def completion_logprobs(
     (:class:`Packing`), each without the padding after its end, and a mask lets each token see the prompt and its
     own completion's earlier tokens only. So no work goes to the padding of completions shorter than the longest,
     and attention reads each prompt's keys and values where the prompt pass left them, instead of a copy per
-    completion and another per query head (benchmarks/NOTES.md, change 21). Other attention kernels get one row per
-    completion on copies of the cache.
+    completion and another per query head (benchmarks/NOTES.md, change 21). Other attention kernels, and batches
+    whose packed mask would pass :data:`PACKED_MASK_LIMIT` (long completions), get one row per completion on copies
+    of the cache.
 
         logprobs[i, t]  = log softmax(z_{i, t} / tau)[y_{i, t}]      z_{i, 0} from the prompt's last position
         entropies[i, t] = H(softmax(z_{i, t} / tau))
@@ -387,6 +388,13 @@ PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
 attends, the lowest float32 does not). Float, not boolean: SDPA's CPU kernel turns a boolean mask into a float one
 in every layer and keeps each copy for the backward pass; a float mask is kept once."""
 
+PACKED_MASK_LIMIT = 1 << 24
+"""The most entries :class:`Packing`'s mask may have (64 MB in float32); a batch whose mask would be larger gets one
+row per completion instead. A packed row's attention grows with the square of its length, C*(T-1) for C completions
+of T tokens, against C*T*(P+T) for C separate rows: it pays where completions are short (GRPO on this project's
+tasks: U = 2, W <= 752, a 1.4 MB mask) and would not for thousands of tokens per completion, where attention is most
+of the work and the mask alone would take gigabytes."""
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -417,7 +425,8 @@ class Packing:
     def of(
         cls, model: PreTrainedModel, prompt_mask: Tensor, completion_mask: Tensor, prompt_index: Tensor
     ) -> Packing | None:
-        """The packing of these rows, or None where the model's attention implementation takes no 4-D mask."""
+        """The packing of these rows, or None where the model's attention implementation takes no 4-D mask or the
+        mask would pass :data:`PACKED_MASK_LIMIT`."""
         if getattr(model.config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
             return None
         (rows, width), prompts, device = completion_mask.shape, prompt_mask.shape[0], completion_mask.device
@@ -428,6 +437,8 @@ class Packing:
         totals = torch.zeros(prompts, dtype=fed.dtype, device=device).index_add_(0, prompt_index, fed)  # (U,)
         offset = ends - fed - (totals.cumsum(0) - totals)[prompt_index]  # (M,) o_i
         columns = max(int(totals.max()), 0)  # W
+        if prompts * columns * (prompt_mask.shape[1] + columns) > PACKED_MASK_LIMIT:
+            return None
         t = torch.arange(width - 1, device=device)  # (T-1,)
         valid = t[None, :] < fed[:, None]  # (M, T-1)
         index = torch.where(valid, prompt_index[:, None] * columns + offset[:, None] + t, 0)  # (M, T-1)

@@ -430,13 +430,13 @@ class Packing:
         if getattr(model.config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
             return None
         (rows, width), prompts, device = completion_mask.shape, prompt_mask.shape[0], completion_mask.device
-        fed = (completion_mask.sum(-1) - 1).clamp(min=0).clamp(max=width - 1)  # (M,) F_i
+        fed = (completion_mask.sum(-1) - 1).clamp(0, width - 1)  # (M,) F_i
         order = torch.sort(prompt_index, stable=True).indices  # rows grouped by prompt, each prompt's in order
         ends = torch.empty_like(fed)
         ends[order] = fed[order].cumsum(0)  # running total over the grouped rows
         totals = torch.zeros(prompts, dtype=fed.dtype, device=device).index_add_(0, prompt_index, fed)  # (U,)
         offset = ends - fed - (totals.cumsum(0) - totals)[prompt_index]  # (M,) o_i
-        columns = max(int(totals.max()), 0)  # W
+        columns = int(totals.max())  # W
         if prompts * columns * (prompt_mask.shape[1] + columns) > PACKED_MASK_LIMIT:
             return None
         t = torch.arange(width - 1, device=device)  # (T-1,)

@@ -46,7 +46,7 @@ def test_each_step_gives_the_logits_of_the_models_forward(tiny, dtype):
     tokens = torch.randint(3, 40, (index.shape[0], 5), generator=torch.Generator().manual_seed(0))
     with autocast_context("cpu", dtype):
         _, cache = _prefill(model, ids, mask, index)
-        engine = decoder.PackedDecoder(model, cache, 5, dtype)
+        engine = decoder.PackedDecoder(model, _prefill(model, ids, mask, index, copy=False)[1], index, mask, 5, dtype)
         attention, position = mask.index_select(0, index), mask.index_select(0, index).sum(-1)
         rows = torch.arange(index.shape[0])
         for t in range(5):
@@ -57,7 +57,7 @@ def test_each_step_gives_the_logits_of_the_models_forward(tiny, dtype):
                 attention, position = attention[keep], position[keep]
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
             step_tokens = tokens[rows, t]
-            ours = engine.step(step_tokens, position, attention)
+            ours = engine.step(step_tokens, position)
             theirs = model(
                 input_ids=step_tokens[:, None],
                 attention_mask=attention,

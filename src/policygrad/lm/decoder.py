@@ -13,13 +13,15 @@ runs the same arithmetic with less around it:
   (576, 1536) bfloat16 product takes 35 us instead of 71 us on an Intel Xeon with AMX; in float32 on an AMD EPYC
   without AVX512 a 16-row decoding step takes 97.5 ms instead of 150.6 ms through ``F.linear``
   (``benchmarks/decoder_fp32.py``; benchmarks/NOTES.md, changes 14 and 20);
-- keys and values live in one preallocated buffer per generation, in the dtype attention reads them in, written in
-  place: no concatenation and no cast of the whole cache per step.
+- a prompt's keys and values are kept once for its G completions, not copied to each: attention stacks the G rows'
+  queries into one product against them, so a step reads each prompt's cache once (benchmarks/NOTES.md, change 22);
+  the decoded tokens' keys and values live in one preallocated float32 buffer per generation, written in place: no
+  concatenation and no cast of the whole cache per step.
 
 Per layer, for the A active rows (h: (A, D) the residual stream, in the model's float32 under autocast):
 
     x = RMSNorm(h);  q, k, v = x W_qkv;  q, k = rope(q), rope(k);  K[:, t], V[:, t] = k, v
-    h = h + softmax(q K^T / sqrt(d) + mask) V W_o
+    h = h + softmax(q [K_prompt, K]^T / sqrt(d) + mask) [V_prompt, V] W_o
     h = h + (silu(RMSNorm(h) W_gate) * RMSNorm(h) W_up) W_down
 
 with each tensor in the dtype transformers gives it under the same autocast (products and attention in bfloat16,
@@ -95,12 +97,14 @@ class PackedDecoder:
 
     Args:
         model: the policy, as :func:`unsupported` accepts it; read, never modified (weights are copied).
-        cache: the prefill's key/value cache, one (A, kv_heads, P, d) key and value per layer, A rows.
+        cache: the prefill's key/value cache with ONE row per prompt: one (U, kv_heads, P, d) key and value per layer.
+        prompt_index: (A,) the prompt each decoded row continues, rows of a prompt consecutive.
+        prompt_mask: (U, P) 1 on each prompt's tokens, 0 on its (left) padding.
         max_new_tokens: how many tokens the buffer must hold past the prompt.
         dtype: the autocast dtype the caller decodes under (bfloat16), or None for the model's own float32.
     """
 
-    def __init__(self, model: nn.Module, cache, max_new_tokens: int, dtype: torch.dtype | None):
+    def __init__(self, model: nn.Module, cache, prompt_index: Tensor, prompt_mask: Tensor, max_new_tokens: int, dtype):
         base = model.model
         self.rotary, self.final_norm, self.embed = base.rotary_emb, base.norm, base.embed_tokens
         self.layers = list(base.layers)
@@ -108,24 +112,36 @@ class PackedDecoder:
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.heads = attn.q_proj.out_features // self.head_dim
         self.kv_heads = attn.k_proj.out_features // self.head_dim
-        self.dtype = dtype or self.embed.weight.dtype  # what products and attention run in
-        rows = cache.layers[0].keys.shape[0]
+        self.dtype = dtype or self.embed.weight.dtype  # what products run in
+        rows = prompt_index.shape[0]
         self.packed = torch.backends.mkldnn.is_available()  # oneDNN's layout, in float32 too (NOTES.md, change 20)
         with torch.no_grad():
             # built for each generation and dropped with it: never stale after an optimiser step, and no second
             # copy of the weights alive during the update (~150 ms a build for the embedded model, 2 cores)
             self.weights = [self._layer_weights(layer, rows) for layer in self.layers]
             self.head = self._weight(model.get_output_embeddings(), rows)
-            keys = torch.stack([layer.keys for layer in cache.layers])  # (L, A, kv_heads, P, d)
-            prompt = keys.shape[3]
-            shape = (len(self.layers), rows, self.kv_heads, prompt + max_new_tokens, self.head_dim)
-            # positions not yet written hold zeros and are masked out: attention reads each layer's whole, contiguous
-            # (A, kv_heads, P + max_new_tokens, d) buffer (a view cut to the filled length made CPU attention copy it)
-            self.keys = torch.zeros(shape, dtype=self.dtype, device=keys.device)
-            self.values = torch.zeros_like(self.keys)
-            self.keys[:, :, :, :prompt] = keys
-            self.values[:, :, :, :prompt] = torch.stack([layer.values for layer in cache.layers])
-        self.length = prompt  # positions filled in the buffer
+            # keys and values in float32 whatever the products' dtype: under bfloat16 autocast they hold the
+            # bfloat16 values transformers' attention reads, which accumulates in float32 as this one does
+            self.prompt_keys = torch.stack([layer.keys for layer in cache.layers]).float()  # (L, U, kv_heads, P, d)
+            self.prompt_values = torch.stack([layer.values for layer in cache.layers]).float()
+            shape = (len(self.layers), rows, self.kv_heads, max_new_tokens, self.head_dim)
+            self.keys = self.prompt_keys.new_empty(shape)  # (L, A, kv_heads, max_new_tokens, d): this generation's
+            self.values = torch.empty_like(self.keys)
+        zero = torch.zeros((), dtype=torch.float32, device=prompt_mask.device)
+        minimum = torch.tensor(torch.finfo(torch.float32).min, device=prompt_mask.device)
+        self.prompt_bias = torch.where(prompt_mask.bool(), zero, minimum)[:, None, None]  # (U, 1, 1, P)
+        self.length = 0  # new tokens in the buffer
+        self._place(prompt_index)
+
+    def _place(self, prompt_index: Tensor) -> None:
+        """Where each active row's queries go in the per-prompt layout of :meth:`_prompt_attention`: prompt u's
+        rows fill slots u * W ... u * W + (its rows - 1), W = the most rows any prompt has left."""
+        prompts = self.prompt_keys.shape[1]
+        counts = torch.bincount(prompt_index, minlength=prompts)  # (U,)
+        first = torch.cumsum(counts, 0) - counts  # (U,) each prompt's first row (rows of a prompt consecutive)
+        self.width = int(counts.max())
+        rank = torch.arange(prompt_index.shape[0], device=prompt_index.device) - first[prompt_index]
+        self.prompt_index, self.slot = prompt_index, prompt_index * self.width + rank  # (A,) each
 
     def _weight(self, linear: nn.Linear, rows: int, *more: nn.Linear) -> tuple[Tensor, Tensor | None]:
         """The weight (and bias) of ``linear`` and ``more`` concatenated along the output axis, ready for
@@ -159,40 +175,66 @@ class PackedDecoder:
         return F.linear(x, w, b)
 
     def keep(self, rows: Tensor) -> None:
-        """Keep only these rows of the buffer (the others finished)."""
+        """Keep only these rows (the others finished)."""
         self.keys, self.values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        self._place(self.prompt_index[rows])
 
     @torch.no_grad()
-    def step(self, tokens: Tensor, positions: Tensor, attention: Tensor) -> Tensor:
-        """One token per row: (A,) ids at (A,) positions, attending where ``attention`` (A, length + 1) is 1 ->
-        (A, V) logits of the next token, in the decoding dtype."""
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """One token per active row: (A,) ids at (A,) positions -> (A, V) logits of the next token, in the decoding
+        dtype. Each row attends its prompt's unpadded tokens and every token it has decoded."""
         with torch.autocast(tokens.device.type, enabled=False):
-            return self._step(tokens, positions, attention)
+            return self._step(tokens, positions)
 
-    def _step(self, tokens: Tensor, positions: Tensor, attention: Tensor) -> Tensor:
+    def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         rows, t = tokens.shape[0], self.length
         h = self.embed(tokens)  # (A, D) the residual stream, float32
         cos, sin = self.rotary(h, positions[:, None])  # (A, 1, d) each
-        mask = torch.zeros(rows, 1, 1, self.keys.shape[3], dtype=torch.bool, device=tokens.device)
-        mask[:, 0, 0, : t + 1] = attention.bool()  # (A, 1, 1, P + max_new_tokens): the filled, unpadded positions
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         for i, (layer, w) in enumerate(zip(self.layers, self.weights)):
             qkv = self._product(_norm(h, layer.input_layernorm), w["qkv"])  # (A, (heads + 2 kv_heads) d)
             q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-            q = _rotate(q.view(rows, heads, d), cos, sin)  # float32, as transformers' rotary promotes it
-            self.keys[i, :, :, t] = _rotate(k.view(rows, kv_heads, d), cos, sin)
+            # float32, as transformers' rotary promotes it; queries, keys and values rounded to the products' dtype
+            q = _rotate(q.view(rows, heads, d), cos, sin).to(self.dtype).float()
+            self.keys[i, :, :, t] = _rotate(k.view(rows, kv_heads, d), cos, sin).to(self.dtype)
             self.values[i, :, :, t] = v.view(rows, kv_heads, d)
             # grouped-query attention: the heads / kv_heads query heads that share a key/value head (transformers'
             # repeat_kv order: head j reads kv head j // group) are that head's queries: no expanded keys, no copies
-            attended = F.scaled_dot_product_attention(
-                q.to(self.dtype).view(rows, kv_heads, heads // kv_heads, d),
-                self.keys[i],
-                self.values[i],
-                attn_mask=mask,
-                scale=self.scaling,
-            )  # (A, kv_heads, heads / kv_heads, d)
+            attended = self._attention(i, q.view(rows, kv_heads, heads // kv_heads, d), t + 1)
             h = h + self._product(attended.reshape(rows, heads * d), w["o"])
             gate, up = self._product(_norm(h, layer.post_attention_layernorm), w["gate_up"]).chunk(2, dim=-1)
             h = h + self._product(F.silu(gate) * up, w["down"])
         self.length = t + 1
         return self._product(_norm(h, self.final_norm), self.head)  # (A, V)
+
+    def _attention(self, i: int, q: Tensor, n: int) -> Tensor:
+        """Layer i's attention of (A, kv_heads, g, d) queries over their prompt's P keys and their own n decoded
+        ones, as one softmax over both:
+
+            s = [q K_prompt^T / sqrt(d) + mask,  q K_new^T / sqrt(d)]      (A, kv_heads, g, P + n)
+            out = softmax(s)[..., :P] V_prompt + softmax(s)[..., P:] V_new  (A, kv_heads, g, d)
+
+        The prompt's keys and values are stored once per prompt, not once per row: its G rows' queries are
+        stacked into one product against them (:meth:`_to_prompts`), so a decoding step reads each prompt's cache
+        once instead of G times (benchmarks/NOTES.md, change 22)."""
+        keys, values = self.prompt_keys[i], self.prompt_values[i]  # (U, kv_heads, P, d)
+        prompt = keys.shape[2]
+        prompt_scores = torch.matmul(self._to_prompts(q), keys.transpose(-1, -2))  # (U, kv_heads, W g, P)
+        prompt_scores = self._from_prompts(prompt_scores.mul_(self.scaling).add_(self.prompt_bias), q.shape[2])
+        new_scores = torch.matmul(q, self.keys[i, :, :, :n].transpose(-1, -2)).mul_(self.scaling)  # (A, kv, g, n)
+        weights = torch.cat([prompt_scores, new_scores], dim=-1).softmax(-1)  # (A, kv_heads, g, P + n)
+        out = torch.matmul(self._to_prompts(weights[..., :prompt].contiguous()), values)  # (U, kv_heads, W g, d)
+        return self._from_prompts(out, q.shape[2]).add_(torch.matmul(weights[..., prompt:], self.values[i, :, :, :n]))
+
+    def _to_prompts(self, x: Tensor) -> Tensor:
+        """(A, kv_heads, g, m) per row -> (U, kv_heads, W g, m) per prompt, its rows' slots stacked (empty: 0)."""
+        rows, kv_heads, group, m = x.shape
+        prompts = self.prompt_keys.shape[1]
+        slots = x.new_zeros(prompts * self.width, kv_heads, group, m).index_copy_(0, self.slot, x)
+        return slots.view(prompts, self.width, kv_heads, group, m).transpose(1, 2).reshape(prompts, kv_heads, -1, m)
+
+    def _from_prompts(self, x: Tensor, group: int) -> Tensor:
+        """The inverse of :meth:`_to_prompts`: (U, kv_heads, W g, m) -> (A, kv_heads, g, m)."""
+        prompts, kv_heads, _, m = x.shape
+        x = x.view(prompts, kv_heads, self.width, group, m).transpose(1, 2).reshape(-1, kv_heads, group, m)
+        return x.index_select(0, self.slot)

@@ -543,7 +543,9 @@ def draw(probs: Tensor, generators: Sequence[torch.Generator] | None = None) -> 
     return torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
-def packed_decoder(model: PreTrainedModel, cache, max_new_tokens: int, decoder: str = "auto"):
+def packed_decoder(
+    model: PreTrainedModel, cache, prompt_index: Tensor, prompt_mask: Tensor, max_new_tokens: int, decoder: str = "auto"
+):
     """The :class:`policygrad.lm.decoder.PackedDecoder` for this generation, or None for the model's own forward:
     when asked for ("transformers"), when the model or device does not qualify, or when building it fails (a
     warning, once: then the model's forward decodes, as it always could)."""
@@ -558,7 +560,7 @@ def packed_decoder(model: PreTrainedModel, cache, max_new_tokens: int, decoder: 
     if unsupported(model, device, dtype) is not None or not hasattr(cache, "layers"):
         return None
     try:
-        return PackedDecoder(model, cache, max_new_tokens, dtype)
+        return PackedDecoder(model, cache, prompt_index, prompt_mask, max_new_tokens, dtype)
     except (RuntimeError, AttributeError, TypeError) as error:  # e.g. a torch build without oneDNN's kernels
         # shown once per run: Python's default warning filter prints a message once per place that issues it
         message = f"the packed decoder failed ({type(error).__name__}: {error}); decoding with the model's forward"
@@ -584,8 +586,8 @@ def generate(
 ) -> Tensor:
     """Decode ``group_size`` completions of each prompt with a key/value cache; -> (N, T) ids, T <= max_new_tokens.
 
-    The loop ``generate`` runs, cut to what GRPO needs: each prompt is encoded once and its cache copied to its G
-    rows; each step runs one token per unfinished row, and rows that emit an EOS leave the batch (their cache rows
+    The loop ``generate`` runs, cut to what GRPO needs: each prompt is encoded once and its cache shared by its G
+    rows (copied to each when the model's forward decodes); each step runs one token per unfinished row, and rows that emit an EOS leave the batch (their cache rows
     are dropped), so no compute is spent on finished sequences. Tokens after a row's EOS are ``pad_id``. Draws come
     from the global torch RNG, or with ``generators`` (one CPU generator per prompt) each group's from its own: then
     a group's completions do not depend on which other prompts share the batch (data-parallel sampling,
@@ -607,8 +609,14 @@ def generate(
     device = prompt_ids.device
     n = prompt_ids.shape[0] * group_size
     prompt_index = torch.arange(n, device=device) // group_size  # (N,)
-    logits, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index)  # (N, V)
-    engine = packed_decoder(model, cache, max_new_tokens, decoder) if max_new_tokens > 1 else None
+    logits, cache = _prefill(model, prompt_ids, prompt_mask, prompt_index, copy=False)  # (N, V); cache: B rows
+    engine = (
+        None
+        if max_new_tokens == 1
+        else packed_decoder(model, cache, prompt_index, prompt_mask, max_new_tokens, decoder)
+    )
+    if engine is None:
+        cache.reorder_cache(prompt_index)  # the model's forward decodes: one cache row per completion
     cache_argument = _cache_argument(model)
     attention = prompt_mask.index_select(0, prompt_index)  # (A, P + t) for the A active rows
     next_position = attention.sum(-1)  # (A,) the position of each active row's next token
@@ -637,7 +645,7 @@ def generate(
                 engine.keep(keep)
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
         if engine is not None:
-            logits = engine.step(chosen, next_position, attention)  # (A, V)
+            logits = engine.step(chosen, next_position)  # (A, V)
         else:
             logits = model(
                 input_ids=chosen[:, None],

@@ -24,8 +24,9 @@ Per layer, for the A active rows (h: (A, D) the residual stream, in the model's 
     h = h + softmax(q [K_prompt, K]^T / sqrt(d) + mask) [V_prompt, V] W_o
     h = h + (silu(RMSNorm(h) W_gate) * RMSNorm(h) W_up) W_down
 
-with each tensor in the dtype transformers gives it under the same autocast (products and attention in bfloat16,
-the residual stream, norms and rotary embeddings in float32), so the sampled policy is the one the transformers path
+with each tensor in the dtype transformers gives it under the same autocast (products in bfloat16, attention on
+bfloat16 queries, keys and values summed in float32 as SDPA's CPU kernel sums them, the residual stream, norms and
+rotary embeddings in float32), so the sampled policy is the one the transformers path
 samples, up to the order of floating-point sums. Which models qualify: :func:`unsupported` says why one does not,
 and :func:`policygrad.lm.rollout.generate` then uses the model's own forward.
 """
@@ -134,7 +135,7 @@ class PackedDecoder:
         self._place(prompt_index)
 
     def _place(self, prompt_index: Tensor) -> None:
-        """Where each active row's queries go in the per-prompt layout of :meth:`_prompt_attention`: prompt u's
+        """Where each active row's queries go in the per-prompt layout of :meth:`_to_prompts`: prompt u's
         rows fill slots u * W ... u * W + (its rows - 1), W = the most rows any prompt has left."""
         prompts = self.prompt_keys.shape[1]
         counts = torch.bincount(prompt_index, minlength=prompts)  # (U,)

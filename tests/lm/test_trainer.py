@@ -211,3 +211,56 @@ def test_dynamic_sampling_replaces_groups_without_spread_and_resumes_exactly(tin
     train(tiny_config(tiny_llama_chat, tiny_prompts, split, max_steps=4, resume=True, **settings))
     for name, tensor in weights(straight / "final").items():
         assert torch.equal(weights(split / "final")[name], tensor), name
+
+
+def test_redraws_sample_the_flat_prompts_again_hotter_and_score_them_as_the_training_policy(
+    tiny_llama_chat, tiny_prompts, tmp_path, monkeypatch
+):
+    """retry_temperature: the extra draws are the step's own prompts whose groups had no spread (even-numbered notes
+    under the parity reward), drawn at the retry temperature; their log-probs are scored at the training one, and
+    with tis_cap the update gets importance weights for them."""
+    from policygrad.lm import rollout as rollout_module
+    from policygrad.lm import trainer
+    from policygrad.lm.setup import Run
+
+    reward = tmp_path / "parity.py"
+    reward.write_text(
+        "import re\n"
+        "def parity(prompts, completions, **fields):\n"
+        "    odd = [int(re.search(r'Note (\\d+)', p).group(1)) % 2 for p in prompts]\n"
+        "    return [float(len(c)) if o else 0.0 for o, c in zip(odd, completions)]\n"
+    )
+    calls, scored_at, weighted = [], [], []
+    sample, logprobs, correction = Run.sample, rollout_module.rollout_logprobs, trainer.importance_correction
+
+    def spy_sample(self, prompts, step, numbers, temperature=None):
+        calls.append((step, list(prompts), temperature))
+        return sample(self, prompts, step, numbers, temperature)
+
+    def spy_logprobs(model, rollout, temperature, *args):
+        scored_at.append(temperature)
+        return logprobs(model, rollout, temperature, *args)
+
+    def spy_correction(run, rollout):
+        weights, tis = correction(run, rollout)
+        weighted.append(weights)
+        return weights, tis
+
+    monkeypatch.setattr(Run, "sample", spy_sample)
+    monkeypatch.setattr(rollout_module, "rollout_logprobs", spy_logprobs)
+    monkeypatch.setattr(trainer, "importance_correction", spy_correction)
+    settings = dict(rewards=(f"{reward}:parity",), max_extra_groups=3, max_new_tokens=6, temperature=0.7, max_steps=3)
+    run_dir = train(
+        tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "run", retry_temperature=1.5, tis_cap=2.0, **settings)
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    redrawn = [(step, prompts, t) for step, prompts, t in calls if t is not None]
+    assert redrawn and all(t == 1.5 for _, _, t in redrawn)
+    for step, prompts, _ in redrawn:  # the step's own prompts (those whose groups were flat), none fresh
+        assert prompts and set(prompts) <= set(next(p for s, p, t in calls if s == step and t is None))
+    evens = [p for s, p, t in calls if t is None for p in p if int(p.split("Note ")[1].split(":")[0]) % 2 == 0]
+    assert set(evens) <= {p for _, prompts, _ in redrawn for p in prompts}  # a flat group is always redrawn
+    for r in records:
+        assert 0 <= r["dynamic/extra_with_spread"] <= r["dynamic/extra_groups"] <= 3
+    assert set(scored_at) == {0.7}  # every group, hot or not, scored as the training policy
+    assert all(w is not None for w in weighted)

@@ -110,6 +110,10 @@ class GRPOConfig(TaskSettings):
     max_extra_groups: int = 0
     """dynamic sampling (DAPO): groups whose rewards are all equal are replaced by fresh prompts' groups, at most
     this many extra groups sampled per step (0: off)"""
+    retry_temperature: float = 0.0
+    """dynamic sampling: > 0 redraws a group without reward spread from the SAME prompt at this (hotter)
+    temperature instead of drawing a fresh prompt; with tis_cap > 0 the update reweights its tokens toward the
+    training temperature (0: fresh prompts)"""
 
     # --- advantages and loss ---
     advantage: Literal[ADVANTAGES.names] = "grpo"
@@ -302,6 +306,12 @@ class GRPOConfig(TaskSettings):
         utilization = self.vllm_gpu_memory_utilization
         _require(0 < utilization < 1, "--vllm-gpu-memory-utilization", f"must be in (0, 1), got {utilization}")
         _require(self.max_extra_groups >= 0, "--max-extra-groups", f"must be >= 0, got {self.max_extra_groups}")
+        _positive("--retry-temperature", self.retry_temperature, allow_zero=True)
+        _require(
+            not self.retry_temperature or self.max_extra_groups > 0,
+            "--retry-temperature",
+            "redraws groups of dynamic sampling: set --max-extra-groups too",
+        )
         _positive("--advantage-eps", self.advantage_eps, allow_zero=True)
         _require(0 <= self.baseline_decay < 1, "--baseline-decay", f"must be in [0, 1), got {self.baseline_decay}")
         _require(

@@ -14,9 +14,19 @@ the fresh draws are bounded, ``max_extra_groups`` per step, so a step costs at m
     batch = kept, then groups without spread (first draw first) until there are B again
 
 so the update always sees B groups, and with the budget spent it is the ordinary batch with some flat groups
-swapped for informative ones. The step's metrics count the extra groups (``dynamic/extra_groups``) and the spread of
-the first draw (``dynamic/first_zero_spread``, comparable with a run without dynamic sampling); ``zero_spread_groups``
-is that of the batch trained on.
+swapped for informative ones. The step's metrics count the extra groups (``dynamic/extra_groups``), those of them
+with spread (``dynamic/extra_with_spread``) and the spread of the first draw (``dynamic/first_zero_spread``,
+comparable with a run without dynamic sampling); ``zero_spread_groups`` is that of the batch trained on.
+
+Redraws (``retry_temperature`` T' > 0, policygrad's variant): a fresh prompt mostly lands where the policy already
+varies, and the prompts whose groups are flat (a target the policy's one reply misses every time) are the ones left
+unexplored. Instead of fresh prompts, the batch's flat prompts are drawn again, in order, at the hotter T':
+
+    extra draw j = G completions of flat_prompts[(extra + j) mod |flat_prompts|] at temperature T'
+
+scored, like every group, as the training policy at T (``logprobs``); their ``sampler_logprobs`` are at T', so with
+``tis_cap`` C > 0 the update weights their tokens by min(pi_T / pi_T', C) (truncated importance sampling), and
+without it a hot group's tokens count as if drawn at T (a biased, stronger push toward what the redraw found).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from policygrad.lm.scoring import Scored, score
 from policygrad.rng import step_seed
 from policygrad.runlog import RunLog
 
-__all__ = ["fresh_prompts", "join_scored", "sample_and_score"]
+__all__ = ["fresh_prompts", "join_scored", "redraws", "sample_and_score"]
 
 
 def sample_and_score(
@@ -53,13 +63,17 @@ def sample_and_score(
     world, size = run.world, config.prompts_per_step  # B, over every rank
     draws = [(first, rollout, scored)]  # (number of the draw's first prompt, its rollout, its scores)
     flat = _gather_flat(world, [(first, _flat(scored, config.group_size))])  # {prompt number: no spread}
-    extra = 0
+    extra, hot = 0, config.retry_temperature or None
+    batch = [r for part in world.gather(records) for r in part] if hot else []  # every rank's, in prompt order
     while sum(not f for f in flat.values()) < size and extra < config.max_extra_groups:
         count = min(size - sum(not f for f in flat.values()), config.max_extra_groups - extra)
-        fresh = fresh_prompts(run.prompts.train, config.seed, step, extra, count)
-        mine = list(range(world.rank, count, world.size))  # fresh prompt j goes to rank j mod W
+        if hot:
+            fresh = redraws(batch, [flat[b] for b in range(size)], extra, count)
+        else:
+            fresh = fresh_prompts(run.prompts.train, config.seed, step, extra, count)
+        mine = list(range(world.rank, count, world.size))  # extra draw j goes to rank j mod W
         numbers = [size + extra + j for j in mine]
-        more = _sample_some(run, [fresh[j]["prompt"] for j in mine], step, numbers)
+        more = _sample_some(run, [fresh[j]["prompt"] for j in mine], step, numbers, hot)
         more_scored = score(run, guard, log, more, [fresh[j] for j in mine], step)  # every rank: it agrees on faults
         draws += [] if more is None else [(n, more, more_scored, g) for g, n in enumerate(numbers)]  # per group
         flags = _flat(more_scored, config.group_size) if more_scored is not None else []
@@ -69,7 +83,11 @@ def sample_and_score(
     joined = join_groups([(r, g) for r, _, g in picks], pad_token_id(run.model, run.tokenizer))
     joined = joined if world.size == 1 else joined.to(rollout.completion_ids.device)
     first_flat = sum(flat[b] for b in range(size))
-    metrics = {"dynamic/extra_groups": float(extra), "dynamic/first_zero_spread": first_flat / size}
+    metrics = {
+        "dynamic/extra_groups": float(extra),
+        "dynamic/extra_with_spread": float(sum(not f for n, f in flat.items() if n >= size)),
+        "dynamic/first_zero_spread": first_flat / size,
+    }
     return joined, join_scored([(s, g) for _, s, g in picks], config.group_size), metrics
 
 
@@ -84,11 +102,14 @@ def _gather_flat(world: Any, parts: list[tuple[int, list[bool]]]) -> dict[int, b
     }
 
 
-def _sample_some(run: Any, prompts: list[str], step: int, numbers: list[int]) -> Rollout | None:
-    """G completions of each of ``prompts`` (numbered ``numbers`` over every rank's draws), or None for none."""
+def _sample_some(
+    run: Any, prompts: list[str], step: int, numbers: list[int], temperature: float | None
+) -> Rollout | None:
+    """G completions of each of ``prompts`` (numbered ``numbers`` over every rank's draws) at ``temperature`` (None:
+    the training one), or None for none."""
     if not prompts:
         return None
-    return run.sample(prompts, step, numbers)
+    return run.sample(prompts, step, numbers, temperature)
 
 
 def _picks(world: Any, draws: list[tuple], flat: dict[int, bool], group_size: int, size: int) -> list[tuple]:
@@ -116,6 +137,17 @@ def fresh_prompts(train: list[dict[str, Any]], seed: int, step: int, start: int,
     generator = torch.Generator().manual_seed(step_seed(seed, step) + 7919)
     order = torch.randperm(len(train), generator=generator).tolist()
     return [train[order[(start + i) % len(order)]] for i in range(count)]
+
+
+def redraws(batch: list[dict[str, Any]], flat: list[bool], start: int, count: int) -> list[dict[str, Any]]:
+    """Redraws ``start .. start + count - 1`` of a step (``retry_temperature``): the batch's prompts whose first
+    draw had no reward spread, in batch order, cycled.
+
+    >>> [r["n"] for r in redraws([{"n": 0}, {"n": 1}, {"n": 2}], [True, False, True], 1, 3)]
+    [2, 0, 2]
+    """
+    prompts = [record for record, no_spread in zip(batch, flat) if no_spread]
+    return [prompts[(start + i) % len(prompts)] for i in range(count)]
 
 
 def join_scored(picks: list[tuple[Scored, int]], group_size: int) -> Scored:

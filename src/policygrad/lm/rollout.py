@@ -674,6 +674,7 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     sampler_logprobs: bool = False,
     decoder: str = "auto",
+    score_temperature: float | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt and score their tokens under the sampling policy.
 
@@ -695,6 +696,8 @@ def sample(
             token with (its one-token passes over the key/value cache round differently from the log-prob pass's
             whole-sequence forward): the sampler's side of :func:`policygrad.losses.truncated_importance_weights`.
         decoder: "auto" or "transformers", see :func:`generate`.
+        score_temperature: the temperature of the log-prob pass, when it is not the one drawn at (a hotter redraw
+            of dynamic sampling, scored as the training policy; ``sampler_logprobs`` keep the drawing temperature).
     Returns:
         a :class:`Rollout` with N = B * G rows.
     """
@@ -722,8 +725,9 @@ def sample(
         )  # (N, T)
     rollout = assemble(tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, eos_ids, group_size, drawn)
     if score_tokens:
+        scored_at = temperature if score_temperature is None else score_temperature
         rollout.logprobs = rollout_logprobs(
-            model, rollout, 1.0 if greedy else temperature, micro_batch_size, autocast_dtype
+            model, rollout, 1.0 if greedy else scored_at, micro_batch_size, autocast_dtype
         )
     return rollout
 

@@ -141,20 +141,24 @@ class Run:
             return None
         return [torch.Generator().manual_seed(step_seed(self.config.seed, step, b)) for b in prompts]
 
-    def sample(self, prompts: Sequence[str], step: int, numbers: Sequence[int]) -> Rollout:
+    def sample(
+        self, prompts: Sequence[str], step: int, numbers: Sequence[int], temperature: float | None = None
+    ) -> Rollout:
         """G completions of each of ``prompts`` with the current policy, the prompts numbered ``numbers`` among the
-        step's draws (over every rank: 0..B-1 the batch, B on dynamic sampling's fresh prompts). With vLLM the
-        policy's weights are pushed into the engine first, once a step, and prompt b draws from seed
-        step_seed(seed, step, b); else :func:`policygrad.lm.rollout.sample` draws from :meth:`generators_at`."""
+        step's draws (over every rank: 0..B-1 the batch, B on dynamic sampling's extra draws), at ``temperature``
+        (None: the training temperature). With vLLM the policy's weights are pushed into the engine first, once a
+        step, and prompt b draws from seed step_seed(seed, step, b); else :func:`policygrad.lm.rollout.sample` draws
+        from :meth:`generators_at`."""
+        sampling = self.sampling
+        if temperature is not None:  # drawn hotter, scored (logprobs) as the training policy
+            sampling = sampling | {"temperature": temperature, "score_temperature": self.config.temperature}
         if self.engine is None:
-            return sample(
-                self.model, self.tokenizer, prompts, **self.sampling, generators=self.generators_at(step, numbers)
-            )
+            return sample(self.model, self.tokenizer, prompts, **sampling, generators=self.generators_at(step, numbers))
         if self.engine.pushed_step != step:
             self.engine.push(vllm_engine.policy_weights(self.model, self.adapter))
             self.engine.pushed_step = step
         seeds = [step_seed(self.config.seed, step, b) % 2**63 for b in numbers]  # a signed 64-bit int for vLLM
-        return self.engine.sample(self.model, self.tokenizer, prompts, seeds, **self.sampling)
+        return self.engine.sample(self.model, self.tokenizer, prompts, seeds, **sampling)
 
     def whole_batch(self, rollout: Rollout, scored: Any) -> tuple[Rollout, Any]:
         """The step's whole batch, every rank's groups in prompt order, as one process would have sampled it (on

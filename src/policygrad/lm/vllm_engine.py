@@ -167,6 +167,7 @@ class VLLMEngine:
         micro_batch_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         score_tokens: bool = True,
+        score_temperature: float | None = None,
         **_: Any,
     ) -> Rollout:
         """:func:`policygrad.lm.rollout.sample`'s rollout, the tokens drawn by vLLM: prompt ``b`` with seed
@@ -198,7 +199,8 @@ class VLLMEngine:
         completion_ids, drawn = completion_ids.to(device), drawn.to(device)
         rollout = assemble(tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, eos_ids, group_size, drawn)
         if score_tokens:
-            rollout.logprobs = rollout_logprobs(model, rollout, temperature, micro_batch_size, autocast_dtype)
+            scored_at = temperature if score_temperature is None else score_temperature
+            rollout.logprobs = rollout_logprobs(model, rollout, scored_at, micro_batch_size, autocast_dtype)
         missing = rollout.sampler_logprobs.isnan()  # tokens the engine gave no log-probability for: weight 1
         if missing.any() and rollout.logprobs is not None:
             rollout.sampler_logprobs = torch.where(missing, rollout.logprobs, rollout.sampler_logprobs)

@@ -184,17 +184,23 @@ def test_truncated_reward_replaces_the_reward_of_completions_cut_off(tiny_llama_
         assert r["reward_mean"] == pytest.approx(-1.0 * r["truncated"] + 0.5 * (1 - r["truncated"]))
 
 
-def test_dynamic_sampling_replaces_groups_without_spread_and_resumes_exactly(tiny_llama_chat, tiny_prompts, tmp_path):
-    """Prompts of even-numbered notes all score 0 (no spread); odd ones score by length (spread). With dynamic
-    sampling the batch trained on keeps B groups, swaps flat groups for fresh ones within the budget, counts the extra
-    groups, and a resumed run draws the same fresh prompts."""
-    reward = tmp_path / "parity.py"
+def _parity_reward(folder: Path) -> Path:
+    """A reward file whose prompts of even-numbered notes all score 0 (no spread) and odd ones score by length."""
+    reward = folder / "parity.py"
     reward.write_text(
         "import re\n"
         "def parity(prompts, completions, **fields):\n"
         "    odd = [int(re.search(r'Note (\\d+)', p).group(1)) % 2 for p in prompts]\n"
         "    return [float(len(c)) if o else 0.0 for o, c in zip(odd, completions)]\n"
     )
+    return reward
+
+
+def test_dynamic_sampling_replaces_groups_without_spread_and_resumes_exactly(tiny_llama_chat, tiny_prompts, tmp_path):
+    """Prompts of even-numbered notes all score 0 (no spread); odd ones score by length (spread). With dynamic
+    sampling the batch trained on keeps B groups, swaps flat groups for fresh ones within the budget, counts the extra
+    groups, and a resumed run draws the same fresh prompts."""
+    reward = _parity_reward(tmp_path)
     settings = dict(rewards=(f"{reward}:parity",), max_extra_groups=3, max_new_tokens=6, log_completions=100)
     straight = train(tiny_config(tiny_llama_chat, tiny_prompts, tmp_path / "straight", max_steps=4, **settings))
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
@@ -223,13 +229,7 @@ def test_redraws_sample_the_flat_prompts_again_hotter_and_score_them_as_the_trai
     from policygrad.lm import trainer
     from policygrad.lm.setup import Run
 
-    reward = tmp_path / "parity.py"
-    reward.write_text(
-        "import re\n"
-        "def parity(prompts, completions, **fields):\n"
-        "    odd = [int(re.search(r'Note (\\d+)', p).group(1)) % 2 for p in prompts]\n"
-        "    return [float(len(c)) if o else 0.0 for o, c in zip(odd, completions)]\n"
-    )
+    reward = _parity_reward(tmp_path)
     calls, scored_at, weighted = [], [], []
     sample, logprobs, correction = Run.sample, rollout_module.rollout_logprobs, trainer.importance_correction
 

@@ -587,8 +587,8 @@ def generate(
     """Decode ``group_size`` completions of each prompt with a key/value cache; -> (N, T) ids, T <= max_new_tokens.
 
     The loop ``generate`` runs, cut to what GRPO needs: each prompt is encoded once and its cache shared by its G
-    rows (copied to each when the model's forward decodes); each step runs one token per unfinished row, and rows that emit an EOS leave the batch (their cache rows
-    are dropped), so no compute is spent on finished sequences. Tokens after a row's EOS are ``pad_id``. Draws come
+    rows (copied to each when the model's forward decodes); each step runs one token per unfinished row, and rows
+    that emit an EOS leave the batch (their cache rows are dropped), so no compute is spent on finished sequences. Tokens after a row's EOS are ``pad_id``. Draws come
     from the global torch RNG, or with ``generators`` (one CPU generator per prompt) each group's from its own: then
     a group's completions do not depend on which other prompts share the batch (data-parallel sampling,
     :mod:`policygrad.distributed`).
